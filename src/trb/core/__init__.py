@@ -1,0 +1,36 @@
+"""Pure math of TRB and on-policy distillation: torch only, scalars and tensors in, tensors out."""
+
+from trb.core.blend import blend_logp, kl_divergence, realized_kl, solve_beta
+from trb.core.chunked import chunked_divergence
+from trb.core.divergences import (
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    sampled_reverse_kl,
+    topk_reverse_kl,
+)
+from trb.core.reduce import token_mean
+from trb.core.sampling import sample, with_temperature
+from trb.core.schedules import constant, cosine_anneal, linear_anneal, linear_ramp
+from trb.core.vocab import merged_logp
+
+__all__ = [
+    "blend_logp",
+    "chunked_divergence",
+    "constant",
+    "cosine_anneal",
+    "forward_kl",
+    "generalized_jsd",
+    "kl_divergence",
+    "linear_anneal",
+    "linear_ramp",
+    "merged_logp",
+    "realized_kl",
+    "reverse_kl",
+    "sample",
+    "sampled_reverse_kl",
+    "solve_beta",
+    "token_mean",
+    "topk_reverse_kl",
+    "with_temperature",
+]

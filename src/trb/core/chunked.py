@@ -1,0 +1,84 @@
+"""A divergence loss from hidden states and output weights that never holds the full (tokens x V) logits.
+
+The output layer dominates memory in distillation: for 8,192 tokens and V = 151,936 the student's fp32 logits alone
+take 5 GB, and autograd keeps several such tensors. Here rows are processed in chunks; for each chunk the student
+and teacher logits are formed, the per-token divergence and its weighted sum are computed, and the gradients with
+respect to the chunk's hidden states and the output weight are taken at once, inside the forward pass. Only one
+chunk's logits exist at a time; backward just scales the stored gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# per_token_fn(student_logits (n, V_s), teacher_logits (n, V_t), rows: slice) -> (n,) divergence per row, fp32.
+# `rows` locates the chunk in the full batch so the function can index per-row extras (tokens, behavior log-probs).
+PerTokenFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+
+class _ChunkedLinearDivergence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, token_weight, per_token_fn,
+                chunk_size):
+        n_rows = student_hidden.shape[0]
+        grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32)  # (N, d_s)
+        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)  # (V_s, d_s)
+        per_token = torch.zeros(n_rows, dtype=torch.float32, device=student_hidden.device)  # (N,)
+        weight_leaf = student_weight.detach().requires_grad_()  # (V_s, d_s)
+        for start in range(0, n_rows, chunk_size):
+            rows = slice(start, min(start + chunk_size, n_rows))
+            hidden = student_hidden[rows].detach().requires_grad_()  # (n, d_s)
+            with torch.no_grad():
+                teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t)
+            with torch.enable_grad():
+                student_logits = hidden @ weight_leaf.T  # (n, V_s)
+                values = per_token_fn(student_logits, teacher_logits, rows)  # (n,)
+                chunk_loss = (values * token_weight[rows]).sum()
+            g_hidden, g_weight = torch.autograd.grad(chunk_loss, (hidden, weight_leaf))
+            grad_hidden[rows] = g_hidden.float()
+            grad_weight += g_weight.float()
+            per_token[rows] = values.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
+        loss = (per_token * token_weight.float()).sum()
+        ctx.mark_non_differentiable(per_token)
+        return loss, per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (
+            (grad_hidden * grad_loss).to(hidden_dtype),
+            (grad_weight * grad_loss).to(weight_dtype),
+            None, None, None, None, None,
+        )
+
+
+def chunked_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    token_weight: torch.Tensor,
+    per_token_fn: PerTokenFn,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted divergence sum with gradients for the student's hidden states and output weight.
+
+    student_hidden: (N, d_s) final hidden states of the positions that predict completion tokens;
+    student_weight: (V_s, d_s) the student's output layer (no bias); teacher_hidden: (N, d_t) and
+    teacher_weight: (V_t, d_t) likewise for the teacher (no gradient); token_weight: (N,) per-row weight, e.g.
+    mask / global token count. Returns (loss, per_token): the scalar sum_i token_weight_i * D_i, differentiable,
+    and the detached per-row divergences D (N,). Peak extra memory is O(chunk_size x V) instead of O(N x V).
+    """
+    if student_hidden.shape[0] != teacher_hidden.shape[0] or student_hidden.shape[0] != token_weight.shape[0]:
+        raise ValueError(
+            f"row counts differ: student {student_hidden.shape[0]}, teacher {teacher_hidden.shape[0]}, "
+            f"weights {token_weight.shape[0]}"
+        )
+    return _ChunkedLinearDivergence.apply(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, token_weight, per_token_fn, chunk_size
+    )
