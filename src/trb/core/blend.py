@@ -27,6 +27,7 @@ from trb.core.numerics import upcast
 # check tightness against a float64 reference at this count.
 SOLVER_ITERS = 16
 _LOG_BETA_MIN = -30.0  # beta below e^-30 is indistinguishable from 0 in an fp32 blend
+_BETA_BELOW_ONE = 1.0 - 2.0**-24  # the largest fp32 below 1: the teacher endpoint beta = 1 is decided separately
 _KL_NOISE = 1e-10  # KL values below this carry no usable slope information in fp32
 
 
@@ -42,16 +43,16 @@ def kl_divergence(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
 def blend_logp(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
     """Normalized log mu_beta, (..., V) fp32. beta is a float or (...) tensor in [0, 1].
 
-    beta = 0 returns the student and beta = 1 the teacher exactly, including tokens the other model forbids; for
-    0 < beta < 1 only tokens both models allow have mass.
+    beta = 0 returns the student's and beta = 1 the teacher's log-probs as given, including tokens the other model
+    forbids; for 0 < beta < 1 only tokens both models allow have mass.
     """
     s = upcast(student_logp)  # (..., V)
     t = upcast(teacher_logp)  # (..., V)
     beta_t = torch.as_tensor(beta, dtype=s.dtype, device=s.device).expand(s.shape[:-1])[..., None]  # (..., 1)
     both = torch.isfinite(s) & torch.isfinite(t)  # (..., V)
     mixed = torch.where(both, s + beta_t * torch.where(both, t - s, 0.0), float("-inf"))  # (..., V)
-    logits = torch.where(beta_t == 0, s, torch.where(beta_t == 1, t, mixed))  # (..., V)
-    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    mixed = mixed - torch.logsumexp(mixed, dim=-1, keepdim=True)  # (..., V)
+    return torch.where(beta_t == 0, s, torch.where(beta_t == 1, t, mixed))
 
 
 def realized_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -121,7 +122,7 @@ def solve_beta(
 
     # Aim a little below eps so iterates converging from either side end up feasible, and accept a beta as
     # feasible with half that margin to spare over the fp32 rounding of the KL itself.
-    slack = torch.minimum(torch.clamp_min(2e-4 * eps_t, 4e-7), 0.5 * eps_t)  # (...)
+    slack = 2e-4 * eps_t  # (...)
     log_target = torch.log((eps_t - slack).clamp_min(1e-30))  # (...)
     eps_check = eps_t - 0.5 * slack  # (...)
 
@@ -136,7 +137,7 @@ def solve_beta(
     step_prev = x_hi - x_lo  # (...)
     step_prev2 = x_hi - x_lo  # (...)
     for _ in range(iters):
-        beta = torch.exp(x)  # (...)
+        beta = torch.exp(x).clamp_max(_BETA_BELOW_ONE)  # (...) the interior of the path, never the teacher endpoint
         kl, var_d = path.kl_and_var(beta)
         feasible = kl <= eps_check  # (...)
         beta_lo = torch.where(feasible, beta, beta_lo)

@@ -1,0 +1,131 @@
+"""Models and vocabularies: the shared token space of a student/teacher pair, tiny model factories.
+
+The student and teacher of a distillation pair must speak the same tokenizer. Their checkpoints may still differ in
+two ways the method handles (METHOD.md section 2): padded vocabulary sizes (logit rows beyond the real vocabulary)
+and EOS ids (a base student ends with <|endoftext|>, a chat teacher with <|im_end|>). `VocabSpace` records the
+shared real vocabulary and the merged stop event; everything that compares or blends the two models goes through it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class CompatibilityError(ValueError):
+    """The student and teacher cannot be distilled as given (different tokenizers, vocabulary too small, ...)."""
+
+
+@dataclass(frozen=True)
+class VocabSpace:
+    """The shared token space of a student/teacher pair.
+
+    size: the real vocabulary (logits are sliced to it); stop_ids: every id that ends a sequence for either model;
+    eos_id: the student's EOS, which carries the merged stop event; pad_id: the padding id.
+    """
+
+    size: int
+    stop_ids: tuple[int, ...]
+    eos_id: int
+    pad_id: int
+
+    def stop_tensor(self, device: torch.device) -> torch.Tensor:
+        return torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if model is not None and model.generation_config is not None:
+        extra = model.generation_config.eos_token_id
+        ids += extra if isinstance(extra, list) else ([extra] if extra is not None else [])
+    return list(dict.fromkeys(ids))
+
+
+def _output_rows(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def vocab_space(
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+    student: PreTrainedModel | None = None,
+    teacher: PreTrainedModel | None = None,
+) -> VocabSpace:
+    """Check that a student/teacher pair shares its tokenizer and build their shared token space.
+
+    Raises CompatibilityError naming what differs: the vocabularies (with example tokens), the special tokens, or a
+    model whose output layer is smaller than the tokenizer's vocabulary.
+    """
+    size = len(student_tokenizer)
+    if teacher_tokenizer is not None:
+        s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if s_vocab != t_vocab:
+            only_s = sorted(set(s_vocab) - set(t_vocab))[:3]
+            only_t = sorted(set(t_vocab) - set(s_vocab))[:3]
+            moved = sorted(k for k in set(s_vocab) & set(t_vocab) if s_vocab[k] != t_vocab[k])[:3]
+            raise CompatibilityError(
+                f"student and teacher tokenizers differ ({len(s_vocab)} vs {len(t_vocab)} tokens; "
+                f"only in student: {only_s}, only in teacher: {only_t}, different ids: {moved}); "
+                "distillation needs the same tokenizer for both"
+            )
+        for name in ("pad_token", "bos_token", "unk_token"):
+            s_tok, t_tok = getattr(student_tokenizer, name), getattr(teacher_tokenizer, name)
+            if s_tok is not None and t_tok is not None and s_tok != t_tok:
+                raise CompatibilityError(
+                    f"student and teacher tokenizers differ in {name}: {s_tok!r} vs {t_tok!r}; use the same tokenizer"
+                )
+    for role, model in (("student", student), ("teacher", teacher)):
+        if model is not None and _output_rows(model) < size:
+            raise CompatibilityError(
+                f"the {role} model has {_output_rows(model)} output rows but the tokenizer has {size} tokens; "
+                "the checkpoint does not match the tokenizer"
+            )
+    student_eos = _eos_ids(student_tokenizer, student)
+    if not student_eos:
+        raise CompatibilityError("the student tokenizer has no EOS token; set tokenizer.eos_token")
+    teacher_eos = _eos_ids(teacher_tokenizer or student_tokenizer, teacher) if teacher is not None else []
+    stop_ids = tuple(dict.fromkeys(student_eos + teacher_eos))
+    if any(i >= size for i in stop_ids):
+        raise CompatibilityError(f"EOS ids {stop_ids} fall outside the vocabulary of {size} tokens")
+    pad_id = student_tokenizer.pad_token_id if student_tokenizer.pad_token_id is not None else student_eos[0]
+    return VocabSpace(size=size, stop_ids=stop_ids, eos_id=student_eos[0], pad_id=pad_id)
+
+
+def tiny_causal_lm(
+    vocab_size: int,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    max_positions: int = 512,
+    architecture: str = "qwen3",
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+    init_std: float = 0.02,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> PreTrainedModel:
+    """A randomly initialized causal LM of a standard Hugging Face architecture (qwen3, qwen2 or llama), fp32."""
+    config = AutoConfig.for_model(
+        architecture,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=init_std,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # HF initializers draw from the global generator; keep that contained
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.float().eval()

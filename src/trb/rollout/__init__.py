@@ -1,0 +1,28 @@
+"""The rollout engine and the behavior policies of every method the project compares."""
+
+from trb.rollout.engine import Rollout, generate, left_pad, position_ids
+from trb.rollout.policies import (
+    BehaviorPolicy,
+    Choice,
+    MixturePolicy,
+    SKDPolicy,
+    StudentPolicy,
+    TeacherPolicy,
+    TRBPolicy,
+    skd_logp,
+)
+
+__all__ = [
+    "BehaviorPolicy",
+    "Choice",
+    "MixturePolicy",
+    "Rollout",
+    "SKDPolicy",
+    "StudentPolicy",
+    "TRBPolicy",
+    "TeacherPolicy",
+    "generate",
+    "left_pad",
+    "position_ids",
+    "skd_logp",
+]

@@ -1,0 +1,220 @@
+"""The rollout engine: student and teacher decode in lock-step, each with its own KV cache.
+
+TRB needs the teacher's next-token distribution at every step of the student's rollout, so both models advance one
+token at a time over the same sequences. Prompts are left-padded; position ids come from the attention mask (the
+same rule as Hugging Face `generate` and as the training forward pass, so sampled and trained inputs agree).
+
+Two cache modes:
+- "dynamic" (default): Hugging Face DynamicCache. When sequences finish, the batch is compacted: finished rows
+  leave both caches, so they cost no further student or teacher work.
+- "static": preallocated StaticCache of prompt + max_new_tokens slots for each model; finished rows keep running as
+  padding (fixed shapes, for compiled decoding).
+
+The only host synchronization per step is the stop check (how many sequences just ended).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+
+from trb.core import merged_logp, sample
+from trb.models import VocabSpace
+from trb.rollout.policies import BehaviorPolicy
+
+# transformers 5.x renames the forward's `past_key_values` to `cache` in some releases; the old name works on every
+# 5.x release this project supports, so keep it and silence the rename notice.
+warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*", category=FutureWarning)
+
+
+@dataclass
+class Rollout:
+    """A batch of finished rollouts. B sequences, prompts left-padded to P, completions right-padded to T.
+
+    completion_mask is 1 for sampled tokens up to and including the stop token. Per-token records (B, T) are
+    zero/False at masked positions. student_logp / teacher_logp are the temperature-1 log-probabilities of the
+    sampled token on the shared vocabulary (None when that model did not run). stopped: True where the sequence
+    ended with EOS, False where it hit max_new_tokens.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) int64
+    prompt_mask: torch.Tensor  # (B, P) bool
+    completion_ids: torch.Tensor  # (B, T) int64
+    completion_mask: torch.Tensor  # (B, T) bool
+    behavior_logp: torch.Tensor  # (B, T)
+    student_logp: torch.Tensor | None  # (B, T)
+    teacher_logp: torch.Tensor | None  # (B, T)
+    beta: torch.Tensor  # (B, T)
+    realized_kl: torch.Tensor  # (B, T)
+    from_teacher: torch.Tensor  # (B, T) bool
+    stopped: torch.Tensor  # (B,) bool
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)  # (B,)
+
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask and position_ids (B, P + T) of prompt + completion, for a training forward."""
+        input_ids = torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (B, P + T)
+        attention_mask = torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (B, P + T)
+        return input_ids, attention_mask, position_ids(attention_mask)
+
+    def to(self, device: torch.device) -> Rollout:
+        return Rollout(**{f.name: _move(getattr(self, f.name), device) for f in fields(self)})
+
+    def select(self, rows: torch.Tensor | slice) -> Rollout:
+        return Rollout(**{f.name: _index(getattr(self, f.name), rows) for f in fields(self)})
+
+
+def _move(x, device):
+    return None if x is None else x.to(device)
+
+
+def _index(x, rows):
+    return None if x is None else x[rows]
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, (B, L); padded slots get 0 (they are never attended)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged prompts -> (ids, mask), each (B, P), padded on the left."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = True
+    return ids.to(device), mask.to(device)
+
+
+class _Decoder:
+    """One model's incremental decoding state: its cache and the next-token log-probs on the shared vocabulary."""
+
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, cache: str, max_len: int):
+        self.model = model
+        self.vocab = vocab
+        self.stop_ids = vocab.stop_tensor(model.device)
+        if cache == "static":
+            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        else:
+            self.cache = DynamicCache(config=model.config)
+
+    @torch.no_grad()
+    def step(self, input_ids, attention_mask, positions) -> torch.Tensor:
+        """Feed (b, L) tokens, return (b, V) log-probs of the next token."""
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return merged_logp(out.logits[:, -1], self.vocab.size, self.stop_ids, self.vocab.eos_id)  # (b, V)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+
+
+@torch.no_grad()
+def generate(
+    policy: BehaviorPolicy,
+    prompts: list[list[int]],
+    vocab: VocabSpace,
+    max_new_tokens: int,
+    generator: torch.Generator,
+    student: PreTrainedModel | None = None,
+    teacher: PreTrainedModel | None = None,
+    greedy: bool = False,
+    cache: str = "dynamic",
+) -> Rollout:
+    """Decode up to max_new_tokens for every prompt with the given behavior policy.
+
+    prompts: ragged token-id lists. The student runs if the policy needs it, the teacher likewise; both must then
+    be given. generator drives every random draw (same seed, same rollout). greedy replaces sampling by argmax.
+    """
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    roles = {"student": (policy.needs_student, student), "teacher": (policy.needs_teacher, teacher)}
+    for role, (needed, model) in roles.items():
+        if needed and model is None:
+            raise ValueError(f"the {policy.name!r} behavior policy needs a {role} model")
+    device = (student if policy.needs_student else teacher).device
+    prompt_ids, prompt_mask = left_pad(prompts, vocab.pad_id, device)  # (B, P)
+    batch, width = prompt_ids.shape
+    decoders = {
+        role: _Decoder(model, vocab, cache, width + max_new_tokens)
+        for role, (needed, model) in roles.items()
+        if needed
+    }
+
+    def draw(logp: torch.Tensor) -> torch.Tensor:
+        return logp.argmax(-1) if greedy else sample(logp, generator)
+
+    # Per-token records for the full batch; `active` maps the rows still decoding (cache order) to batch rows.
+    tokens = torch.full((batch, max_new_tokens), vocab.pad_id, dtype=torch.long, device=device)  # (B, T)
+    records = {
+        name: torch.zeros((batch, max_new_tokens), device=device)
+        for name in ("behavior_logp", "student_logp", "teacher_logp", "beta", "realized_kl")
+    }  # each (B, T)
+    from_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # (B, T)
+    mask = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # (B, T)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
+    active = torch.arange(batch, device=device)  # (b,)
+
+    attention = prompt_mask.long()  # (b, P + t)
+    positions = position_ids(attention)  # (b, P)
+    logp = {role: dec.step(prompt_ids, attention, positions) for role, dec in decoders.items()}  # each (b, V)
+    next_position = positions[:, -1:] + 1  # (b, 1)
+    for t in range(max_new_tokens):
+        choice = policy.choose(logp.get("student"), logp.get("teacher"), draw, generator)
+        token = choice.token  # (b,)
+        tokens[active, t] = token
+        mask[active, t] = True
+        records["behavior_logp"][active, t] = choice.behavior_logp
+        records["beta"][active, t] = choice.beta
+        records["realized_kl"][active, t] = choice.kl
+        from_teacher[active, t] = choice.from_teacher
+        for role, role_logp in logp.items():
+            records[f"{role}_logp"][active, t] = role_logp.gather(-1, token[:, None])[:, 0]
+        finished = stopped[active] | (token == vocab.eos_id)  # (b,) static caches keep finished rows
+        stopped[active] = finished
+        n_finished = int(finished.sum())  # the one host sync per step
+        if n_finished == len(active) or t == max_new_tokens - 1:
+            break
+        if n_finished and cache == "dynamic":
+            keep = (~finished).nonzero()[:, 0]  # (b',)
+            for dec in decoders.values():
+                dec.keep(keep)
+            active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, P + t + 1)
+        logp = {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
+        next_position = next_position + 1
+
+    # With a static cache finished rows keep decoding as padding; drop whatever they produced after their stop.
+    is_stop = (tokens == vocab.eos_id) & mask  # (B, T)
+    mask &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0
+    tokens = torch.where(mask, tokens, vocab.pad_id)
+    for name in records:
+        records[name] = torch.where(mask, records[name], 0.0)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=tokens,
+        completion_mask=mask,
+        behavior_logp=records["behavior_logp"],
+        student_logp=records["student_logp"] if "student" in decoders else None,
+        teacher_logp=records["teacher_logp"] if "teacher" in decoders else None,
+        beta=records["beta"],
+        realized_kl=records["realized_kl"],
+        from_teacher=from_teacher & mask,
+        stopped=stopped,
+    )

@@ -1,0 +1,182 @@
+"""Behavior policies: how each method picks the next token from the student's and teacher's distributions.
+
+A policy sees, at one decoding step, the student's and (if it needs one) the teacher's next-token log-probabilities
+on the shared vocabulary, both (B, V) at temperature 1, and returns a `Choice`. Policies are small, named and
+stateless; schedules (an annealed eps, a temperature ramp) live in the training loop, which builds the policy that
+applies at each optimizer step.
+
+`draw(logp) -> (B,)` is the engine's token picker: an exponential race with the rollout's generator, or argmax for
+greedy decoding. Policies with coin flips of their own (SKD, mixture) use `generator` for those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from trb.core import blend_logp, kl_divergence, solve_beta, with_temperature
+
+Draw = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Choice:
+    """One decoding step for B rows. behavior_logp: log mu(token) under the policy that sampled it; beta: the
+    blend weight (0 for pure student); kl: KL(mu || pi_S), the trust-region budget spent; from_teacher: whether
+    the token was drawn from the teacher (SKD injection, mixture source, teacher sampling)."""
+
+    token: torch.Tensor  # (B,) int64
+    behavior_logp: torch.Tensor  # (B,)
+    beta: torch.Tensor  # (B,)
+    kl: torch.Tensor  # (B,)
+    from_teacher: torch.Tensor  # (B,) bool
+
+
+class BehaviorPolicy(Protocol):
+    name: str
+    needs_student: bool
+    needs_teacher: bool
+
+    def choose(
+        self,
+        student_logp: torch.Tensor | None,
+        teacher_logp: torch.Tensor | None,
+        draw: Draw,
+        generator: torch.Generator,
+    ) -> Choice: ...
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _pick(logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    return logp.gather(-1, token[:, None])[:, 0]  # (B,)
+
+
+def _choice_from(mu_logp, student_logp, token, beta, from_teacher) -> Choice:
+    kl = kl_divergence(mu_logp, student_logp) if student_logp is not None else torch.zeros_like(beta)
+    return Choice(token, _pick(mu_logp, token), beta, kl, from_teacher)
+
+
+@dataclass(frozen=True)
+class StudentPolicy:
+    """Sample from the student at temperature tau (vanilla OPD at tau = 1; temperature warmup ramps tau)."""
+
+    temperature: float = 1.0
+    name: str = "student"
+    needs_student: bool = True
+    needs_teacher: bool = False
+
+    def __post_init__(self):
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+
+    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+        mu = student_logp if self.temperature == 1.0 else with_temperature(student_logp, self.temperature)  # (B, V)
+        token = draw(mu)  # (B,)
+        zeros = torch.zeros(token.shape, device=token.device)
+        return _choice_from(mu, student_logp, token, zeros, torch.zeros_like(token, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class TRBPolicy:
+    """Sample from mu_beta*, the blend closest to the teacher with KL(mu || pi_S) <= eps (METHOD.md section 2).
+    Fixed-eps blending is this policy with the same eps at every step."""
+
+    eps: float
+    name: str = "trb"
+    needs_student: bool = True
+    needs_teacher: bool = True
+
+    def __post_init__(self):
+        _check(math.isfinite(self.eps) and self.eps >= 0, f"eps must be a finite number >= 0, got {self.eps}")
+
+    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+        beta = solve_beta(student_logp, teacher_logp, self.eps)  # (B,)
+        mu = blend_logp(student_logp, teacher_logp, beta)  # (B, V)
+        token = draw(mu)  # (B,)
+        return _choice_from(mu, student_logp, token, beta, torch.zeros_like(token, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class TeacherPolicy:
+    """Sample from the teacher (SFT-warmup data, sequence-level KD). The student does not run."""
+
+    temperature: float = 1.0
+    name: str = "teacher"
+    needs_student: bool = False
+    needs_teacher: bool = True
+
+    def __post_init__(self):
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+
+    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+        mu = teacher_logp if self.temperature == 1.0 else with_temperature(teacher_logp, self.temperature)  # (B, V)
+        token = draw(mu)  # (B,)
+        ones = torch.ones(token.shape, device=token.device)
+        return _choice_from(mu, None, token, ones, torch.ones_like(token, dtype=torch.bool))
+
+
+def skd_logp(student_logp: torch.Tensor, teacher_logp: torch.Tensor, top_k: int, teacher_temperature: float):
+    """The SKD behavior distribution, analytically: log mu (B, V) and the teacher's top-k mask (B, V).
+
+    y ~ pi_S is kept if it is in the teacher's top-k, otherwise replaced by a sample of pi_T at temperature tau_T:
+    mu(a) = pi_S(a) 1[a in topk_T] + P_S(y not in topk_T) pi_T^tau(a).
+    """
+    k = min(top_k, teacher_logp.shape[-1])
+    in_top = torch.zeros_like(teacher_logp, dtype=torch.bool).scatter_(-1, teacher_logp.topk(k, -1).indices, True)
+    outside = torch.logsumexp(torch.where(in_top, float("-inf"), student_logp), dim=-1, keepdim=True)  # (B, 1)
+    injected = outside + with_temperature(teacher_logp, teacher_temperature)  # (B, V)
+    kept = torch.where(in_top, student_logp, float("-inf"))  # (B, V)
+    return torch.logaddexp(kept, injected), in_top
+
+
+@dataclass(frozen=True)
+class SKDPolicy:
+    """Interleaved teacher injection (SKD-style): keep the student's token if the teacher ranks it in its top-k,
+    else replace it with a sample from the teacher at temperature tau_T."""
+
+    top_k: int = 25
+    teacher_temperature: float = 1.0
+    name: str = "skd"
+    needs_student: bool = True
+    needs_teacher: bool = True
+
+    def __post_init__(self):
+        _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        _check(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+
+    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+        mu, in_top = skd_logp(student_logp, teacher_logp, self.top_k, self.teacher_temperature)  # (B, V)
+        proposal = draw(student_logp)  # (B,)
+        injected = draw(with_temperature(teacher_logp, self.teacher_temperature))  # (B,)
+        replace = ~_pick(in_top, proposal)  # (B,)
+        token = torch.where(replace, injected, proposal)  # (B,)
+        zeros = torch.zeros(token.shape, device=token.device)
+        return _choice_from(mu, student_logp, token, zeros, replace)
+
+
+@dataclass(frozen=True)
+class MixturePolicy:
+    """MiniLLM teacher-mixed sampling from alpha pi_T + (1 - alpha) pi_S: a coin with probability alpha picks the
+    teacher as the source of the token. The per-token importance weight pi_S / mixture is
+    exp(student_logp - behavior_logp) of the rollout record."""
+
+    alpha: float = 0.2
+    name: str = "mixture"
+    needs_student: bool = True
+    needs_teacher: bool = True
+
+    def __post_init__(self):
+        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+
+    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+        mu = torch.logaddexp(student_logp + math.log1p(-self.alpha), teacher_logp + math.log(self.alpha))  # (B, V)
+        from_teacher = torch.rand(student_logp.shape[0], generator=generator, device=student_logp.device) < self.alpha
+        token = torch.where(from_teacher, draw(teacher_logp), draw(student_logp))  # (B,)
+        zeros = torch.zeros(token.shape, device=token.device)
+        return _choice_from(mu, student_logp, token, zeros, from_teacher)
