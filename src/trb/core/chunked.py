@@ -26,19 +26,21 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32)  # (N, d_s)
         grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)  # (V_s, d_s)
         per_token = torch.zeros(n_rows, dtype=torch.float32, device=student_hidden.device)  # (N,)
-        weight_leaf = student_weight.detach().requires_grad_()  # (V_s, d_s)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under no_grad (evaluation)
+        weight_leaf = student_weight.detach().requires_grad_(needs_grad)  # (V_s, d_s)
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
-            hidden = student_hidden[rows].detach().requires_grad_()  # (n, d_s)
+            hidden = student_hidden[rows].detach().requires_grad_(needs_grad)  # (n, d_s)
             with torch.no_grad():
                 teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t)
-            with torch.enable_grad():
+            with torch.set_grad_enabled(needs_grad):
                 student_logits = hidden @ weight_leaf.T  # (n, V_s)
                 values = per_token_fn(student_logits, teacher_logits, rows)  # (n,)
                 chunk_loss = (values * token_weight[rows]).sum()
-            g_hidden, g_weight = torch.autograd.grad(chunk_loss, (hidden, weight_leaf))
-            grad_hidden[rows] = g_hidden.float()
-            grad_weight += g_weight.float()
+            if needs_grad:
+                g_hidden, g_weight = torch.autograd.grad(chunk_loss, (hidden, weight_leaf))
+                grad_hidden[rows] = g_hidden.float()
+                grad_weight += g_weight.float()
             per_token[rows] = values.detach()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)

@@ -72,3 +72,11 @@ def format_prompt(tokenizer: PreTrainedTokenizerFast, question: str, system_prom
     if system_prompt:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_prompts(
+    tokenizer: PreTrainedTokenizerFast, questions: list[str], system_prompt: str | None = None
+) -> list[list[int]]:
+    """Token ids of each formatted prompt. Special tokens come only from the chat template (no extra BOS)."""
+    texts = [format_prompt(tokenizer, q, system_prompt) for q in questions]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]

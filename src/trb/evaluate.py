@@ -1,0 +1,101 @@
+"""Evaluation with the paper's protocol (METHOD.md section 4): avg@n pass@1 at temperature 1.0.
+
+pass@1 = mean over problems of c / n, with n samples per problem drawn at temperature 1.0 (top-p 1.0) and graded
+against the gold answer (\\boxed{} or #### extraction, math-verify). Alongside: the teacher-KL of the student on
+its own fresh samples (the OPD loss on held-out prompts), the truncation rate (samples that hit max_new_tokens
+without stopping) and the mean completion length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trb.losses import LossSpec, distill_loss
+from trb.models import VocabSpace
+from trb.rollout import StudentPolicy, generate
+from trb.tasks import Problem, is_correct, tokenize_prompts
+
+
+@dataclass
+class EvalResult:
+    pass_at_1: float  # mean over problems of (correct samples / n)
+    per_problem: list[float]  # c / n for each problem, in input order
+    n_samples: int
+    mean_length: float  # completion tokens per sample
+    truncation_rate: float  # fraction of samples that hit max_new_tokens
+    teacher_kl: float | None  # mean per-token KL(pi_S || pi_T) on the student's samples
+    examples: list[dict] = field(default_factory=list)  # a few (question, response, answer, correct) records
+
+    def as_dict(self) -> dict:
+        return {
+            "pass_at_1": self.pass_at_1,
+            "n_samples": self.n_samples,
+            "mean_length": self.mean_length,
+            "truncation_rate": self.truncation_rate,
+            "teacher_kl": self.teacher_kl,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    vocab: VocabSpace,
+    *,
+    n_samples: int = 4,
+    max_new_tokens: int = 128,
+    batch_size: int = 256,
+    seed: int = 0,
+    teacher: PreTrainedModel | None = None,
+    system_prompt: str | None = None,
+    temperature: float = 1.0,
+    n_examples: int = 3,
+) -> EvalResult:
+    """avg@n pass@1 of the student on problems; teacher-KL on its samples when a teacher is given.
+
+    Samples are drawn from one generator seeded with `seed`, so an evaluation is reproducible.
+    """
+    if not problems:
+        raise ValueError("evaluation needs at least one problem")
+    was_training = student.training
+    student.eval()
+    generator = torch.Generator(device=student.device).manual_seed(seed)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in problems], system_prompt)
+    jobs = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(n_samples)]  # problem-major order
+    correct = [0] * len(problems)
+    lengths, truncated, examples = [], 0, []
+    kl_sum, kl_tokens = 0.0, 0
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        rollout = generate(StudentPolicy(temperature), [p for _, p in chunk], vocab, max_new_tokens, generator,
+                           student=student)
+        lengths += rollout.lengths.tolist()
+        truncated += int((~rollout.stopped).sum())
+        for row, (problem_index, _) in enumerate(chunk):
+            ids = rollout.completion_ids[row, : int(rollout.lengths[row])]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ok = is_correct(text, problems[problem_index].answer)
+            correct[problem_index] += ok
+            if len(examples) < n_examples and row % n_samples == 0:
+                examples.append({"question": problems[problem_index].question, "response": text,
+                                 "answer": problems[problem_index].answer, "correct": ok})
+        if teacher is not None and rollout.completion_mask.any():
+            n = int(rollout.completion_mask.sum())
+            loss, _ = distill_loss(student, teacher, rollout, vocab, LossSpec(), rollout.completion_mask.float())
+            kl_sum, kl_tokens = kl_sum + loss.item(), kl_tokens + n
+    student.train(was_training)
+    per_problem = [c / n_samples for c in correct]
+    return EvalResult(
+        pass_at_1=sum(per_problem) / len(per_problem),
+        per_problem=per_problem,
+        n_samples=n_samples,
+        mean_length=sum(lengths) / len(lengths),
+        truncation_rate=truncated / len(jobs),
+        teacher_kl=kl_sum / kl_tokens if teacher is not None and kl_tokens else None,
+        examples=examples,
+    )
+

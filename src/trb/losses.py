@@ -1,0 +1,141 @@
+"""Per-token distillation losses on rollouts (METHOD.md section 1).
+
+The loss is computed from final hidden states and output weights in row chunks (`trb.core.chunked_divergence`), only
+at positions that predict a completion token, so the full (tokens x V) logits never exist. Each chunk's logits are
+put on the pair's shared vocabulary (sliced, EOS-merged) before any divergence. Reduction is by the caller-given
+token weights (1 / global token count, times an importance weight for MiniLLM), so a step's loss does not depend
+on how it is split into micro-batches or ranks.
+
+Divergences (one switch, METHOD.md section 1):
+- "reverse_kl": full-vocabulary KL(pi_S || target), the exact OPD loss;
+- "topk_reverse_kl": the paper's estimator on the student's top-k support, renormalized;
+- "sampled_reverse_kl": single sampled-token estimator in policy-gradient form (importance-weighted when the tokens
+  came from another behavior policy);
+- "forward_kl" and "jsd" (generalized JSD, TRL's beta) for GKD-style runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from trb.core import (
+    chunked_divergence,
+    forward_kl,
+    generalized_jsd,
+    merged_logp,
+    reverse_kl,
+    sampled_reverse_kl,
+    topk_reverse_kl,
+)
+from trb.models import VocabSpace
+from trb.rollout import Rollout
+
+DIVERGENCES = ("reverse_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
+
+# target(student_logp (n, V) detached, teacher_logp (n, V)) -> target log-probs (n, V); the teacher by default.
+Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    divergence: str = "reverse_kl"
+    top_k: int = 16
+    jsd_beta: float = 0.5
+    chunk_size: int = 1024
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+def veto_target(b: float) -> Target:
+    """Veto's target: Q proportional to pi_T * pi_S^b with the student detached (METHOD.md section 3)."""
+    return lambda student_logp, teacher_logp: torch.log_softmax(teacher_logp + b * student_logp, dim=-1)
+
+
+def completion_positions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the sequence positions whose next-token distribution predicts each valid completion token,
+    in row-major order of rollout.completion_mask; completion token t is predicted at column P - 1 + t."""
+    rows, steps = rollout.completion_mask.nonzero(as_tuple=True)  # (N,), (N,)
+    return rows, steps + rollout.prompt_ids.shape[1] - 1
+
+
+class FinalHidden(nn.Module):
+    """A causal LM's final hidden states (after the last norm), (B, L, d). Wrapping the base model in a module of
+    its own lets data-parallel wrappers see the forward that produces them; the output layer is applied in chunks
+    by the loss."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        return out.last_hidden_state
+
+
+def output_weight(model: PreTrainedModel, vocab: VocabSpace) -> torch.Tensor:
+    """The output layer's weight rows of the shared vocabulary, (V, d)."""
+    return model.get_output_embeddings().weight[: vocab.size]
+
+
+def distill_loss(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    rollout: Rollout,
+    vocab: VocabSpace,
+    spec: LossSpec,
+    token_weight: torch.Tensor,
+    target: Target | None = None,
+    student_hidden_fn: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted divergence of the student from the target at every valid completion position.
+
+    token_weight: (B, T) weight of each completion token (0 where masked), e.g. mask / global token count.
+    student_hidden_fn: the module that computes the student's final hidden states (a DDP wrapper of
+    FinalHidden(student) under data parallelism); FinalHidden(student) by default.
+    Returns (loss, per_token): the differentiable scalar and the detached per-token divergence (B, T).
+    """
+    input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
+    rows, cols = completion_positions(rollout)  # (N,)
+    hidden_fn = student_hidden_fn or FinalHidden(student)
+    student_hidden = hidden_fn(input_ids, attention_mask, positions)[rows, cols]  # (N, d_s)
+    with torch.no_grad():
+        teacher_hidden = FinalHidden(teacher)(input_ids, attention_mask, positions)[rows, cols]  # (N, d_t)
+    tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
+    behavior = rollout.behavior_logp[rollout.completion_mask]  # (N,)
+    stop_ids = vocab.stop_tensor(input_ids.device)
+
+    def per_token_fn(student_logits, teacher_logits, chunk):
+        s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
+        t = merged_logp(teacher_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
+        if target is not None:
+            t = target(s.detach(), t)
+        if spec.divergence == "reverse_kl":
+            return reverse_kl(s, t)
+        if spec.divergence == "topk_reverse_kl":
+            return topk_reverse_kl(s, t, spec.top_k)
+        if spec.divergence == "forward_kl":
+            return forward_kl(s, t)
+        if spec.divergence == "jsd":
+            return generalized_jsd(s, t, spec.jsd_beta)
+        y = tokens[chunk, None]  # (n, 1)
+        return sampled_reverse_kl(s.gather(-1, y)[:, 0], t.gather(-1, y)[:, 0], behavior[chunk])
+
+    loss, values = chunked_divergence(
+        student_hidden,
+        output_weight(student, vocab),
+        teacher_hidden,
+        output_weight(teacher, vocab),
+        token_weight[rollout.completion_mask],
+        per_token_fn,
+        spec.chunk_size,
+    )
+    per_token = torch.zeros_like(token_weight, dtype=torch.float32)  # (B, T)
+    per_token[rollout.completion_mask] = values
+    return loss, per_token
