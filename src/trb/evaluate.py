@@ -85,7 +85,7 @@ def evaluate(
                                  "answer": problems[problem_index].answer, "correct": ok})
         if teacher is not None and rollout.completion_mask.any():
             n = int(rollout.completion_mask.sum())
-            loss, _ = distill_loss(student, teacher, rollout, vocab, LossSpec(), rollout.completion_mask.float())
+            loss, _, _ = distill_loss(student, teacher, rollout, vocab, LossSpec(), rollout.completion_mask.float())
             kl_sum, kl_tokens = kl_sum + loss.item(), kl_tokens + n
     student.train(was_training)
     per_problem = [c / n_samples for c in correct]

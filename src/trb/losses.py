@@ -84,6 +84,20 @@ def output_weight(model: PreTrainedModel, vocab: VocabSpace) -> torch.Tensor:
     return model.get_output_embeddings().weight[: vocab.size]
 
 
+@torch.no_grad()
+def token_logp(model: PreTrainedModel, rollout: Rollout, vocab: VocabSpace) -> torch.Tensor:
+    """Log-probs (B, T) of the completion tokens under model, through the same forward path as the loss (one pass
+    over prompt + completion, final hidden states, output rows of the shared vocabulary); 0 at masked positions."""
+    input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
+    rows, cols = completion_positions(rollout)  # (N,)
+    hidden = FinalHidden(model)(input_ids, attention_mask, positions)[rows, cols]  # (N, d)
+    logits = hidden @ output_weight(model, vocab).T  # (N, V)
+    logp = merged_logp(logits, vocab.size, vocab.stop_tensor(logits.device), vocab.eos_id)  # (N, V)
+    out = torch.zeros(rollout.completion_ids.shape, device=logits.device)  # (B, T)
+    out[rollout.completion_mask] = logp.gather(-1, rollout.completion_ids[rollout.completion_mask][:, None])[:, 0]
+    return out
+
+
 def distill_loss(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
@@ -99,7 +113,8 @@ def distill_loss(
     token_weight: (B, T) weight of each completion token (0 where masked), e.g. mask / global token count.
     student_hidden_fn: the module that computes the student's final hidden states (a DDP wrapper of
     FinalHidden(student) under data parallelism); FinalHidden(student) by default.
-    Returns (loss, per_token): the differentiable scalar and the detached per-token divergence (B, T).
+    Returns (loss, per_token, teacher_kl): the differentiable scalar, the detached per-token divergence (B, T) and
+    the per-token KL(pi_S || pi_T) (B, T) for diagnostics (equal to per_token for plain OPD).
     """
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
     rows, cols = completion_positions(rollout)  # (N,)
@@ -111,9 +126,12 @@ def distill_loss(
     behavior = rollout.behavior_logp[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)
 
+    teacher_kl = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: KL(pi_S || pi_T)
+
     def per_token_fn(student_logits, teacher_logits, chunk):
         s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
         t = merged_logp(teacher_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
+        teacher_kl[chunk] = reverse_kl(s.detach(), t)
         if target is not None:
             t = target(s.detach(), t)
         if spec.divergence == "reverse_kl":
@@ -138,4 +156,6 @@ def distill_loss(
     )
     per_token = torch.zeros_like(token_weight, dtype=torch.float32)  # (B, T)
     per_token[rollout.completion_mask] = values
-    return loss, per_token
+    per_token_kl = torch.zeros_like(per_token)  # (B, T)
+    per_token_kl[rollout.completion_mask] = teacher_kl
+    return loss, per_token, per_token_kl

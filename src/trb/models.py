@@ -8,10 +8,13 @@ shared real vocabulary and the merged stop event; everything that compares or bl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
 class CompatibilityError(ValueError):
@@ -129,3 +132,51 @@ def tiny_causal_lm(
         torch.manual_seed(seed)  # HF initializers draw from the global generator; keep that contained
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.float().eval()
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer path that cannot be loaded; the message names the path and the fix."""
+
+
+BUILTIN_PREFIX = "trb:"
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory: a filesystem path, or trb:miniature/<setting>/<role> for the shipped miniature."""
+    if path.startswith(BUILTIN_PREFIX):
+        resolved = Path(str(resources.files("trb") / "assets")) / path[len(BUILTIN_PREFIX) :]
+    else:
+        resolved = Path(path).expanduser()
+    if not resolved.is_dir():
+        raise ModelLoadError(f"model path {path!r} is not a directory; give a local Hugging Face checkpoint folder")
+    if not (resolved / "config.json").is_file():
+        raise ModelLoadError(f"model path {path!r} has no config.json; is it a Hugging Face checkpoint folder?")
+    if not os.access(resolved / "config.json", os.R_OK):
+        raise ModelLoadError(f"model path {path!r} is not readable; check its permissions")
+    return resolved
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_causal_lm(path: str, device: torch.device, dtype: str = "float32", trust_remote_code: bool = False):
+    """A local Hugging Face causal LM in dtype on device, eval mode. trust_remote_code stays off unless asked."""
+    folder = resolve_checkpoint(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load model from {path!r}: {first_line}") from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    folder = resolve_checkpoint(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load tokenizer from {path!r}: {first_line}") from None
+    return tokenizer

@@ -1,0 +1,5 @@
+import sys
+
+from trb.cli import main
+
+sys.exit(main())

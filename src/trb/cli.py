@@ -1,0 +1,141 @@
+"""The `trb` command.
+
+    trb train CONFIG [key=value ...]          train (resume with resume=true)
+    trb eval --model DIR [--teacher DIR] ...  avg@n pass@1 of a checkpoint
+    trb prepare SETTING|FILE --out DIR        make a miniature teacher and base student
+    trb demo                                   the embedded miniature: vanilla OPD and TRB side by side
+
+User errors (bad config, data, paths, incompatible models) print one line `trb: error: ...` and exit with code 2,
+without a traceback unless --debug is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from trb.config import ConfigError
+    from trb.models import CompatibilityError, ModelLoadError
+    from trb.tasks import DataError
+    from trb.train import NumericalError
+
+    return ConfigError, DataError, ModelLoadError, CompatibilityError, NumericalError
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def cmd_train(args) -> int:
+    from trb.config import load_config
+    from trb.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, log=lambda message: print(message, file=sys.stderr))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from trb.evaluate import evaluate
+    from trb.models import load_causal_lm, load_tokenizer, vocab_space
+    from trb.tasks import problem_splits
+    from trb.train import resolve_device
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model)
+    student = load_causal_lm(args.model, device)
+    teacher = load_causal_lm(args.teacher, device) if args.teacher else None
+    vocab = vocab_space(tokenizer, load_tokenizer(args.teacher) if args.teacher else None, student, teacher)
+    _, problems = problem_splits(args.data, 1, args.problems, args.data_seed, fields=None)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        result = evaluate(student, tokenizer, problems, vocab, n_samples=args.n, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch, seed=args.seed, teacher=teacher, system_prompt=args.system_prompt)
+    record = {"model": args.model, "data": args.data, "problems": len(problems), **result.as_dict()}
+    if args.out:
+        Path(args.out).write_text(json.dumps({**record, "per_problem": result.per_problem}, indent=1))
+    print(json.dumps(record))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from trb.prepare import PRESETS, prepare
+
+    preset = args.preset or (args.source if args.source in PRESETS else "word")
+    report = prepare(args.source, Path(args.out), PRESETS[preset], device=args.device,
+                     log=lambda message: print(message, file=sys.stderr))
+    print(json.dumps(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from trb.demo import run_demo
+
+    run_demo(Path(args.out), setting=args.setting, steps=args.steps, overrides=args.overrides)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trb", description="On-policy distillation with Trust-Region behavior "
+                                     "Blending.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a student (resume with resume=true)")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps0=0.01 steps=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="avg@n pass@1 at temperature 1.0 of a checkpoint")
+    p.add_argument("--model", required=True, help="student checkpoint folder (or trb:miniature/<setting>/student)")
+    p.add_argument("--teacher", help="teacher checkpoint folder: also report the teacher-KL on the samples")
+    p.add_argument("--data", default="arith", help="a built-in setting or a problem file (JSONL/parquet)")
+    p.add_argument("--problems", type=int, default=200, help="number of test problems")
+    p.add_argument("--n", type=int, default=4, help="samples per problem (avg@n)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--data-seed", type=int, default=0, help="problem generation / split seed")
+    p.add_argument("--system-prompt")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", help="write the full result (with per-problem scores) to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prepare", help="make a miniature teacher and base student")
+    p.add_argument("source", help="arith, word, or a GSM8K-format JSONL of problems with worked solutions")
+    p.add_argument("--out", required=True, help="output folder (teacher/, student/, prepare.json)")
+    p.add_argument("--preset", help="size preset for a file source (default: word)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("demo", help="the embedded miniature: vanilla OPD and TRB side by side")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--setting", default="arith", choices=["arith", "word"])
+    p.add_argument("--steps", type=int, help="optimizer steps per method (default: the config's)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        if args.debug:
+            raise
+        print(f"trb: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Configs: frozen dataclasses, loaded from YAML with `key=value` overrides, validated with clear one-line errors.
+
+    trb train configs/miniature_arith.yaml method.eps0=0.01 steps=100
+
+A config file is a nested mapping that mirrors `TrainConfig`. Overrides use dotted paths and YAML scalars
+(`method.name=trb`, `data.system_prompt=null`, `adam_betas=[0.9,0.95]`). Unknown keys are errors that name the
+closest known key; values are type-checked and range-checked at construction. The `method` section is the method's
+own dataclass (`trb.methods.METHODS[name]`), so each method carries exactly the parameters it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trb.losses import LossSpec
+from trb.methods import METHODS, Method, VanillaOPD
+
+
+class ConfigError(ValueError):
+    """A config that cannot run as written; the message names the key and the fix."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    student: str = ""  # a local Hugging Face checkpoint directory, or trb:miniature/<setting>/student
+    teacher: str = ""
+    teacher_dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _require(bool(self.student), "models.student is required: a checkpoint directory")
+        _require(bool(self.teacher), "models.teacher is required: a checkpoint directory")
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        _require(self.teacher_dtype in dtypes, f"models.teacher_dtype must be one of {dtypes}, got {self.teacher_dtype!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "arith"  # a built-in setting (arith, word) or a JSONL/parquet file of problems
+    test_source: str | None = None  # test file for a file source (default: a held-out slice of source)
+    num_train: int = 20000  # problems generated for a built-in setting
+    num_test: int = 200  # test problems used for evaluation
+    seed: int = 0  # problem generation / split seed
+    system_prompt: str | None = None
+    fields: dict[str, str] | None = None  # column mapping for files: question, solution, answer
+    max_prompt_tokens: int = 1024
+
+    def __post_init__(self):
+        _require(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
+        _require(self.num_test > 0, f"data.num_test must be > 0, got {self.num_test}")
+        _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens must be > 0, got {self.max_prompt_tokens}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: Method = field(default_factory=VanillaOPD)
+    loss: LossSpec = field(default_factory=LossSpec)
+    steps: int = 200  # optimizer steps
+    prompts_per_step: int = 16
+    rollouts_per_prompt: int = 4
+    rollout_batch: int = 64  # sequences decoded together
+    micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
+    max_new_tokens: int = 128
+    lr: float = 1e-5
+    warmup_steps: int = 15  # linear lr warmup, then constant (the paper's schedule)
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    eval_every: int = 20  # 0 disables periodic evaluation (the first and last still run)
+    eval_samples: int = 4  # n of avg@n pass@1
+    eval_batch: int = 256
+    checkpoint_every: int = 50  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "runs/train"
+    resume: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "rollout_batch", "micro_batch", "max_new_tokens",
+                     "eval_samples", "eval_batch", "keep_checkpoints"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must lie in [0, 1), got {self.adam_betas}")
+        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+                 f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building dataclasses from nested mappings
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp, key: str):
+    """value checked against (and where lossless converted to) the annotated type tp."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key} must not be null")
+    if dataclasses.is_dataclass(tp) or tp is Method:
+        _require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        return build(tp, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        _require(isinstance(value, (list, tuple)) and len(value) == len(args),
+                 f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        _require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a number, got {value!r}") from None
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+                 f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        _require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        _require(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
+
+
+def build(cls, data: dict, prefix: str = ""):
+    """cls(**data) with every key known, typed and validated; nested sections built recursively."""
+    if cls is Method:
+        name = data.get("name", VanillaOPD.name)
+        _require(name in METHODS, f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        cls, data = METHODS[name], {k: v for k, v in data.items() if k != "name"}
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise ConfigError(f"{prefix + ': ' if prefix else ''}{error}") from None
+    except ValueError as error:  # validation in library dataclasses (LossSpec, methods)
+        raise ConfigError(f"{prefix + ': ' if prefix else ''}{error}") from None
+
+
+def as_dict(config) -> dict:
+    """A config as a plain nested mapping (method sections include their name), ready for YAML."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            value = as_dict(value)
+            if isinstance(getattr(config, f.name), Method):
+                value = {"name": getattr(config, f.name).name, **value}
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    _require(bool(sep) and bool(key.strip()), f"override {text!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"override {text!r}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """TrainConfig from a YAML file (or defaults when path is None) plus key=value overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        _require(path.is_file(), f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
+        _require(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
+    return build(TrainConfig, apply_overrides(data, list(overrides)))
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(as_dict(config), sort_keys=False))

@@ -1,0 +1,481 @@
+"""Make the miniature distillation pair: a strong teacher and a weak, undertrained "base" student.
+
+The embedded default setting (METHOD.md: 8B -> 1.7B and 4B -> 0.6B teachers and students) is reproduced in
+miniature: both models are small causal LMs of a standard Hugging Face architecture, trained here from scratch by
+supervised fine-tuning (SFT) on worked solutions, with one tokenizer they share.
+
+- The teacher is trained to high accuracy at temperature 1.0 (warmup + cosine lr, the full step budget).
+- The student has enough capacity to solve the task but is stopped early: it is evaluated every `eval_every` steps on
+  a validation slice of the train split and stopped the first time its pass@1 reaches the window, so its early
+  rollouts are poor (as a base model's are in the paper) while distillation can still move it fast. Its lr is
+  constant after warmup: the checkpoint is a snapshot in the middle of training, not an annealed end point.
+
+SFT feeds the models exactly as the rollout engine samples them: the prompt left-padded, the completion (solution +
+EOS) right after it, position ids counted over real tokens from 0 (`trb.rollout.position_ids`), and the loss on the
+completion tokens only. The tokenizer's prompt format ends in a newline, an isolated token, so prompt tokens +
+solution tokens are the tokens of the joined text.
+
+    python -m trb.prepare arith src/trb/assets/miniature/arith     # the shipped checkpoints, preset "arith"
+    python -m trb.prepare my_gsm8k.jsonl runs/pair --preset word    # a user's problems with worked solutions
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from trb.evaluate import EvalResult, evaluate
+from trb.models import tiny_causal_lm, vocab_space
+from trb.rollout import left_pad, position_ids
+from trb.tasks import SETTINGS, Problem, load_problems, tokenize_prompts, train_tokenizer
+from trb.tasks.tokenizer import PROMPT_FORMAT
+
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A Qwen3-architecture causal LM's shape; the head dimension is hidden // heads."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def __post_init__(self):
+        for name in ("layers", "hidden", "heads", "kv_heads", "intermediate"):
+            _require(getattr(self, name) > 0, f"model {name} must be > 0, got {getattr(self, name)}")
+        _require(self.hidden % self.heads == 0, f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        _require(self.heads % self.kv_heads == 0,
+                 f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads}) for grouped-query attention")
+        _require((self.hidden // self.heads) % 2 == 0,
+                 f"head dimension hidden // heads = {self.hidden // self.heads} must be even (rotary embeddings)")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on worked solutions. schedule: "cosine" (warmup, then cosine decay to 0) or
+    "constant" (warmup, then constant)."""
+
+    batch_size: int
+    steps: int  # the budget; the student usually stops earlier
+    lr: float
+    warmup: int
+    weight_decay: float
+    schedule: str
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _require(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        _require(0 <= self.warmup < self.steps, f"warmup must lie in [0, steps = {self.steps}), got {self.warmup}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.schedule in ("cosine", "constant"),
+                 f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    vocab_size: int  # the tokenizer's maximum (special tokens included); small texts give fewer
+    num_train: int  # train problems for SFT (the validation slice comes on top)
+    num_val: int  # held-out slice of the train split, for the student's early stopping
+    num_test: int  # test problems of the final evaluation
+    teacher: ModelSize
+    student: ModelSize
+    teacher_sft: SFTConfig
+    student_sft: SFTConfig
+    student_window: tuple[float, float]  # the student stops the first time its validation pass@1 reaches [lo, hi]
+    eval_every: int  # steps between the student's validation evaluations
+    eval_samples: int = 4  # n of avg@n pass@1, validation and test
+    teacher_target: float = 0.90  # test pass@1 below this is reported as a failure
+    max_new_tokens: int = 96
+    save_dtype: str = "bfloat16"  # storage of the shipped weights; they load back to fp32 with dtype=torch.float32
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.vocab_size >= 128,
+                 f"vocab_size must be >= 128 (the byte alphabet alone has 100 symbols), got {self.vocab_size}")
+        for name in ("num_train", "num_val", "num_test", "eval_every", "eval_samples", "max_new_tokens"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        lo, hi = self.student_window
+        _require(0 <= lo < hi <= 1, f"student_window must be (lo, hi) with 0 <= lo < hi <= 1, got {self.student_window}")
+        _require(0 < self.teacher_target <= 1, f"teacher_target must lie in (0, 1], got {self.teacher_target}")
+        _require(self.save_dtype in SAVE_DTYPES,
+                 f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
+
+
+PRESETS = {
+    "arith": PrepareConfig(
+        vocab_size=256,
+        num_train=100_000,
+        num_val=200,
+        num_test=400,
+        teacher=ModelSize(layers=6, hidden=256, heads=8, kv_heads=4, intermediate=768),
+        student=ModelSize(layers=3, hidden=160, heads=4, kv_heads=2, intermediate=480),
+        teacher_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
+        student_sft=SFTConfig(batch_size=64, steps=1500, lr=1e-3, warmup=50, weight_decay=0.1, schedule="constant"),
+        student_window=(0.15, 0.30),
+        eval_every=20,
+    ),
+    "word": PrepareConfig(
+        vocab_size=512,
+        num_train=100_000,
+        num_val=200,
+        num_test=400,
+        teacher=ModelSize(layers=6, hidden=256, heads=8, kv_heads=4, intermediate=768),
+        student=ModelSize(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=384),
+        teacher_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
+        student_sft=SFTConfig(batch_size=64, steps=1500, lr=1e-3, warmup=50, weight_decay=0.1, schedule="constant"),
+        student_window=(0.15, 0.30),
+        eval_every=20,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def split_problems(source: str, config: PrepareConfig) -> dict[str, list[Problem]]:
+    """train / val / test problems of a synthetic setting or a problem file.
+
+    Setting: train and val are disjoint draws of the train split, test of the (hash-disjoint) test split. File: the
+    distinct questions ordered by a hash of their text (independent of file order and seed), then test, val and train
+    are consecutive slices, so the same file always splits the same way.
+    """
+    if source in SETTINGS:
+        drawn = SETTINGS[source]("train", config.num_val + config.num_train, config.seed)
+        return {
+            "train": drawn[config.num_val :],
+            "val": drawn[: config.num_val],
+            "test": SETTINGS[source]("test", config.num_test, config.seed),
+        }
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"source must be a setting ({', '.join(SETTINGS)}) or a problem file; {source!r} is neither")
+    unique = {p.question: p for p in load_problems(path)}  # a repeated question would straddle two splits
+    ordered = sorted(unique.values(), key=lambda p: hashlib.sha256(p.question.encode()).digest())
+    n_heldout = config.num_test + config.num_val
+    if len(ordered) <= n_heldout:
+        raise ValueError(
+            f"{path} has {len(ordered)} distinct problems, not enough for num_test = {config.num_test} + "
+            f"num_val = {config.num_val} + at least one train problem; lower num_test / num_val"
+        )
+    return {
+        "train": ordered[n_heldout : n_heldout + config.num_train],
+        "val": ordered[config.num_test : n_heldout],
+        "test": ordered[: config.num_test],
+    }
+
+
+def sft_batch(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The training input of prompt + completion pairs, laid out like a rollout (`Rollout.sequences`).
+
+    Prompts are left-padded to P, completions (solution + EOS) right-padded to T. Returns input_ids, attention_mask
+    and position_ids (B, P + T), and loss_mask (B, P + T - 1): 1 where the logits at a position predict a completion
+    token, i.e. the target input_ids[:, 1:] is a completion token.
+    """
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)  # (B, P)
+    width = max(len(c) for c in completions)
+    completion_ids = torch.full((len(completions), width), pad_id, dtype=torch.long)  # (B, T)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
+    for row, completion in enumerate(completions):
+        completion_ids[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+        completion_mask[row, : len(completion)] = True
+    input_ids = torch.cat([prompt_ids, completion_ids.to(device)], dim=1)  # (B, P + T)
+    attention_mask = torch.cat([prompt_mask, completion_mask.to(device)], dim=1)  # (B, P + T)
+    loss_mask = torch.zeros_like(attention_mask[:, 1:])  # (B, P + T - 1)
+    loss_mask[:, prompt_ids.shape[1] - 1 :] = completion_mask.to(device)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids(attention_mask),
+        "loss_mask": loss_mask,
+    }
+
+
+def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy (nats per completion token) over the batch's completion tokens, fp32."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).logits[:, :-1]  # (B, L - 1, V)
+    mask = batch["loss_mask"]  # (B, L - 1)
+    targets = batch["input_ids"][:, 1:][mask]  # (N,)
+    return F.cross_entropy(logits[mask].float(), targets)
+
+
+def lr_factor(step: int, config: SFTConfig) -> float:
+    """Multiplier of config.lr at optimizer step `step` (0-based): linear warmup, then constant or cosine to 0."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def sft(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    config: SFTConfig,
+    generator: torch.Generator,
+    log: Callable[[str], None],
+    name: str,
+    stop: Callable[[int], bool] | None = None,
+    stop_every: int = 0,
+) -> dict:
+    """Train model in place; returns {"steps": optimizer steps taken, "final_loss": mean loss of the last logged
+    window (or of the steps since)}.
+
+    Data order: a fresh permutation of the problems per epoch, drawn from `generator`. stop(step) is asked after every
+    stop_every-th step (step counted from 1); training ends early when it returns True.
+    """
+    device = model.device
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.95),
+    )
+    order = torch.empty(0, dtype=torch.long)
+    log_every = max(1, min(200, config.steps // 10))
+    window_loss, window_steps, recent_loss = 0.0, 0, float("nan")  # mean loss since the last log line
+    start, step = time.perf_counter(), 0
+    model.train()
+    for step in range(1, config.steps + 1):
+        if len(order) < config.batch_size:  # a new epoch; the tail of the last one (< batch_size problems) is dropped
+            order = torch.randperm(len(prompts), generator=generator)
+        rows, order = order[: config.batch_size].tolist(), order[config.batch_size :]
+        batch = sft_batch([prompts[i] for i in rows], [completions[i] for i in rows], pad_id, device)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step - 1, config)
+        loss = sft_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+        recent_loss = window_loss / window_steps
+        if step % log_every == 0 or step == config.steps:
+            rate = step / (time.perf_counter() - start)
+            log(f"{name} step {step}/{config.steps}  loss {recent_loss:.4f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.2f} steps/s")
+            window_loss, window_steps = 0.0, 0
+        if stop is not None and step % stop_every == 0:
+            model.eval()
+            stopped = stop(step)
+            model.train()
+            if stopped:
+                break
+    model.eval()
+    return {"steps": step, "final_loss": recent_loss}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _new_model(size: ModelSize, tokenizer: PreTrainedTokenizerBase, max_positions: int, seed: int,
+               device: torch.device) -> PreTrainedModel:
+    model = tiny_causal_lm(
+        len(tokenizer), size.hidden, size.layers, size.heads, size.kv_heads, size.intermediate,
+        max_positions=max_positions, seed=seed,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+    )
+    return model.to(device)
+
+
+def _parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+
+
+def _save_and_reload(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path, dtype: str,
+                     device: torch.device) -> PreTrainedModel:
+    """Save model + tokenizer as a Hugging Face checkpoint and load it back in fp32: what ships is what is
+    evaluated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.to(SAVE_DTYPES[dtype]).save_pretrained(folder)
+    model.float()
+    tokenizer.save_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def prepare(
+    source: str, out_dir: str | Path, config: PrepareConfig, device: str = "cpu", log: Callable[[str], None] = print
+) -> dict:
+    """Train the tokenizer, teacher and student for `source` (a setting name or a problem file), save them under
+    out_dir/{teacher,student}, and write out_dir/prepare.json (the returned report)."""
+    out_dir, device = Path(out_dir), torch.device(device)
+    wall: dict[str, float] = {}
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        warnings.append(message)
+        log(f"WARNING: {message}")
+
+    # Data and tokenizer ---------------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    splits = split_problems(source, config)
+    train = splits["train"]
+    tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in train],
+                                config.vocab_size)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in train])
+    solutions = tokenizer([p.solution for p in train], add_special_tokens=False)["input_ids"]
+    completions = [s + [tokenizer.eos_token_id] for s in solutions]
+    longest = max(len(c) for c in completions)
+    if longest > config.max_new_tokens:
+        n_long = sum(len(c) > config.max_new_tokens for c in completions)
+        warn(f"{n_long} of {len(train)} train solutions exceed max_new_tokens = {config.max_new_tokens} "
+             f"(longest {longest} tokens); evaluation truncates such answers")
+    max_positions = max(512, max(map(len, prompts)) + max(longest, config.max_new_tokens))
+    wall["data"] = time.perf_counter() - t0
+    log(f"data: {len(train)} train / {len(splits['val'])} val / {len(splits['test'])} test problems, "
+        f"{len(tokenizer)} tokens, mean sequence {sum(map(len, prompts)) / len(prompts) + sum(map(len, completions)) / len(completions):.1f} tokens")
+
+    def score(model: PreTrainedModel, problems: list[Problem], seed: int) -> EvalResult:
+        return evaluate(model, tokenizer, problems, vocab_space(tokenizer, student=model),
+                        n_samples=config.eval_samples, max_new_tokens=config.max_new_tokens, seed=seed)
+
+    def timed_sft(role: str, model: PreTrainedModel, sft_config: SFTConfig, seed: int, **stopping) -> dict:
+        log(f"{role}: {_parameters(model):,} parameters")
+        t = time.perf_counter()
+        generator = torch.Generator().manual_seed(seed)  # data order; init is isolated by tiny_causal_lm(seed=)
+        result = sft(model, prompts, completions, tokenizer.pad_token_id, sft_config, generator, log, role,
+                     **stopping)
+        wall[f"{role}_sft"] = time.perf_counter() - t
+        return result
+
+    # Teacher: the full budget, cosine to 0 ---------------------------------------------------------------------------
+    teacher = _new_model(config.teacher, tokenizer, max_positions, config.seed, device)
+    teacher_sft = timed_sft("teacher", teacher, config.teacher_sft, config.seed)
+
+    # Student: stopped the first time its validation pass@1 reaches the window -----------------------------------------
+    lo, hi = config.student_window
+    curve: list[tuple[int, float]] = []  # (step, validation pass@1)
+    student = _new_model(config.student, tokenizer, max_positions, config.seed + 1, device)
+
+    def reached_window(step: int) -> bool:
+        pass_at_1 = score(student, splits["val"], seed=config.seed).pass_at_1
+        curve.append((step, pass_at_1))
+        log(f"student step {step}: validation pass@1 {pass_at_1:.3f} (window {lo:.2f}-{hi:.2f})")
+        return pass_at_1 >= lo
+
+    student_sft = timed_sft("student", student, config.student_sft, config.seed + 1, stop=reached_window,
+                            stop_every=config.eval_every)
+    last_val = curve[-1][1] if curve else None
+    if last_val is None or last_val < lo:
+        warn(f"the student never reached validation pass@1 {lo:.2f} in {config.student_sft.steps} steps "
+             f"(last {last_val}); raise student_sft.steps or lr")
+    elif last_val > hi:
+        warn(f"the student jumped past the window: validation pass@1 {last_val:.3f} > {hi:.2f} at step "
+             f"{curve[-1][0]}; evaluate more often (eval_every) or lower student_sft.lr")
+
+    # Save, reload and evaluate what ships on the test split ---------------------------------------------------------
+    report_models = {}
+    for role, model, sft_result in (("teacher", teacher, teacher_sft), ("student", student, student_sft)):
+        t = time.perf_counter()
+        shipped = _save_and_reload(model, tokenizer, out_dir / role, config.save_dtype, device)
+        result = score(shipped, splits["test"], seed=config.seed)
+        wall[f"{role}_eval"] = time.perf_counter() - t
+        log(f"{role}: test pass@1 {result.pass_at_1:.3f} (avg@{result.n_samples}, {len(splits['test'])} problems, "
+            f"mean length {result.mean_length:.1f}, truncated {result.truncation_rate:.3f})")
+        report_models[role] = {
+            "parameters": _parameters(model),
+            "size": asdict(config.teacher if role == "teacher" else config.student),
+            "sft_steps": sft_result["steps"],
+            "final_train_loss": sft_result["final_loss"],
+            "test": {**result.as_dict(), "n_problems": len(splits["test"])},
+            "examples": result.examples,
+        }
+    teacher_pass = report_models["teacher"]["test"]["pass_at_1"]
+    report_models["teacher"]["meets_target"] = teacher_pass >= config.teacher_target
+    if teacher_pass < config.teacher_target:
+        warn(f"THE TEACHER MISSES ITS TARGET: test pass@1 {teacher_pass:.3f} < {config.teacher_target:.2f}; "
+             "do not ship it: train longer or larger (teacher_sft.steps, teacher size)")
+    report_models["student"]["validation_curve"] = curve
+    report_models["student"]["in_window"] = last_val is not None and lo <= last_val <= hi
+
+    report = {
+        "source": source,
+        "config": asdict(config),
+        "data": {name: len(problems) for name, problems in splits.items()} | {"vocab_size": len(tokenizer)},
+        **report_models,
+        "parameter_ratio": report_models["teacher"]["parameters"] / report_models["student"]["parameters"],
+        "wall_s": wall | {"total": sum(wall.values())},
+        "warnings": warnings,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "hardware": {"device": str(device), "processor": platform.processor(), "cpu": _cpu_name(),
+                     "threads": torch.get_num_threads()},
+    }
+    (out_dir / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trb.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help=f"a setting ({', '.join(SETTINGS)}) or a problem file (GSM8K JSONL)")
+    parser.add_argument("out_dir")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: the setting's own preset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.preset is None and args.source not in PRESETS:
+        parser.error(f"{args.source} is not a setting: pass --preset ({', '.join(PRESETS)})")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = replace(PRESETS[args.preset or args.source], seed=args.seed)
+    prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True))
+
+
+if __name__ == "__main__":
+    main()

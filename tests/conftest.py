@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny student/teacher pair on disk with a real miniature tokenizer."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from trb.models import tiny_causal_lm
+from trb.tasks import SETTINGS, train_tokenizer
+
+
+def make_pair(folder: Path, architecture: str = "qwen3", student_width: int = 32, teacher_width: int = 48) -> dict:
+    problems = SETTINGS["arith"]("train", 400, 0)
+    tokenizer = train_tokenizer([p.question + "\n" + p.solution for p in problems], 200)
+    paths = {}
+    for role, width, layers, seed in (("student", student_width, 2, 0), ("teacher", teacher_width, 2, 1)):
+        model = tiny_causal_lm(len(tokenizer), width, layers, architecture=architecture, seed=seed, init_std=0.1,
+                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        paths[role] = folder / role
+        model.save_pretrained(paths[role])
+        tokenizer.save_pretrained(paths[role])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict:
+    """{'student': path, 'teacher': path} of tiny random Qwen3 models sharing an arith tokenizer."""
+    torch.set_num_threads(1)
+    return make_pair(tmp_path_factory.mktemp("pair"))
