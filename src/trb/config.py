@@ -23,6 +23,7 @@ import yaml
 
 from trb.losses import LossSpec
 from trb.methods import METHODS, Method, VanillaOPD
+from trb.models import resolve_builtin
 
 
 class ConfigError(ValueError):
@@ -231,7 +232,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     """TrainConfig from a YAML file (or defaults when path is None) plus key=value overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_builtin(str(path))
         _require(path.is_file(), f"config file {str(path)!r} not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}

@@ -141,12 +141,16 @@ class ModelLoadError(ValueError):
 BUILTIN_PREFIX = "trb:"
 
 
+def resolve_builtin(path: str) -> Path:
+    """trb:<name> names a file shipped with the package (under trb/assets); anything else is a filesystem path."""
+    if path.startswith(BUILTIN_PREFIX):
+        return Path(str(resources.files("trb") / "assets")) / path[len(BUILTIN_PREFIX) :]
+    return Path(path).expanduser()
+
+
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory: a filesystem path, or trb:miniature/<setting>/<role> for the shipped miniature."""
-    if path.startswith(BUILTIN_PREFIX):
-        resolved = Path(str(resources.files("trb") / "assets")) / path[len(BUILTIN_PREFIX) :]
-    else:
-        resolved = Path(path).expanduser()
+    resolved = resolve_builtin(path)
     if not resolved.is_dir():
         raise ModelLoadError(f"model path {path!r} is not a directory; give a local Hugging Face checkpoint folder")
     if not (resolved / "config.json").is_file():

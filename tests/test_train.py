@@ -1,0 +1,130 @@
+"""The training loop end to end on tiny models: pinned step-0 loss against an independent computation,
+determinism, micro-batching invariance, sampler/trainer agreement, resume, config errors."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trb.config import ConfigError, load_config
+from trb.core import merged_logp
+from trb.losses import token_logp
+from trb.models import load_causal_lm, load_tokenizer, vocab_space
+from trb.rollout import TRBPolicy, generate
+from trb.tasks import problem_splits, tokenize_prompts
+from trb.train import step_prompts, stream_seed, train
+
+
+def config(pair, out_dir, *overrides):
+    return load_config(None, [
+        f"models.student={pair['student']}", f"models.teacher={pair['teacher']}", f"out_dir={out_dir}",
+        "steps=3", "prompts_per_step=4", "rollouts_per_prompt=2", "rollout_batch=8", "micro_batch=8",
+        "max_new_tokens=20", "eval_every=2", "eval_samples=1", "data.num_train=64", "data.num_test=6",
+        "lr=1e-3", "warmup_steps=0", "checkpoint_every=1", "method.name=trb", "method.eps0=0.05",
+        "method.horizon=2", *overrides,
+    ])
+
+
+def final_weights(run_dir):
+    return load_file(str(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
+
+
+def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_path):
+    cfg = config(tiny_pair, tmp_path / "run")
+    summary = train(cfg, log=lambda m: None)
+    assert summary["status"] == "completed"
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
+    assert [r["step"] for r in records if "eval/pass_at_1" in r] == [0, 2, 3]
+    assert train_records[0]["eps"] == 0.05 and train_records[2]["eps"] == 0.0
+    assert train_records[0]["rollout/realized_kl_max"] <= 0.05 + 1e-6
+    assert train_records[0]["rollout/mean_beta"] > 0 and train_records[2]["rollout/mean_beta"] == 0
+
+    # Recompute step 0 independently: same prompts and rollout seed, full logits, float64 reverse KL, token mean.
+    tokenizer = load_tokenizer(str(tiny_pair["student"]))
+    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
+    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
+    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+    problems, _ = problem_splits("arith", 64, 6, 0)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
+    batch = [prompts[i] for i in step_prompts(0, 4, len(prompts), 0) for _ in range(2)]
+    generator = torch.Generator().manual_seed(stream_seed(0, 0, 0, "rollout"))
+    rollout = generate(TRBPolicy(0.05), batch, vocab, 20, generator, student=student, teacher=teacher)
+    ids, mask, pos = rollout.sequences()
+    width, steps = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    stop = vocab.stop_tensor("cpu")
+    with torch.no_grad():
+        s = merged_logp(student(input_ids=ids, attention_mask=mask, position_ids=pos).logits, vocab.size, stop,
+                        vocab.eos_id)[:, width - 1 : width - 1 + steps].double()
+        t = merged_logp(teacher(input_ids=ids, attention_mask=mask, position_ids=pos).logits, vocab.size, stop,
+                        vocab.eos_id)[:, width - 1 : width - 1 + steps].double()
+    kl = (s.exp() * (s - t)).sum(-1)
+    expected = kl[rollout.completion_mask].mean().item()
+    assert train_records[0]["tokens"] == int(rollout.completion_mask.sum())
+    assert train_records[0]["loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_runs_are_deterministic(tiny_pair, tmp_path):
+    for name in ("a", "b"):
+        train(config(tiny_pair, tmp_path / name, "steps=2"), log=lambda m: None)
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
+                          for line in text.splitlines()]  # noqa: E731
+    assert strip((tmp_path / "a" / "metrics.jsonl").read_text()) == strip((tmp_path / "b" / "metrics.jsonl").read_text())
+    wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_one_batch_of_8_equals_8_micro_batches_of_1(tiny_pair, tmp_path):
+    train(config(tiny_pair, tmp_path / "one", "steps=1", "micro_batch=8"), log=lambda m: None)
+    train(config(tiny_pair, tmp_path / "eight", "steps=1", "micro_batch=1"), log=lambda m: None)
+    one, eight = final_weights(tmp_path / "one"), final_weights(tmp_path / "eight")
+    initial = load_file(str(tiny_pair["student"] / "model.safetensors"))
+    assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4, "the step must change the weights"
+    assert max((one[k] - eight[k]).abs().max().item() for k in one) <= 1e-6
+
+
+def test_sampler_logps_equal_trainer_logps(tiny_pair):
+    tokenizer = load_tokenizer(str(tiny_pair["student"]))
+    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
+    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
+    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+    problems, _ = problem_splits("arith", 16, 1, 0)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
+    rollout = generate(TRBPolicy(0.1), prompts, vocab, 30, torch.Generator().manual_seed(0), student=student,
+                       teacher=teacher)
+    torch.testing.assert_close(rollout.student_logp, token_logp(student, rollout, vocab), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rollout.teacher_logp, token_logp(teacher, rollout, vocab), atol=1e-5, rtol=0)
+
+
+def test_resume_continues_exactly(tiny_pair, tmp_path):
+    train(config(tiny_pair, tmp_path / "full", "steps=4"), log=lambda m: None)
+    train(config(tiny_pair, tmp_path / "split", "steps=2"), log=lambda m: None)
+    train(config(tiny_pair, tmp_path / "split", "steps=4", "resume=true"), log=lambda m: None)
+    full, split = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    drop_time = lambda path: [{k: v for k, v in json.loads(l).items() if not k.startswith(("time/", "tokens_per_s"))}
+                              for l in path.read_text().splitlines()]  # noqa: E731, E741
+    assert drop_time(tmp_path / "full" / "metrics.jsonl") == drop_time(tmp_path / "split" / "metrics.jsonl")
+
+
+def test_config_errors_are_clear(tiny_pair, tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'method.esp0'; did you mean 'method.eps0'\?"):
+        config(tiny_pair, tmp_path, "method.esp0=0.1")
+    with pytest.raises(ConfigError, match="steps must be an integer"):
+        config(tiny_pair, tmp_path, "steps=many")
+    with pytest.raises(ConfigError, match="eps0 must be a finite number >= 0"):
+        config(tiny_pair, tmp_path, "method.eps0=-1")
+    with pytest.raises(ConfigError, match="eps0 must be a finite number >= 0"):
+        config(tiny_pair, tmp_path, "method.eps0=.nan")
+    with pytest.raises(ConfigError, match="unknown method 'trbb'"):
+        config(tiny_pair, tmp_path, "method.name=trbb")
+    cfg = config(tiny_pair, tmp_path / "run", "steps=1")
+    train(cfg, log=lambda m: None)
+    with pytest.raises(ConfigError, match="already holds a run; pass resume=true"):
+        train(cfg, log=lambda m: None)
+    with pytest.raises(ConfigError, match="config differs .* at lr"):
+        train(config(tiny_pair, tmp_path / "run", "steps=1", "lr=0.1", "resume=true"), log=lambda m: None)
+    assert math.isfinite(cfg.lr)
