@@ -159,3 +159,27 @@ def distill_loss(
     per_token_kl = torch.zeros_like(per_token)  # (B, T)
     per_token_kl[rollout.completion_mask] = teacher_kl
     return loss, per_token, per_token_kl
+
+
+def sft_loss(
+    student: PreTrainedModel,
+    rollout: Rollout,
+    vocab: VocabSpace,
+    token_weight: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Weighted cross-entropy -log pi_S(y_t) of the completion tokens (SFT on teacher samples or data), computed in
+    chunks from hidden states like the distillation loss. token_weight: (B, T)."""
+    input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
+    rows, cols = completion_positions(rollout)  # (N,)
+    hidden = FinalHidden(student)(input_ids, attention_mask, positions)[rows, cols]  # (N, d)
+    tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
+    stop_ids = vocab.stop_tensor(input_ids.device)
+
+    def per_token_fn(student_logits, _teacher_logits, chunk):
+        logp = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
+        return -logp.gather(-1, tokens[chunk, None])[:, 0]
+
+    loss, _ = chunked_divergence(hidden, output_weight(student, vocab), None, None,
+                                 token_weight[rollout.completion_mask], per_token_fn, chunk_size)
+    return loss

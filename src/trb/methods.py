@@ -4,19 +4,22 @@ Every method trains with the same per-prefix loss; what differs is where the pre
 policy at each optimizer step) and, for Veto, the target the student is pulled towards. Each method is a frozen
 dataclass holding exactly its own parameters; the training loop asks it, at every step, for:
 
-- `behavior(step)`: the behavior policy of this step's rollouts,
+- `behavior(step, state)`: the behavior policy of this step's rollouts,
 - `target(step)`: a target transform of the teacher's distribution (None: the teacher itself),
-- `schedule_metrics(step)`: the scheduled values worth logging (eps, temperature, ...).
+- and a few hooks with neutral defaults (see `Method`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from trb.core import constant, cosine_anneal, linear_anneal
-from trb.rollout import BehaviorPolicy, StudentPolicy, TRBPolicy
+import torch
+
+from trb.core import constant, cosine_anneal, linear_anneal, linear_ramp
+from trb.losses import LossSpec, Target, veto_target
+from trb.rollout import BehaviorPolicy, MixturePolicy, Rollout, SKDPolicy, StudentPolicy, TRBPolicy
 
 SCHEDULES = {"linear": linear_anneal, "cosine": cosine_anneal}
 
@@ -28,18 +31,40 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class Method:
-    """Vanilla on-policy behavior; subclasses override what they change."""
+    """Vanilla on-policy behavior with the shared loss; subclasses override only what they change.
+
+    The loop asks, at every optimizer step:
+    - behavior(step, state): the behavior policy of this step's rollouts;
+    - use_data(step, generator): whether this step trains on the dataset's own solutions instead (GKD's coin);
+    - target(step): a transform of the teacher's distribution to pull towards (None: the teacher);
+    - token_weights(rollout): per-token weights (B, T) of the loss before global normalization;
+    - loss_spec(base): the divergence (GKD swaps in its generalized JSD);
+    - schedule_metrics(step, state): scheduled values to log; observe(step, metrics, state): feedback for
+      methods that adapt (state is a JSON-able dict the loop checkpoints).
+    """
 
     name: ClassVar[str] = "base"
 
-    def behavior(self, step: int) -> BehaviorPolicy:
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
         return StudentPolicy()
 
-    def target(self, step: int):
+    def use_data(self, step: int, generator: torch.Generator) -> bool:
+        return False
+
+    def target(self, step: int) -> Target | None:
         return None
 
-    def schedule_metrics(self, step: int) -> dict[str, float]:
+    def token_weights(self, rollout: Rollout) -> torch.Tensor:
+        return rollout.completion_mask.float()  # (B, T)
+
+    def loss_spec(self, base: LossSpec) -> LossSpec:
+        return base
+
+    def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
         return {}
+
+    def observe(self, step: int, metrics: dict, state: dict) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -68,12 +93,49 @@ class TRB(Method):
     def eps(self, step: int) -> float:
         return SCHEDULES[self.schedule](step, self.eps0, self.horizon)
 
-    def behavior(self, step: int) -> BehaviorPolicy:
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
         eps = self.eps(step)
         return TRBPolicy(eps) if eps > 0 else StudentPolicy()
 
-    def schedule_metrics(self, step: int) -> dict[str, float]:
+    def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
         return {"eps": self.eps(step)}
+
+
+@dataclass(frozen=True)
+class AdaptiveTRB(Method):
+    """TRB whose budget follows the student's progress instead of a fixed horizon (the paper's future work).
+
+    Signal: the per-token teacher-KL of each step's rollouts, smoothed by an exponential moving average m_k.
+    With m_0 the first value, the budget is eps_k = eps0 * clip((m_k / m_0 - floor) / (1 - floor), 0, 1), kept
+    non-increasing (eps_k <= eps_{k-1}): blending fades as the student closes the gap to the teacher and is off
+    for good once the KL has fallen to `floor` times its starting value. A student that learns fast leaves the
+    warmup early; one that stalls keeps its help longer, without a horizon to tune.
+    """
+
+    name: ClassVar[str] = "trb_adaptive"
+    eps0: float = 0.02
+    floor: float = 0.5
+    ema: float = 0.8
+
+    def __post_init__(self):
+        _require(math.isfinite(self.eps0) and self.eps0 > 0, f"eps0 must be a finite number > 0, got {self.eps0}")
+        _require(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
+        _require(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
+
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        eps = state.get("eps", self.eps0)
+        return TRBPolicy(eps) if eps > 0 else StudentPolicy()
+
+    def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
+        return {"eps": state.get("eps", self.eps0)}
+
+    def observe(self, step: int, metrics: dict, state: dict) -> None:
+        kl = metrics["teacher_kl"]
+        smoothed = kl if "kl_ema" not in state else self.ema * state["kl_ema"] + (1 - self.ema) * kl
+        start = state.setdefault("kl_start", kl)
+        progress = (smoothed / start - self.floor) / (1 - self.floor) if start > 0 else 0.0
+        state["kl_ema"] = smoothed
+        state["eps"] = min(state.get("eps", self.eps0), self.eps0 * min(max(progress, 0.0), 1.0))
 
 
 @dataclass(frozen=True)
@@ -86,11 +148,138 @@ class FixedEps(Method):
     def __post_init__(self):
         _require(math.isfinite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}")
 
-    def behavior(self, step: int) -> BehaviorPolicy:
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
         return TRBPolicy(constant(step, self.eps))
 
-    def schedule_metrics(self, step: int) -> dict[str, float]:
+    def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
         return {"eps": self.eps}
 
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (VanillaOPD, TRB, FixedEps)}
+@dataclass(frozen=True)
+class SKD(Method):
+    """Interleaved teacher injection (SKD-style), every step: a student token outside the teacher's top-k is
+    replaced by a sample of the teacher at temperature tau_T (paper sweep: top_k in {15, 25, 50}, tau_T in
+    {0.2, 0.6, 1.0})."""
+
+    name: ClassVar[str] = "skd"
+    top_k: int = 25
+    teacher_temperature: float = 1.0
+
+    def __post_init__(self):
+        _require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        _require(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        return SKDPolicy(self.top_k, self.teacher_temperature)
+
+
+@dataclass(frozen=True)
+class TemperatureWarmup(Method):
+    """Rollout temperature rising linearly from tau0 to 1.0 by step `horizon` (paper: tau0 in {0.8, 0.9, 0.95},
+    horizon 15 or 25)."""
+
+    name: ClassVar[str] = "temperature"
+    tau0: float = 0.9
+    horizon: int = 25
+
+    def __post_init__(self):
+        _require(0 < self.tau0 <= 1, f"tau0 must be in (0, 1], got {self.tau0}")
+        _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
+
+    def temperature(self, step: int) -> float:
+        return linear_ramp(step, self.tau0, 1.0, self.horizon)
+
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        return StudentPolicy(self.temperature(step))
+
+    def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
+        return {"temperature": self.temperature(step)}
+
+
+@dataclass(frozen=True)
+class SFTWarmup(Method):
+    """Before OPD: sample `samples_per_prompt` teacher responses for the prompts of the first `prompt_steps` steps,
+    fine-tune the student on them for `updates` updates (token-mean cross-entropy), then ordinary OPD
+    (paper: 4 samples, the prompts of 50 steps, 15/25/50 updates)."""
+
+    name: ClassVar[str] = "sft_warmup"
+    updates: int = 25
+    prompt_steps: int = 50
+    samples_per_prompt: int = 4
+
+    def __post_init__(self):
+        _require(self.updates > 0, f"updates must be > 0, got {self.updates}")
+        _require(self.prompt_steps > 0, f"prompt_steps must be > 0, got {self.prompt_steps}")
+        _require(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
+
+
+@dataclass(frozen=True)
+class Veto(Method):
+    """Veto changes the target, not the sampler: Q proportional to pi_T * pi_S^b with the student detached, b
+    decaying linearly from b_start to 0 over `horizon` steps (paper: b_start in {0.2, 0.4, 0.6, 0.8})."""
+
+    name: ClassVar[str] = "veto"
+    b_start: float = 0.4
+    horizon: int = 50
+
+    def __post_init__(self):
+        _require(self.b_start >= 0, f"b_start must be >= 0, got {self.b_start}")
+        _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
+
+    def b(self, step: int) -> float:
+        return linear_ramp(step, self.b_start, 0.0, self.horizon)
+
+    def target(self, step: int) -> Target | None:
+        b = self.b(step)
+        return veto_target(b) if b > 0 else None
+
+    def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
+        return {"veto_b": self.b(step)}
+
+
+@dataclass(frozen=True)
+class MiniLLM(Method):
+    """MiniLLM teacher-mixed sampling: rollouts from alpha pi_T + (1 - alpha) pi_S (alpha = 0.2), the loss at each
+    prefix weighted by the single-step importance weight pi_S / mixture of the token that ended the prefix
+    (MiniLLM's token-level approximation of the prefix weight; bounded by 1 / (1 - alpha))."""
+
+    name: ClassVar[str] = "minillm"
+    alpha: float = 0.2
+
+    def __post_init__(self):
+        _require(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        return MixturePolicy(self.alpha)
+
+    def token_weights(self, rollout: Rollout) -> torch.Tensor:
+        ratio = torch.exp(rollout.student_logp - rollout.behavior_logp)  # (B, T) weight of the token sampled at t
+        previous = torch.cat([torch.ones_like(ratio[:, :1]), ratio[:, :-1]], dim=1)  # (B, T) prefix h_t ends at t-1
+        return rollout.completion_mask.float() * previous
+
+
+@dataclass(frozen=True)
+class GKD(Method):
+    """GKD (TRL's GKDTrainer): each step a coin with probability `lmbda` picks on-policy student rollouts,
+    otherwise the dataset's own solutions; the loss is the generalized JSD(beta) (0 forward, 1 reverse KL). The coin
+    is seeded per step, so it is identical on every rank and after a resume."""
+
+    name: ClassVar[str] = "gkd"
+    lmbda: float = 0.5
+    beta: float = 0.5
+
+    def __post_init__(self):
+        _require(0 <= self.lmbda <= 1, f"lmbda must be in [0, 1], got {self.lmbda}")
+        _require(0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}")
+
+    def use_data(self, step: int, generator: torch.Generator) -> bool:
+        return bool(torch.rand((), generator=generator) >= self.lmbda)
+
+    def loss_spec(self, base: LossSpec) -> LossSpec:
+        return replace(base, divergence="jsd", jsd_beta=self.beta)
+
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (VanillaOPD, TRB, AdaptiveTRB, FixedEps, SKD, TemperatureWarmup, SFTWarmup, Veto, MiniLLM, GKD)
+}

@@ -30,9 +30,10 @@ from trb.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trb.config import ConfigError, TrainConfig, as_dict, load_config, save_config
 from trb.core import linear_ramp
 from trb.evaluate import evaluate
-from trb.losses import distill_loss
+from trb.losses import distill_loss, sft_loss
+from trb.methods import SFTWarmup
 from trb.models import load_causal_lm, load_tokenizer, vocab_space
-from trb.rollout import Rollout, generate
+from trb.rollout import Rollout, TeacherPolicy, generate, rollout_from_tokens
 from trb.tasks import problem_splits, tokenize_prompts
 
 
@@ -192,15 +193,31 @@ def rollout_stats(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) a training run; returns a summary with the final evaluation."""
+@dataclass
+class Setup:
+    """Everything a run needs, loaded and checked before any heavy work."""
+
+    run: RunDir
+    device: torch.device
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    tokenizer: object
+    vocab: object
+    prompts: list[list[int]]  # training prompts, token ids
+    solutions: list[list[int]]  # their dataset solutions + EOS, token ids (GKD's fixed data)
+    test_problems: list
+
+    @property
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+
+def setup(cfg: TrainConfig) -> Setup:
     run = RunDir.open(cfg)
     device = resolve_device(cfg.device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     teacher_dtype = cfg.models.teacher_dtype
     if teacher_dtype == "auto":
         teacher_dtype = "bfloat16" if device.type == "cuda" else "float32"
-
     tokenizer = load_tokenizer(cfg.models.student, cfg.models.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code)
     student = load_causal_lm(cfg.models.student, device, "float32", cfg.models.trust_remote_code)
@@ -216,28 +233,72 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"training prompt {longest} has {len(prompts[longest])} tokens, more than data.max_prompt_tokens="
             f"{d.max_prompt_tokens}; raise it or shorten the prompts"
         )
+    solutions = [ids + [vocab.eos_id] for ids in
+                 tokenizer([p.solution for p in train_problems], add_special_tokens=False)["input_ids"]]
+    return Setup(run, device, student, teacher, tokenizer, vocab, prompts, solutions, test_problems)
 
+
+def sft_warmup(cfg: TrainConfig, s: Setup, method: SFTWarmup, metrics: MetricsLog, log) -> None:
+    """The SFT-warmup baseline's first phase: teacher samples for the prompts of the first `prompt_steps` steps,
+    `updates` AdamW updates of token-mean cross-entropy on them (a fresh optimizer), before OPD starts."""
+    generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, "sft"))
+    indices = [i for step in range(method.prompt_steps)
+               for i in step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)]
+    batch = [s.prompts[i] for i in indices for _ in range(method.samples_per_prompt)]
+    with s.autocast:
+        samples = [generate(TeacherPolicy(), batch[i : i + cfg.rollout_batch], s.vocab, cfg.max_new_tokens, generator,
+                            teacher=s.teacher) for i in range(0, len(batch), cfg.rollout_batch)]
+    pairs = [(r.prompt_ids[row][r.prompt_mask[row]].tolist(), r.completion_ids[row][r.completion_mask[row]].tolist())
+             for r in samples for row in range(len(r.stopped))]  # (prompt, teacher response) token lists
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    optimizer = torch.optim.AdamW(s.student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                  weight_decay=cfg.weight_decay)
+    s.student.train()
+    for update in range(method.updates):
+        chosen = [pairs[j] for j in order[update :: method.updates]]
+        num_tokens = sum(len(response) for _, response in chosen)
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i in range(0, len(chosen), cfg.micro_batch):
+            part = chosen[i : i + cfg.micro_batch]
+            micro = rollout_from_tokens([p for p, _ in part], [r for _, r in part], s.vocab, s.device)
+            with s.autocast:
+                loss = sft_loss(s.student, micro, s.vocab, micro.completion_mask.float() / max(num_tokens, 1),
+                                cfg.loss.chunk_size)
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip)
+        optimizer.step()
+        metrics.write(0, {"sft/update": update + 1, "sft/loss": total})
+    log(f"SFT warmup: {method.updates} updates on {len(pairs)} teacher samples, last loss {total:.4f}")
+
+
+def train(cfg: TrainConfig, log=print) -> dict:
+    """Run (or resume) a training run; returns a summary with the final evaluation."""
+    s = setup(cfg)
+    run, student, teacher, vocab, method = s.run, s.student, s.teacher, s.vocab, cfg.method
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: linear_ramp(step + 1, 0.0, 1.0, cfg.warmup_steps)
     )
-    start_step, metric_lines = 0, 0
+    start_step, metric_lines, method_state = 0, 0, {}
     checkpoint = latest_checkpoint(run.checkpoints) if cfg.resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, student, optimizer, scheduler)
-        start_step, metric_lines = state["next_step"], state["metric_lines"]
+        start_step, metric_lines, method_state = state["next_step"], state["metric_lines"], state["method_state"]
         log(f"resumed {run.path} from {checkpoint.name} (next step {start_step})")
     if start_step >= cfg.steps and (run.path / "summary.json").exists():
         log(f"{run.path} already completed {cfg.steps} steps")
         return json.loads((run.path / "summary.json").read_text())
     metrics = MetricsLog(run, metric_lines, start_step)
-    method = cfg.method
 
     def run_eval(step: int) -> dict:
-        result = evaluate(student, tokenizer, test_problems, vocab, n_samples=cfg.eval_samples,
-                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
-                          seed=stream_seed(cfg.seed, "eval", step), teacher=teacher, system_prompt=d.system_prompt)
+        with s.autocast:
+            result = evaluate(student, s.tokenizer, s.test_problems, vocab, n_samples=cfg.eval_samples,
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
+                              seed=stream_seed(cfg.seed, "eval", step), teacher=teacher,
+                              system_prompt=cfg.data.system_prompt)
         (run.path / "eval").mkdir(exist_ok=True)
         (run.path / "eval" / f"step_{step:08d}.json").write_text(
             json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
@@ -247,49 +308,55 @@ def train(cfg: TrainConfig, log=print) -> dict:
         return values
 
     def save(next_step: int) -> None:
-        state = {"next_step": next_step, "metric_lines": metrics.lines,
+        state = {"next_step": next_step, "metric_lines": metrics.lines, "method_state": method_state,
                  "data_position": next_step * cfg.prompts_per_step, "seed": cfg.seed}
-        save_checkpoint(run.checkpoints, next_step, student, tokenizer, optimizer, scheduler, state,
+        save_checkpoint(run.checkpoints, next_step, student, s.tokenizer, optimizer, scheduler, state,
                         cfg.keep_checkpoints)
 
     last_eval = {}
-    if start_step == 0:
-        with autocast:
-            last_eval = run_eval(0)
+    if checkpoint is None:
+        last_eval = run_eval(0)
         log(f"step 0: pass@1 {last_eval['eval/pass_at_1']:.3f}")
+        if isinstance(method, SFTWarmup):
+            sft_warmup(cfg, s, method, metrics, log)
+            save(0)
     status = "completed"
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"{method.name}",
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=method.name,
                dynamic_ncols=True, disable=None)
     with Preemption() as preemption:
         for step in bar:
             started = time.perf_counter()
-            generator = torch.Generator(device=device).manual_seed(stream_seed(cfg.seed, step, 0, "rollout"))
-            batch = [prompts[i] for i in step_prompts(step, cfg.prompts_per_step, len(prompts), cfg.seed)
-                     for _ in range(cfg.rollouts_per_prompt)]
-            policy = method.behavior(step)
+            generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, step, 0, "rollout"))
+            indices = step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)
             student.eval()
-            with autocast:
-                rollouts = [
-                    generate(policy, batch[i : i + cfg.rollout_batch], vocab, cfg.max_new_tokens, generator,
-                             student=student, teacher=teacher)
-                    for i in range(0, len(batch), cfg.rollout_batch)
-                ]
+            if method.use_data(step, torch.Generator().manual_seed(stream_seed(cfg.seed, step, "coin"))):
+                rollouts = [rollout_from_tokens([s.prompts[i] for i in indices], [s.solutions[i] for i in indices],
+                                                vocab, s.device)]
+            else:
+                batch = [s.prompts[i] for i in indices for _ in range(cfg.rollouts_per_prompt)]
+                policy = method.behavior(step, method_state)
+                with s.autocast:
+                    rollouts = [
+                        generate(policy, batch[i : i + cfg.rollout_batch], vocab, cfg.max_new_tokens, generator,
+                                 student=student, teacher=teacher)
+                        for i in range(0, len(batch), cfg.rollout_batch)
+                    ]
             rollout_time = time.perf_counter() - started
             student.train()
 
             num_tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
+            loss_spec, target = method.loss_spec(cfg.loss), method.target(step)
             loss_sum, kl_sum = 0.0, 0.0
             optimizer.zero_grad(set_to_none=True)
-            micro_batches = [r.select(slice(i, i + cfg.micro_batch)) for r in rollouts
-                             for i in range(0, len(r.stopped), cfg.micro_batch)]
-            for rollout in micro_batches:
-                weight = rollout.completion_mask.float() / max(num_tokens, 1)  # (b, T)
-                with autocast:
-                    loss, per_token, teacher_kl = distill_loss(student, teacher, rollout, vocab, cfg.loss, weight,
-                                                               target=method.target(step))
-                loss.backward()
-                loss_sum += loss.item()
-                kl_sum += (teacher_kl * weight).sum().item()
+            for rollout in rollouts:
+                for i in range(0, len(rollout.stopped), cfg.micro_batch):
+                    micro = rollout.select(slice(i, i + cfg.micro_batch))
+                    weight = method.token_weights(micro) / max(num_tokens, 1)  # (b, T)
+                    with s.autocast:
+                        loss, _, teacher_kl = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target)
+                    loss.backward()
+                    loss_sum += loss.item()
+                    kl_sum += (teacher_kl * micro.completion_mask).sum().item() / max(num_tokens, 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(run.checkpoints)
@@ -300,7 +367,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            elapsed = time.perf_counter() - started
             values = {
                 "loss": loss_sum,
                 "teacher_kl": kl_sum,
@@ -309,15 +375,15 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 "tokens": num_tokens,
                 "tokens_per_s": num_tokens / max(rollout_time, 1e-9),
                 "time/rollout_s": rollout_time,
-                "time/step_s": elapsed,
-                **method.schedule_metrics(step),
+                "time/step_s": time.perf_counter() - started,
+                **method.schedule_metrics(step, method_state),
                 **rollout_stats(rollouts),
             }
+            method.observe(step, values, method_state)
             metrics.write(step + 1, values)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                with autocast:
-                    last_eval = run_eval(done)
+                last_eval = run_eval(done)
                 tqdm.write(f"step {done}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
             bar.set_postfix(loss=f"{loss_sum:.4f}", pass1=f"{last_eval.get('eval/pass_at_1', float('nan')):.3f}")
             if preemption.requested:
@@ -329,12 +395,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 save(done)
     bar.close()
     if status == "completed":
-        with autocast:
-            last_eval = run_eval(cfg.steps)
+        last_eval = run_eval(cfg.steps)
         log(f"step {cfg.steps}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
         save(cfg.steps)
     metrics.close()
     summary = {"status": status, "run": str(run.path), "final": last_eval,
-               "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {device}"}
+               "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}"}
     (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-# per_token_fn(student_logits (n, V_s), teacher_logits (n, V_t), rows: slice) -> (n,) divergence per row, fp32.
+# per_token_fn(student_logits (n, V_s), teacher_logits (n, V_t) or None, rows: slice) -> (n,) loss per row, fp32.
 # `rows` locates the chunk in the full batch so the function can index per-row extras (tokens, behavior log-probs).
 PerTokenFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
@@ -31,8 +31,10 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
             hidden = student_hidden[rows].detach().requires_grad_(needs_grad)  # (n, d_s)
-            with torch.no_grad():
-                teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t)
+            teacher_logits = None
+            if teacher_hidden is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t)
             with torch.set_grad_enabled(needs_grad):
                 student_logits = hidden @ weight_leaf.T  # (n, V_s)
                 values = per_token_fn(student_logits, teacher_logits, rows)  # (n,)
@@ -62,8 +64,8 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
 def chunked_divergence(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
     token_weight: torch.Tensor,
     per_token_fn: PerTokenFn,
     chunk_size: int = 1024,
@@ -72,13 +74,15 @@ def chunked_divergence(
 
     student_hidden: (N, d_s) final hidden states of the positions that predict completion tokens;
     student_weight: (V_s, d_s) the student's output layer (no bias); teacher_hidden: (N, d_t) and
-    teacher_weight: (V_t, d_t) likewise for the teacher (no gradient); token_weight: (N,) per-row weight, e.g.
+    teacher_weight: (V_t, d_t) likewise for the teacher (no gradient; both None for a loss that needs no teacher,
+    such as cross-entropy); token_weight: (N,) per-row weight, e.g.
     mask / global token count. Returns (loss, per_token): the scalar sum_i token_weight_i * D_i, differentiable,
     and the detached per-row divergences D (N,). Peak extra memory is O(chunk_size x V) instead of O(N x V).
     """
-    if student_hidden.shape[0] != teacher_hidden.shape[0] or student_hidden.shape[0] != token_weight.shape[0]:
+    teacher_rows = student_hidden.shape[0] if teacher_hidden is None else teacher_hidden.shape[0]
+    if student_hidden.shape[0] != teacher_rows or student_hidden.shape[0] != token_weight.shape[0]:
         raise ValueError(
-            f"row counts differ: student {student_hidden.shape[0]}, teacher {teacher_hidden.shape[0]}, "
+            f"row counts differ: student {student_hidden.shape[0]}, teacher {teacher_rows}, "
             f"weights {token_weight.shape[0]}"
         )
     return _ChunkedLinearDivergence.apply(

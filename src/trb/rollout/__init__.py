@@ -1,6 +1,6 @@
 """The rollout engine and the behavior policies of every method the project compares."""
 
-from trb.rollout.engine import Rollout, generate, left_pad, position_ids
+from trb.rollout.engine import Rollout, generate, left_pad, position_ids, rollout_from_tokens
 from trb.rollout.policies import (
     BehaviorPolicy,
     Choice,
@@ -24,5 +24,6 @@ __all__ = [
     "generate",
     "left_pad",
     "position_ids",
+    "rollout_from_tokens",
     "skd_logp",
 ]

@@ -95,6 +95,34 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
     return ids.to(device), mask.to(device)
 
 
+def rollout_from_tokens(
+    prompts: list[list[int]], completions: list[list[int]], vocab: VocabSpace, device: torch.device
+) -> Rollout:
+    """A Rollout record of given prompt and completion tokens (dataset solutions, fixed data for GKD): prompts
+    left-padded, completions right-padded, per-token records zero. A completion ending in EOS counts as stopped."""
+    prompt_ids, prompt_mask = left_pad(prompts, vocab.pad_id, device)  # (B, P)
+    width = max(1, max(len(c) for c in completions))
+    completion_ids = torch.full((len(completions), width), vocab.pad_id, dtype=torch.long)  # (B, T)
+    completion_mask = torch.zeros((len(completions), width), dtype=torch.bool)  # (B, T)
+    for row, tokens in enumerate(completions):
+        completion_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        completion_mask[row, : len(tokens)] = True
+    zeros = torch.zeros((len(completions), width), device=device)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids.to(device),
+        completion_mask=completion_mask.to(device),
+        behavior_logp=zeros,
+        student_logp=None,
+        teacher_logp=None,
+        beta=zeros,
+        realized_kl=zeros,
+        from_teacher=torch.zeros((len(completions), width), dtype=torch.bool, device=device),
+        stopped=torch.tensor([len(c) > 0 and c[-1] == vocab.eos_id for c in completions], device=device),
+    )
+
+
 class _Decoder:
     """One model's incremental decoding state: its cache and the next-token log-probs on the shared vocabulary."""
 
