@@ -4,6 +4,9 @@
     trb eval --model DIR [--teacher DIR] ...  avg@n pass@1 of a checkpoint
     trb prepare SETTING|FILE --out DIR        make a miniature teacher and base student
     trb demo                                   the embedded miniature: vanilla OPD and TRB side by side
+    trb compare CONFIG --methods ... --seeds   methods x seeds, CIs and paired differences against OPD
+    trb probe --student DIR --teacher DIR ...  the continuation probe
+    trb inspect RUN                            an HTML page of logged rollouts, shaded by beta
 
 User errors (bad config, data, paths, incompatible models) print one line `trb: error: ...` and exit with code 2,
 without a traceback unless --debug is given.
@@ -16,14 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from trb.config import ConfigError
-    from trb.models import CompatibilityError, ModelLoadError
-    from trb.tasks import DataError
-    from trb.train import NumericalError
-
-    return ConfigError, DataError, ModelLoadError, CompatibilityError, NumericalError
-
+from trb.errors import TrbError
 
 def _quiet_libraries() -> None:
     import transformers
@@ -83,6 +79,48 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from trb.compare import run_compare
+
+    run_compare(args.config, args.methods, args.seeds, Path(args.out), args.jobs, args.overrides,
+                baseline=args.baseline, log=print)
+    print(f"results: {Path(args.out) / 'results.md'}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    import torch
+
+    from trb.models import load_causal_lm, load_tokenizer, vocab_space
+    from trb.probe import continuation_probe, plot_probe, probe_table
+    from trb.tasks import problem_splits
+    from trb.train import resolve_device
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.student)
+    student, teacher = load_causal_lm(args.student, device), load_causal_lm(args.teacher, device)
+    vocab = vocab_space(tokenizer, load_tokenizer(args.teacher), student, teacher)
+    problems, _ = problem_splits(args.data, args.problems, 1, args.data_seed)  # step-0 prompts: training problems
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        rows = continuation_probe(student, teacher, tokenizer, vocab, problems, eps=args.eps, lengths=args.lengths,
+                                  samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(rows, indent=1))
+    (out / "probe.md").write_text(probe_table(rows) + "\n")
+    plot_probe(rows, out / "probe.png", f"continuation probe ({args.data})")
+    print(probe_table(rows))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from trb.viewer import write_page
+
+    page = write_page(Path(args.run), Path(args.out) if args.out else None, args.steps)
+    print(f"wrote {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trb", description="On-policy distillation with Trust-Region behavior "
                                      "Blending.")
@@ -116,6 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("compare", help="methods x seeds with confidence intervals and paired differences")
+    p.add_argument("config", help="YAML config shared by every run")
+    p.add_argument("--methods", nargs="+", required=True,
+                   help="method specs: name or name:key=value,... ; a|b in a value expands into a grid")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--out", required=True, help="output folder (runs/, results.md, results.csv, plots)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split among them)")
+    p.add_argument("--baseline", default="opd", help="variant the paired differences are taken against")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("probe", help="the continuation probe: step-0 prefixes of OPD and TRB, continued")
+    p.add_argument("--student", required=True)
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--data", default="arith")
+    p.add_argument("--eps", type=float, default=0.02, help="TRB's step-0 budget eps0")
+    p.add_argument("--lengths", type=int, nargs="+", default=[0, 4, 8, 16, 24, 32])
+    p.add_argument("--problems", type=int, default=200)
+    p.add_argument("--samples", type=int, default=2, help="rollouts per problem and behavior")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("inspect", help="an HTML page of a run's logged rollouts, shaded by beta")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--steps", type=int, nargs="*", help="steps to show (default: all logged)")
+    p.add_argument("--out", help="HTML file (default: RUN/rollouts.html)")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("demo", help="the embedded miniature: vanilla OPD and TRB side by side")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--setting", default="arith", choices=["arith", "word"])
@@ -130,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
-    except _user_errors() as error:
+    except TrbError as error:
         if args.debug:
             raise
         print(f"trb: error: {error}", file=sys.stderr)

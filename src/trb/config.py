@@ -21,12 +21,14 @@ from typing import Any
 
 import yaml
 
+from trb.errors import TrbError
+
 from trb.losses import LossSpec
 from trb.methods import METHODS, Method, VanillaOPD
 from trb.models import resolve_builtin
 
 
-class ConfigError(ValueError):
+class ConfigError(TrbError):
     """A config that cannot run as written; the message names the key and the fix."""
 
 
@@ -87,6 +89,8 @@ class TrainConfig:
     eval_samples: int = 4  # n of avg@n pass@1
     eval_batch: int = 256
     checkpoint_every: int = 50  # 0: only the final checkpoint
+    log_rollouts_every: int = 10  # save a few rollouts with their per-token records for `trb inspect`; 0: never
+    log_rollouts: int = 8  # how many
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -97,7 +101,7 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "rollout_batch", "micro_batch", "max_new_tokens",
                      "eval_samples", "eval_batch", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "log_rollouts_every", "log_rollouts"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -113,8 +113,9 @@ def distill_loss(
     token_weight: (B, T) weight of each completion token (0 where masked), e.g. mask / global token count.
     student_hidden_fn: the module that computes the student's final hidden states (a DDP wrapper of
     FinalHidden(student) under data parallelism); FinalHidden(student) by default.
-    Returns (loss, per_token, teacher_kl): the differentiable scalar, the detached per-token divergence (B, T) and
-    the per-token KL(pi_S || pi_T) (B, T) for diagnostics (equal to per_token for plain OPD).
+    Returns (loss, per_token, diagnostics): the differentiable scalar, the detached per-token divergence (B, T),
+    and per-token diagnostics (B, T): "teacher_kl" KL(pi_S || pi_T) (equal to per_token for plain OPD) and
+    "teacher_entropy" H(pi_T) at each visited prefix.
     """
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
     rows, cols = completion_positions(rollout)  # (N,)
@@ -127,11 +128,13 @@ def distill_loss(
     stop_ids = vocab.stop_tensor(input_ids.device)
 
     teacher_kl = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: KL(pi_S || pi_T)
+    teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
     def per_token_fn(student_logits, teacher_logits, chunk):
         s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
         t = merged_logp(teacher_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
         teacher_kl[chunk] = reverse_kl(s.detach(), t)
+        teacher_entropy[chunk] = -torch.where(t > float("-inf"), t.exp() * t, 0.0).sum(-1)
         if target is not None:
             t = target(s.detach(), t)
         if spec.divergence == "reverse_kl":
@@ -156,9 +159,11 @@ def distill_loss(
     )
     per_token = torch.zeros_like(token_weight, dtype=torch.float32)  # (B, T)
     per_token[rollout.completion_mask] = values
-    per_token_kl = torch.zeros_like(per_token)  # (B, T)
-    per_token_kl[rollout.completion_mask] = teacher_kl
-    return loss, per_token, per_token_kl
+    diagnostics = {}
+    for name, values_n in (("teacher_kl", teacher_kl), ("teacher_entropy", teacher_entropy)):
+        diagnostics[name] = torch.zeros_like(per_token)  # (B, T)
+        diagnostics[name][rollout.completion_mask] = values_n
+    return loss, per_token, diagnostics
 
 
 def sft_loss(

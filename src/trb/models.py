@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trb.errors import TrbError
 
-class CompatibilityError(ValueError):
+
+class CompatibilityError(TrbError):
     """The student and teacher cannot be distilled as given (different tokenizers, vocabulary too small, ...)."""
 
 
@@ -134,7 +136,7 @@ def tiny_causal_lm(
     return model.float().eval()
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(TrbError):
     """A model or tokenizer path that cannot be loaded; the message names the path and the fix."""
 
 

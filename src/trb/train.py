@@ -29,6 +29,7 @@ from tqdm import tqdm
 from trb.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trb.config import ConfigError, TrainConfig, as_dict, load_config, save_config
 from trb.core import linear_ramp
+from trb.errors import TrbError
 from trb.evaluate import evaluate
 from trb.losses import distill_loss, sft_loss
 from trb.methods import SFTWarmup
@@ -37,7 +38,7 @@ from trb.rollout import Rollout, TeacherPolicy, generate, rollout_from_tokens
 from trb.tasks import problem_splits, tokenize_prompts
 
 
-class NumericalError(RuntimeError):
+class NumericalError(TrbError):
     """Training produced a non-finite loss or gradient; the run stopped without applying it."""
 
 
@@ -193,6 +194,31 @@ def rollout_stats(rollouts: list[Rollout]) -> dict[str, float]:
     }
 
 
+def save_rollouts(path: Path, step: int, rollout: Rollout, count: int, tokenizer, schedule: dict) -> None:
+    """A few rollouts with their per-token records (beta, log-probs, injection), for `trb inspect`."""
+    records = []
+    for row in range(min(count, len(rollout.stopped))):
+        mask = rollout.completion_mask[row]
+        ids = rollout.completion_ids[row][mask].tolist()
+
+        def column(values):
+            return None if values is None else [round(v, 5) for v in values[row][mask].tolist()]
+
+        records.append({
+            "prompt": tokenizer.decode(rollout.prompt_ids[row][rollout.prompt_mask[row]].tolist()),
+            "tokens": [tokenizer.decode([i]) for i in ids],
+            "beta": column(rollout.beta),
+            "student_logp": column(rollout.student_logp),
+            "teacher_logp": column(rollout.teacher_logp),
+            "behavior_logp": column(rollout.behavior_logp),
+            "realized_kl": column(rollout.realized_kl),
+            "from_teacher": rollout.from_teacher[row][mask].tolist(),
+            "stopped": bool(rollout.stopped[row]),
+        })
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"step": step, **schedule, "rollouts": records}))
+
+
 @dataclass
 class Setup:
     """Everything a run needs, loaded and checked before any heavy work."""
@@ -342,21 +368,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
                         for i in range(0, len(batch), cfg.rollout_batch)
                     ]
             rollout_time = time.perf_counter() - started
+            if cfg.log_rollouts_every and step % cfg.log_rollouts_every == 0:
+                save_rollouts(run.path / "rollouts" / f"step_{step:08d}.json", step, rollouts[0], cfg.log_rollouts,
+                              s.tokenizer, method.schedule_metrics(step, method_state))
             student.train()
 
             num_tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
             loss_spec, target = method.loss_spec(cfg.loss), method.target(step)
-            loss_sum, kl_sum = 0.0, 0.0
+            loss_sum, diagnostics = 0.0, {"teacher_kl": 0.0, "teacher_entropy": 0.0}
             optimizer.zero_grad(set_to_none=True)
             for rollout in rollouts:
                 for i in range(0, len(rollout.stopped), cfg.micro_batch):
                     micro = rollout.select(slice(i, i + cfg.micro_batch))
                     weight = method.token_weights(micro) / max(num_tokens, 1)  # (b, T)
                     with s.autocast:
-                        loss, _, teacher_kl = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target)
+                        loss, _, per_token = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target)
                     loss.backward()
                     loss_sum += loss.item()
-                    kl_sum += (teacher_kl * micro.completion_mask).sum().item() / max(num_tokens, 1)
+                    for name in diagnostics:
+                        diagnostics[name] += (per_token[name] * micro.completion_mask).sum().item() / max(num_tokens, 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item()
             if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(run.checkpoints)
@@ -369,7 +399,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
             scheduler.step()
             values = {
                 "loss": loss_sum,
-                "teacher_kl": kl_sum,
+                **diagnostics,
                 "grad_norm": grad_norm,
                 "lr": lr,
                 "tokens": num_tokens,

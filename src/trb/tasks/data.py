@@ -16,13 +16,14 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from trb.errors import TrbError
 from trb.tasks.grading import extract_answer
 from trb.tasks.problems import Problem
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
 
 
-class DataError(ValueError):
+class DataError(TrbError):
     """A problem file that cannot be read; the message names the file and the line."""
 
 

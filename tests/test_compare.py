@@ -1,0 +1,113 @@
+"""Aggregation statistics against hand-computed values, and compare / probe / inspect end to end on tiny models."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from trb.cli import main
+from trb.compare import parse_variants, run_compare
+from trb.models import load_causal_lm, load_tokenizer, vocab_space
+from trb.probe import continuation_probe
+from trb.stats import area_under_curve, mean_ci, paired_bootstrap, wilson_interval
+from trb.tasks import problem_splits
+
+
+def test_mean_ci_by_hand():
+    # values 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(0.975, df=2) = 4.302653 -> half width 0.1 * 4.302653 / sqrt(3)
+    mean, low, high = mean_ci([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2)
+    assert high - mean == pytest.approx(0.1 * 4.302653 / math.sqrt(3), rel=1e-6)
+    assert mean - low == pytest.approx(high - mean)
+    assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_paired_bootstrap_matches_exact_resampling_distribution():
+    # Two seeds with differences a = 0.1, b = 0.3: a bootstrap mean is a (p = 1/4), (a + b) / 2 (1/2) or b (1/4),
+    # so the 2.5% and 97.5% quantiles are a and b, and the point estimate is 0.2.
+    mean, low, high = paired_bootstrap([0.6, 0.9], [0.5, 0.6], resamples=20_000)
+    assert mean == pytest.approx(0.2)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.3)
+    # identical methods: a zero-width interval at 0
+    assert paired_bootstrap([0.4, 0.5, 0.6], [0.4, 0.5, 0.6]) == (0.0, 0.0, 0.0)
+
+
+def test_area_under_curve_and_wilson():
+    # a curve 0 -> 1 linearly over 10 steps has average height 0.5; a step function by hand
+    assert area_under_curve([0, 10], [0.0, 1.0]) == pytest.approx(0.5)
+    assert area_under_curve([0, 5, 10], [0.2, 0.2, 0.6]) == pytest.approx((0.2 * 5 + 0.4 * 5) / 10)
+    low, high = wilson_interval(5, 10)
+    assert low == pytest.approx(0.2366, abs=1e-4) and high == pytest.approx(0.7634, abs=1e-4)
+
+
+def test_parse_variants_expands_grids():
+    assert [v.label for v in parse_variants("opd")] == ["opd"]
+    grid = parse_variants("trb:eps0=0.005|0.02,horizon=15|50")
+    assert [v.label for v in grid] == ["trb(eps0=0.005,horizon=15)", "trb(eps0=0.005,horizon=50)",
+                                       "trb(eps0=0.02,horizon=15)", "trb(eps0=0.02,horizon=50)"]
+    assert grid[1].overrides == ("method.name=trb", "method.eps0=0.005", "method.horizon=50")
+    assert grid[1].slug == "trb_eps0-0.005_horizon-50"
+
+
+def write_config(path, pair, **values):
+    settings = {"models": {"student": str(pair["student"]), "teacher": str(pair["teacher"])},
+                "data": {"num_train": 32, "num_test": 4}, "steps": 2, "prompts_per_step": 2,
+                "rollouts_per_prompt": 2, "rollout_batch": 4, "micro_batch": 4, "max_new_tokens": 12,
+                "eval_every": 1, "eval_samples": 1, "checkpoint_every": 0, "lr": 1e-3, "warmup_steps": 0, **values}
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def test_compare_two_methods_two_seeds_end_to_end(tiny_pair, tmp_path):
+    config = write_config(tmp_path / "tiny.yaml", tiny_pair)
+    out = tmp_path / "cmp"
+    lines = []
+    rows = run_compare(config, ["opd", "trb:eps0=0.05,horizon=2"], [0, 1], out, jobs=2, overrides=[],
+                       log=lines.append)
+    assert len(lines) == 5 and "4 runs" in lines[0]
+    labels = [r["method"] for r in rows]
+    assert labels == ["opd", "trb(eps0=0.05,horizon=2)"]
+    trb = rows[1]
+    assert trb["seeds"] == 2 and "diff_best" in trb and "diff_best" not in rows[0]
+    # the aggregate equals the per-run numbers it was made from
+    best = [max(json.loads(line).get("eval/pass_at_1", -1) for line in
+                (out / "runs" / "trb_eps0-0.05_horizon-2" / f"seed_{s}" / "metrics.jsonl").read_text().splitlines())
+            for s in (0, 1)]
+    assert trb["best"][0] == pytest.approx(sum(best) / 2)
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [r["method"] for r in table] == labels
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert (out / "diagnostics.png").stat().st_size > 1000
+    assert "| trb(eps0=0.05,horizon=2) | 2 |" in (out / "results.md").read_text()
+    # rerunning resumes: every run is already complete, nothing is trained again
+    again = run_compare(config, ["opd", "trb:eps0=0.05,horizon=2"], [0, 1], out, jobs=1, overrides=[],
+                        log=lambda m: None)
+    assert again[1]["best"] == trb["best"]
+
+
+def test_continuation_probe_and_inspect(tiny_pair, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_pair["student"]))
+    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
+    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
+    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+    problems, _ = problem_splits("arith", 6, 1, 0)
+    rows = continuation_probe(student, teacher, tokenizer, vocab, problems, eps=0.05, lengths=[0, 4, 1000],
+                              samples=2, max_new_tokens=16)
+    assert len(rows) == 2 * 3 * 2
+    assert all(r["trials"] == 12 and 0 <= r["low"] <= r["rate"] <= r["high"] <= 1 for r in rows)
+    # at t beyond every rollout's length nothing is continued: teacher and student continuations agree
+    for behavior in {r["behavior"] for r in rows}:
+        pair = [r["successes"] for r in rows if r["behavior"] == behavior and r["t"] == 1000]
+        assert pair[0] == pair[1]
+
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", tiny_pair, log_rollouts_every=1, log_rollouts=2, eval_every=0)
+    assert main(["train", config, f"out_dir={run}", "method.name=trb", "method.eps0=0.1", "method.horizon=1"]) == 0
+    assert main(["inspect", str(run)]) == 0
+    page = (run / "rollouts.html").read_text()
+    assert "step 0" in page and "step 1" in page and "beta=" in page and "log pi_T=" in page
+    assert main(["inspect", str(run), "--steps", "7"]) == 2
