@@ -8,8 +8,9 @@
     trb probe --student DIR --teacher DIR ...  the continuation probe
     trb inspect RUN                            an HTML page of logged rollouts, shaded by beta
 
-User errors (bad config, data, paths, incompatible models) print one line `trb: error: ...` and exit with code 2,
-without a traceback unless --debug is given.
+User errors (bad config, data, paths, incompatible models, non-finite training) print one line `trb: error: ...`
+and exit with code 2, without a traceback unless --debug is given. A training run stopped by SIGTERM/SIGINT saves a
+checkpoint and exits with code 75; rerun with resume=true.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import sys
 from pathlib import Path
 
 from trb.errors import TrbError
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun with resume=true
 
 def _quiet_libraries() -> None:
     import transformers
@@ -35,7 +39,7 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(summary))
-    return 0
+    return 0 if summary["status"] == "completed" else EXIT_PREEMPTED
 
 
 def cmd_eval(args) -> int:
@@ -204,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"trb: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     @staticmethod
-    def open(cfg: TrainConfig) -> RunDir:
-        """Create the run folder, or reopen it for resume=true; refuse to mix two runs in one folder."""
+    def check(cfg: TrainConfig) -> None:
+        """Refuse, before any work and without touching anything, a folder that holds another run (or the same run
+        with a different config), that is not empty, or that cannot be created or written."""
         path = Path(cfg.out_dir)
         existing = path / "config.yaml"
         if path.exists() and not path.is_dir():
@@ -96,8 +97,7 @@ class RunDir:
                     f"out_dir {str(path)!r} already holds a run; pass resume=true to continue it or choose another "
                     "out_dir"
                 )
-            saved = load_config(existing)
-            differences = _config_differences(as_dict(saved), as_dict(cfg))
+            differences = _config_differences(as_dict(load_config(existing)), as_dict(cfg))
             if differences:
                 raise ConfigError(
                     f"resume=true but the config differs from the run in {str(path)!r} at {', '.join(differences)}; "
@@ -105,15 +105,23 @@ class RunDir:
                 )
         elif path.exists() and any(path.iterdir()):
             raise ConfigError(f"out_dir {str(path)!r} is not empty and holds no run; choose an empty or new folder")
+        ancestor = next(p for p in (path, *path.absolute().parents) if p.exists())
+        if not ancestor.is_dir():
+            raise ConfigError(f"out_dir {str(path)!r} cannot be created: {str(ancestor)!r} is a file; choose another "
+                              "out_dir")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"out_dir {str(path)!r} is not writable ({str(ancestor)!r} denies writing); choose "
+                              "another out_dir")
+
+    @staticmethod
+    def create(cfg: TrainConfig) -> RunDir:
+        path = Path(cfg.out_dir)
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            if not (path / "config.yaml").exists():
+                save_config(cfg, path / "config.yaml")
         except OSError as error:
             raise ConfigError(f"out_dir {str(path)!r} is not writable ({error.strerror}); choose another out_dir") from None
-        if not existing.exists():
-            save_config(cfg, existing)
         return RunDir(path)
 
 
@@ -239,7 +247,8 @@ class Setup:
 
 
 def setup(cfg: TrainConfig) -> Setup:
-    run = RunDir.open(cfg)
+    """Load and check models, tokenizers and data; only then create (or reopen) the run folder."""
+    RunDir.check(cfg)
     device = resolve_device(cfg.device)
     teacher_dtype = cfg.models.teacher_dtype
     if teacher_dtype == "auto":
@@ -259,9 +268,15 @@ def setup(cfg: TrainConfig) -> Setup:
             f"training prompt {longest} has {len(prompts[longest])} tokens, more than data.max_prompt_tokens="
             f"{d.max_prompt_tokens}; raise it or shorten the prompts"
         )
+    context = min(student.config.max_position_embeddings, teacher.config.max_position_embeddings)
+    if len(prompts[longest]) + cfg.max_new_tokens > context:
+        raise ConfigError(
+            f"training prompt {longest} ({len(prompts[longest])} tokens) plus max_new_tokens={cfg.max_new_tokens} "
+            f"exceeds the models' context of {context} positions; lower max_new_tokens or data.max_prompt_tokens"
+        )
     solutions = [ids + [vocab.eos_id] for ids in
                  tokenizer([p.solution for p in train_problems], add_special_tokens=False)["input_ids"]]
-    return Setup(run, device, student, teacher, tokenizer, vocab, prompts, solutions, test_problems)
+    return Setup(RunDir.create(cfg), device, student, teacher, tokenizer, vocab, prompts, solutions, test_problems)
 
 
 def sft_warmup(cfg: TrainConfig, s: Setup, method: SFTWarmup, metrics: MetricsLog, log) -> None:
@@ -317,6 +332,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if start_step >= cfg.steps and (run.path / "summary.json").exists():
         log(f"{run.path} already completed {cfg.steps} steps")
         return json.loads((run.path / "summary.json").read_text())
+    if start_step > cfg.steps:
+        raise ConfigError(f"the run in {str(run.path)!r} has done {start_step} steps, more than steps={cfg.steps}")
     metrics = MetricsLog(run, metric_lines, start_step)
 
     def run_eval(step: int) -> dict:
@@ -431,5 +448,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     metrics.close()
     summary = {"status": status, "run": str(run.path), "final": last_eval,
                "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}"}
-    (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+    if status == "completed":  # summary.json marks a finished run
+        (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -53,7 +53,7 @@ def _text(record: dict, key: str, where: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: missing or empty field {key!r} (keys: {sorted(record)})")
+        raise DataError(f"{where}: missing or empty field {key!r} (keys: {sorted(record)}); fill it or map it with data.fields")
     return value
 
 
@@ -102,5 +102,5 @@ def load_problems(path: str | Path, fields: dict[str, str] | None = None) -> lis
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         problems.append(_problem(record, fields, where))
     if not problems:
-        raise DataError(f"{path}: no problems (the file is empty)")
+        raise DataError(f"{path}: no problems (the file is empty); give one JSON problem per line")
     return problems
