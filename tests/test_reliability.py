@@ -220,6 +220,7 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tiny_pair, tm
         import sys, time, torch
         from pathlib import Path
         import trb.checkpoint as ckpt
+        from trb.distributed import full_state
         from trb.models import load_causal_lm, load_tokenizer
         run = Path({str(run)!r})
         model = load_causal_lm({str(tiny_pair['student'])!r}, torch.device("cpu"))
@@ -230,7 +231,9 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tiny_pair, tm
             print("writing", flush=True)
             time.sleep(60)
         ckpt.save_file = stall
-        ckpt.save_checkpoint(run / "checkpoints", 3, model, tokenizer, optimizer, scheduler, {{}}, keep=2)
+        model_state, optimizer_state = full_state(model, optimizer)
+        ckpt.save_checkpoint(run / "checkpoints", 3, model, tokenizer, model_state, optimizer_state, scheduler, {{}},
+                             keep=2)
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

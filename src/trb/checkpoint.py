@@ -2,8 +2,9 @@
 
 A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding
 - the student as a Hugging Face checkpoint (config.json, model.safetensors, tokenizer files), loadable on its own,
-- optimizer.safetensors (every optimizer state tensor) and state.json (optimizer param groups, scheduler state,
-  the next step to run, the data position, the number of metric lines written, and anything else the loop keeps).
+- optimizer.safetensors (every optimizer state tensor, keyed by parameter name) and state.json (optimizer param
+  groups, scheduler state, the next step to run, the data position, the number of metric lines written, and the
+  method's state). Both are full, unsharded state dicts, so a run resumes on any number of ranks.
 
 It is written into a hidden `.partial` folder, flushed to disk, and renamed into place; `checkpoints/latest`
 (a one-line text file, itself replaced atomically) then points to it. A crash at any moment leaves either the old
@@ -19,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file
+from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 
@@ -44,26 +45,25 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat named tensors and a JSON-able remainder."""
-    state = optimizer.state_dict()
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """A name-keyed optimizer state dict -> flat tensors "<param>::<key>" and a JSON-able remainder."""
     tensors, scalars = {}, {}
-    for param_id, entries in state["state"].items():
+    for param, entries in state["state"].items():
         for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"{param_id}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{param}::{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(param_id), {})[key] = value
+                scalars.setdefault(param, {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict] = {}
     for name, value in tensors.items():
-        param_id, key = name.split(".", 1)
-        state.setdefault(int(param_id), {})[key] = value
-    for param_id, entries in meta["scalars"].items():
-        state.setdefault(int(param_id), {}).update(entries)
+        param, key = name.rsplit("::", 1)
+        state.setdefault(param, {})[key] = value
+    for param, entries in meta["scalars"].items():
+        state.setdefault(param, {}).update(entries)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
@@ -72,19 +72,24 @@ def save_checkpoint(
     step: int,
     model,
     tokenizer,
-    optimizer: torch.optim.Optimizer,
+    model_state: dict,
+    optimizer_state: dict,
     scheduler,
     state: dict,
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` under root atomically, point `latest` at it, keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` under root atomically, point `latest` at it, keep the newest `keep` checkpoints.
+
+    model_state / optimizer_state: full (unsharded) state dicts keyed by parameter name
+    (`trb.distributed.full_state`); model gives the Hugging Face config the weights are saved with.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     partial = root / f".step_{step:08d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
+    model.save_pretrained(partial, state_dict=model_state)
     tokenizer.save_pretrained(partial)
-    tensors, optimizer_meta = _optimizer_tensors(optimizer)
+    tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
     save_file(tensors, str(partial / "optimizer.safetensors"))
     record = {**state, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict()}
     (partial / "state.json").write_text(json.dumps(record, indent=1))
@@ -101,6 +106,8 @@ def save_checkpoint(
     for old in sorted(root.glob("step_*"))[:-keep]:
         if old != final:
             shutil.rmtree(old)
+    for leftover in root.glob(".step_*.partial"):  # an earlier attempt killed while writing
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
@@ -115,11 +122,23 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore model weights, optimizer and scheduler in place from folder; returns the saved loop state."""
-    load_model(model, str(folder / "model.safetensors"), strict=True, device=str(next(model.parameters()).device))
+def _with_tied_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Saved Hugging Face weights omit tied duplicates (lm_head.weight = embed_tokens.weight); restore them."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    out = dict(weights)
+    for names in names_of.values():
+        present = [n for n in names if n in weights]
+        for name in names:
+            if name not in out and present:
+                out[name] = weights[present[0]]
+    return out
+
+
+def read_checkpoint(folder: Path, model) -> tuple[dict, dict, dict]:
+    """(model_state, optimizer_state, loop state) of a checkpoint folder, as full state dicts on the CPU."""
+    model_state = _with_tied_weights(model, load_file(str(folder / "model.safetensors")))
     record = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(next(model.parameters()).device))
-    optimizer.load_state_dict(_optimizer_state(tensors, record.pop("optimizer")))
-    scheduler.load_state_dict(record.pop("scheduler"))
-    return record
+    optimizer_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), record.pop("optimizer"))
+    return model_state, optimizer_state, record

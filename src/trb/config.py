@@ -93,7 +93,8 @@ class TrainConfig:
     log_rollouts: int = 8  # how many
     keep_checkpoints: int = 2
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank uses cuda:LOCAL_RANK)
+    distributed: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
     out_dir: str = "runs/train"
     resume: bool = False
 
@@ -109,6 +110,7 @@ class TrainConfig:
         _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        _require(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

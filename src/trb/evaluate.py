@@ -8,6 +8,7 @@ without stopping) and the mean completion length.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,8 @@ class EvalResult:
     truncation_rate: float  # fraction of samples that hit max_new_tokens
     teacher_kl: float | None  # mean per-token KL(pi_S || pi_T) on the student's samples
     examples: list[dict] = field(default_factory=list)  # a few (question, response, answer, correct) records
+    n_completions: int = 0  # samples drawn (problems x n)
+    kl_tokens: int = 0  # completion tokens the teacher-KL averages over
 
     def as_dict(self) -> dict:
         return {
@@ -59,8 +62,8 @@ def evaluate(
 
     Samples are drawn from one generator seeded with `seed`, so an evaluation is reproducible.
     """
-    if not problems:
-        raise ValueError("evaluation needs at least one problem")
+    if not problems:  # a rank with no share of a small test set
+        return EvalResult(math.nan, [], n_samples, math.nan, math.nan, None)
     was_training = student.training
     student.eval()
     generator = torch.Generator(device=student.device).manual_seed(seed)
@@ -97,5 +100,32 @@ def evaluate(
         truncation_rate=truncated / len(jobs),
         teacher_kl=kl_sum / kl_tokens if teacher is not None and kl_tokens else None,
         examples=examples,
+        n_completions=len(jobs),
+        kl_tokens=kl_tokens,
+    )
+
+
+def merge_results(parts: list[EvalResult]) -> EvalResult:
+    """One result from the per-rank results of problems[rank::world] (per-problem scores back in input order)."""
+    if len(parts) == 1:
+        return parts[0]
+    world = len(parts)
+    per_problem = [0.0] * sum(len(p.per_problem) for p in parts)
+    for rank, part in enumerate(parts):
+        for k, score in enumerate(part.per_problem):
+            per_problem[rank + world * k] = score
+    completions = sum(p.n_completions for p in parts)
+    kl_tokens = sum(p.kl_tokens for p in parts)
+    filled = [p for p in parts if p.n_completions]
+    return EvalResult(
+        pass_at_1=sum(per_problem) / len(per_problem),
+        per_problem=per_problem,
+        n_samples=parts[0].n_samples,
+        mean_length=sum(p.mean_length * p.n_completions for p in filled) / completions,
+        truncation_rate=sum(p.truncation_rate * p.n_completions for p in filled) / completions,
+        teacher_kl=sum(p.teacher_kl * p.kl_tokens for p in filled if p.kl_tokens) / kl_tokens if kl_tokens else None,
+        examples=[e for p in parts for e in p.examples][: len(parts[0].examples)],
+        n_completions=completions,
+        kl_tokens=kl_tokens,
     )
 

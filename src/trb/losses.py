@@ -172,12 +172,13 @@ def sft_loss(
     vocab: VocabSpace,
     token_weight: torch.Tensor,
     chunk_size: int = 1024,
+    hidden_fn: nn.Module | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy -log pi_S(y_t) of the completion tokens (SFT on teacher samples or data), computed in
-    chunks from hidden states like the distillation loss. token_weight: (B, T)."""
+    chunks from hidden states like the distillation loss. token_weight: (B, T); hidden_fn as in distill_loss."""
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
     rows, cols = completion_positions(rollout)  # (N,)
-    hidden = FinalHidden(student)(input_ids, attention_mask, positions)[rows, cols]  # (N, d)
+    hidden = (hidden_fn or FinalHidden(student))(input_ids, attention_mask, positions)[rows, cols]  # (N, d)
     tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)
 

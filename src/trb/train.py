@@ -26,16 +26,17 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from trb.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trb import distributed
+from trb.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
 from trb.config import ConfigError, TrainConfig, as_dict, load_config, save_config
 from trb.core import linear_ramp
 from trb.errors import TrbError
-from trb.evaluate import evaluate
-from trb.losses import distill_loss, sft_loss
+from trb.evaluate import evaluate, merge_results
+from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
-from trb.models import load_causal_lm, load_tokenizer, vocab_space
+from trb.models import CompatibilityError, load_causal_lm, load_tokenizer, vocab_space
 from trb.rollout import Rollout, TeacherPolicy, generate, rollout_from_tokens
-from trb.tasks import problem_splits, tokenize_prompts
+from trb.tasks import format_prompt, problem_splits, tokenize_prompts
 
 
 class NumericalError(TrbError):
@@ -126,11 +127,12 @@ class RunDir:
 
 
 def _config_differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ; resume and steps may change (a run can be extended)."""
+    """Keys whose values differ. A resumed run may be extended (steps) and move between devices and data-parallel
+    strategies (checkpoints hold full state dicts); anything else changes the run."""
     out = []
     for key in sorted(set(saved) | set(new)):
         path = f"{prefix}{key}"
-        if path in ("resume", "steps"):
+        if path in ("resume", "steps", "device", "distributed"):
             continue
         a, b = saved.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
@@ -183,22 +185,37 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def rollout_stats(rollouts: list[Rollout]) -> dict[str, float]:
-    """Behavior diagnostics of a step's rollouts (METHOD.md section 4), averaged over completion tokens."""
+def rollout_sums(rollouts: list[Rollout]) -> dict[str, float]:
+    """Sums over a rank's rollouts from which the step's behavior diagnostics are formed (see rollout_stats)."""
     mask = torch.cat([r.completion_mask.flatten() for r in rollouts])
     beta = torch.cat([r.beta.flatten() for r in rollouts])[mask]
     kl = torch.cat([r.realized_kl.flatten() for r in rollouts])[mask]
-    from_teacher = torch.cat([r.from_teacher.flatten() for r in rollouts])[mask]
-    lengths = torch.cat([r.lengths for r in rollouts]).float()
-    stopped = torch.cat([r.stopped for r in rollouts]).float()
     return {
-        "rollout/mean_beta": beta.mean().item(),
-        "rollout/frac_beta_one": (beta == 1).float().mean().item(),
-        "rollout/realized_kl": kl.mean().item(),
-        "rollout/realized_kl_max": kl.max().item(),
-        "rollout/from_teacher": from_teacher.float().mean().item(),
-        "rollout/length": lengths.mean().item(),
-        "rollout/stop_rate": stopped.mean().item(),
+        "tokens": float(mask.sum()),
+        "sequences": float(sum(len(r.stopped) for r in rollouts)),
+        "beta": beta.sum().item(),
+        "beta_one": (beta == 1).sum().item(),
+        "kl": kl.sum().item(),
+        "kl_max": kl.max().item() if len(kl) else 0.0,
+        "from_teacher": torch.cat([r.from_teacher.flatten() for r in rollouts])[mask].sum().item(),
+        "stopped": float(sum(int(r.stopped.sum()) for r in rollouts)),
+    }
+
+
+def rollout_stats(sums: list[dict[str, float]]) -> dict[str, float]:
+    """Behavior diagnostics of a step (METHOD.md section 4) from every rank's sums, averaged over completion
+    tokens: mean beta, fraction of beta = 1, realized KL(mu || pi_S) (mean and max), tokens from the teacher;
+    per sequence: length and the fraction that stopped with EOS."""
+    total = {key: sum(s[key] for s in sums) for key in sums[0]}
+    tokens, sequences = max(total["tokens"], 1.0), max(total["sequences"], 1.0)
+    return {
+        "rollout/mean_beta": total["beta"] / tokens,
+        "rollout/frac_beta_one": total["beta_one"] / tokens,
+        "rollout/realized_kl": total["kl"] / tokens,
+        "rollout/realized_kl_max": max(s["kl_max"] for s in sums),
+        "rollout/from_teacher": total["from_teacher"] / tokens,
+        "rollout/length": total["tokens"] / sequences,
+        "rollout/stop_rate": total["stopped"] / sequences,
     }
 
 
@@ -232,6 +249,7 @@ class Setup:
     """Everything a run needs, loaded and checked before any heavy work."""
 
     run: RunDir
+    world: distributed.World
     device: torch.device
     student: torch.nn.Module
     teacher: torch.nn.Module
@@ -248,8 +266,17 @@ class Setup:
 
 def setup(cfg: TrainConfig) -> Setup:
     """Load and check models, tokenizers and data; only then create (or reopen) the run folder."""
+    world = distributed.init(cfg.device)
     RunDir.check(cfg)
     device = resolve_device(cfg.device)
+    if world.active and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    sequences = cfg.prompts_per_step * cfg.rollouts_per_prompt
+    if sequences % (world.size * cfg.rollout_batch):
+        raise ConfigError(
+            f"prompts_per_step x rollouts_per_prompt = {sequences} sequences must split evenly into rollout batches "
+            f"over the ranks: make it a multiple of world size x rollout_batch = {world.size * cfg.rollout_batch}"
+        )
     teacher_dtype = cfg.models.teacher_dtype
     if teacher_dtype == "auto":
         teacher_dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -261,6 +288,7 @@ def setup(cfg: TrainConfig) -> Setup:
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
     d = cfg.data
     train_problems, test_problems = problem_splits(d.source, d.num_train, d.num_test, d.seed, d.test_source, d.fields)
+    check_same_tokenization(tokenizer, teacher_tokenizer, train_problems[:64], d.system_prompt)
     prompts = tokenize_prompts(tokenizer, [p.question for p in train_problems], d.system_prompt)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     if len(prompts[longest]) > d.max_prompt_tokens:
@@ -276,57 +304,128 @@ def setup(cfg: TrainConfig) -> Setup:
         )
     solutions = [ids + [vocab.eos_id] for ids in
                  tokenizer([p.solution for p in train_problems], add_special_tokens=False)["input_ids"]]
-    return Setup(RunDir.create(cfg), device, student, teacher, tokenizer, vocab, prompts, solutions, test_problems)
+    if world.main:
+        RunDir.create(cfg)
+    distributed.barrier(world)
+    return Setup(RunDir(Path(cfg.out_dir)), world, device, student, teacher, tokenizer, vocab, prompts, solutions,
+                 test_problems)
 
 
-def sft_warmup(cfg: TrainConfig, s: Setup, method: SFTWarmup, metrics: MetricsLog, log) -> None:
+def check_same_tokenization(student_tokenizer, teacher_tokenizer, problems, system_prompt) -> None:
+    """Prompts are formatted once (student's template) and fed to both models; the two tokenizers must agree on
+    prompt + response, or the teacher would be scored on different token ids."""
+    for problem in problems:
+        text = format_prompt(student_tokenizer, problem.question, system_prompt) + problem.solution
+        a = student_tokenizer(text, add_special_tokens=False)["input_ids"]
+        b = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if a != b:
+            raise CompatibilityError(
+                f"student and teacher tokenizers split the same prompt + response differently ({len(a)} vs "
+                f"{len(b)} tokens) for {problem.question[:40]!r}...; use the same tokenizer files for both"
+            )
+
+
+class Trainer:
+    """The pieces of one run the loop body uses: models, optimizer, the data-parallel hidden-state module."""
+
+    def __init__(self, cfg: TrainConfig, s: Setup):
+        self.cfg, self.s = cfg, s
+        self.hidden = distributed.wrap(FinalHidden(s.student), s.student, cfg.distributed, s.world)
+        self.optimizer = torch.optim.AdamW(s.student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: linear_ramp(step + 1, 0.0, 1.0, cfg.warmup_steps))
+
+    def my_batches(self, step: int, sequences: list[list[int]]) -> list[tuple[int, list[list[int]]]]:
+        """(global batch index, prompts) of the rollout batches this rank decodes at this step."""
+        size = self.cfg.rollout_batch
+        batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
+        return [(j, b) for j, b in enumerate(batches) if j % self.s.world.size == self.s.world.rank]
+
+    def decode(self, step: int, policy, sequences: list[list[int]], teacher_only: bool = False) -> list[Rollout]:
+        s, out = self.s, []
+        models = {"teacher": s.teacher} if teacher_only else {"student": s.student, "teacher": s.teacher}
+        for j, prompts in self.my_batches(step, sequences):
+            generator = torch.Generator(device=s.device).manual_seed(stream_seed(self.cfg.seed, step, j, "rollout"))
+            with s.autocast:
+                out.append(generate(policy, prompts, s.vocab, self.cfg.max_new_tokens, generator, **models))
+        return out
+
+    def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
+        """loss_fn(micro) -> scalar for each micro-batch; gradients synchronized once, on the last one. Each rank's
+        loss is scaled by the world size because data-parallel gradient reduction averages over ranks."""
+        for k, micro in enumerate(micro_batches):
+            with distributed.gradient_sync(self.hidden, self.s.student, self.cfg.distributed, self.s.world,
+                                           enabled=k == len(micro_batches) - 1):
+                with self.s.autocast:
+                    loss = loss_fn(micro)
+                (loss * self.s.world.size).backward()
+        distributed.finish_gradients(self.s.student, self.cfg.distributed, self.s.world)
+
+    def micro_batches(self, rollouts: list[Rollout]) -> list[Rollout]:
+        size = self.cfg.micro_batch
+        return [r.select(slice(i, i + size)) for r in rollouts for i in range(0, len(r.stopped), size)]
+
+    def optimizer_step(self) -> tuple[float, float]:
+        """Clip, check, step. Returns (grad norm, lr used)."""
+        grad_norm = distributed.clip_grad_norm(list(self.s.student.parameters()), self.cfg.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        return grad_norm, lr
+
+
+def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: MetricsLog | None, log) -> None:
     """The SFT-warmup baseline's first phase: teacher samples for the prompts of the first `prompt_steps` steps,
     `updates` AdamW updates of token-mean cross-entropy on them (a fresh optimizer), before OPD starts."""
-    generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, "sft"))
+    s = t.s
     indices = [i for step in range(method.prompt_steps)
                for i in step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)]
-    batch = [s.prompts[i] for i in indices for _ in range(method.samples_per_prompt)]
-    with s.autocast:
-        samples = [generate(TeacherPolicy(), batch[i : i + cfg.rollout_batch], s.vocab, cfg.max_new_tokens, generator,
-                            teacher=s.teacher) for i in range(0, len(batch), cfg.rollout_batch)]
+    samples = t.decode(-1, TeacherPolicy(), [s.prompts[i] for i in indices for _ in range(method.samples_per_prompt)],
+                       teacher_only=True)
     pairs = [(r.prompt_ids[row][r.prompt_mask[row]].tolist(), r.completion_ids[row][r.completion_mask[row]].tolist())
-             for r in samples for row in range(len(r.stopped))]  # (prompt, teacher response) token lists
-    order = torch.randperm(len(pairs), generator=generator).tolist()
+             for r in samples for row in range(len(r.stopped))]  # this rank's (prompt, teacher response) pairs
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "sft"))).tolist()
     optimizer = torch.optim.AdamW(s.student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
     s.student.train()
     for update in range(method.updates):
         chosen = [pairs[j] for j in order[update :: method.updates]]
-        num_tokens = sum(len(response) for _, response in chosen)
+        num_tokens = distributed.all_reduce_sum(sum(len(r) for _, r in chosen), s.world, s.device)
+        micro = [rollout_from_tokens([p for p, _ in chosen[i : i + cfg.micro_batch]],
+                                     [r for _, r in chosen[i : i + cfg.micro_batch]], s.vocab, s.device)
+                 for i in range(0, len(chosen), cfg.micro_batch)]
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for i in range(0, len(chosen), cfg.micro_batch):
-            part = chosen[i : i + cfg.micro_batch]
-            micro = rollout_from_tokens([p for p, _ in part], [r for _, r in part], s.vocab, s.device)
-            with s.autocast:
-                loss = sft_loss(s.student, micro, s.vocab, micro.completion_mask.float() / max(num_tokens, 1),
-                                cfg.loss.chunk_size)
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(s.student.parameters(), cfg.grad_clip)
+        total = [0.0]
+
+        def loss_fn(m):
+            loss = sft_loss(s.student, m, s.vocab, m.completion_mask.float() / max(num_tokens, 1),
+                            cfg.loss.chunk_size, hidden_fn=t.hidden)
+            total[0] += loss.item()
+            return loss
+
+        t.backward(micro, loss_fn)
+        distributed.clip_grad_norm(list(s.student.parameters()), cfg.grad_clip)
         optimizer.step()
-        metrics.write(0, {"sft/update": update + 1, "sft/loss": total})
-    log(f"SFT warmup: {method.updates} updates on {len(pairs)} teacher samples, last loss {total:.4f}")
+        loss_value = distributed.all_reduce_sum(total[0], s.world, s.device)
+        if metrics is not None:
+            metrics.write(0, {"sft/update": update + 1, "sft/loss": loss_value})
+    log(f"SFT warmup: {method.updates} updates on {len(pairs) * s.world.size} teacher samples")
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run (or resume) a training run; returns a summary with the final evaluation."""
     s = setup(cfg)
-    run, student, teacher, vocab, method = s.run, s.student, s.teacher, s.vocab, cfg.method
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                  weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: linear_ramp(step + 1, 0.0, 1.0, cfg.warmup_steps)
-    )
+    t = Trainer(cfg, s)
+    run, student, teacher, vocab, method, world = s.run, s.student, s.teacher, s.vocab, cfg.method, s.world
+    log = log if world.main else (lambda message: None)
     start_step, metric_lines, method_state = 0, 0, {}
     checkpoint = latest_checkpoint(run.checkpoints) if cfg.resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, student, optimizer, scheduler)
+        model_state, optimizer_state, state = read_checkpoint(checkpoint, student)
+        distributed.load_full_state(student, t.optimizer, model_state, optimizer_state)
+        t.scheduler.load_state_dict(state["scheduler"])
         start_step, metric_lines, method_state = state["next_step"], state["metric_lines"], state["method_state"]
         log(f"resumed {run.path} from {checkpoint.name} (next step {start_step})")
     if start_step >= cfg.steps and (run.path / "summary.json").exists():
@@ -334,89 +433,92 @@ def train(cfg: TrainConfig, log=print) -> dict:
         return json.loads((run.path / "summary.json").read_text())
     if start_step > cfg.steps:
         raise ConfigError(f"the run in {str(run.path)!r} has done {start_step} steps, more than steps={cfg.steps}")
-    metrics = MetricsLog(run, metric_lines, start_step)
+    metrics = MetricsLog(run, metric_lines, start_step) if world.main else None
+
+    def write(step: int, values: dict) -> None:
+        if metrics is not None:
+            metrics.write(step, values)
 
     def run_eval(step: int) -> dict:
+        mine = s.test_problems[world.rank :: world.size]
         with s.autocast:
-            result = evaluate(student, s.tokenizer, s.test_problems, vocab, n_samples=cfg.eval_samples,
+            result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
-                              seed=stream_seed(cfg.seed, "eval", step), teacher=teacher,
+                              seed=stream_seed(cfg.seed, "eval", step, world.rank), teacher=teacher,
                               system_prompt=cfg.data.system_prompt)
-        (run.path / "eval").mkdir(exist_ok=True)
-        (run.path / "eval" / f"step_{step:08d}.json").write_text(
-            json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
-                        "examples": result.examples}, indent=1))
+        result = merge_results(distributed.gather_objects(result, world))
+        if world.main:
+            (run.path / "eval").mkdir(exist_ok=True)
+            (run.path / "eval" / f"step_{step:08d}.json").write_text(
+                json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
+                            "examples": result.examples}, indent=1))
         values = {f"eval/{k}": v for k, v in result.as_dict().items() if v is not None}
-        metrics.write(step, values)
+        write(step, values)
         return values
 
     def save(next_step: int) -> None:
-        state = {"next_step": next_step, "metric_lines": metrics.lines, "method_state": method_state,
-                 "data_position": next_step * cfg.prompts_per_step, "seed": cfg.seed}
-        save_checkpoint(run.checkpoints, next_step, student, s.tokenizer, optimizer, scheduler, state,
-                        cfg.keep_checkpoints)
+        model_state, optimizer_state = distributed.full_state(student, t.optimizer)  # collective
+        if world.main:
+            state = {"next_step": next_step, "metric_lines": metrics.lines, "method_state": method_state,
+                     "data_position": next_step * cfg.prompts_per_step, "seed": cfg.seed}
+            save_checkpoint(run.checkpoints, next_step, student, s.tokenizer, model_state, optimizer_state,
+                            t.scheduler, state, cfg.keep_checkpoints)
+        distributed.barrier(world)
 
     last_eval = {}
     if checkpoint is None:
         last_eval = run_eval(0)
         log(f"step 0: pass@1 {last_eval['eval/pass_at_1']:.3f}")
         if isinstance(method, SFTWarmup):
-            sft_warmup(cfg, s, method, metrics, log)
+            sft_warmup(cfg, t, method, metrics, log)
             save(0)
     status = "completed"
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=method.name,
-               dynamic_ncols=True, disable=None)
+               dynamic_ncols=True, disable=None if world.main else True)
     with Preemption() as preemption:
         for step in bar:
             started = time.perf_counter()
-            generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, step, 0, "rollout"))
             indices = step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)
             student.eval()
             if method.use_data(step, torch.Generator().manual_seed(stream_seed(cfg.seed, step, "coin"))):
-                rollouts = [rollout_from_tokens([s.prompts[i] for i in indices], [s.solutions[i] for i in indices],
-                                                vocab, s.device)]
+                mine = [indices[j] for j, _ in t.my_batches(step, indices)]
+                rollouts = [rollout_from_tokens([s.prompts[i] for i in mine], [s.solutions[i] for i in mine], vocab,
+                                                s.device)]
             else:
-                batch = [s.prompts[i] for i in indices for _ in range(cfg.rollouts_per_prompt)]
-                policy = method.behavior(step, method_state)
-                with s.autocast:
-                    rollouts = [
-                        generate(policy, batch[i : i + cfg.rollout_batch], vocab, cfg.max_new_tokens, generator,
-                                 student=student, teacher=teacher)
-                        for i in range(0, len(batch), cfg.rollout_batch)
-                    ]
+                sequences = [s.prompts[i] for i in indices for _ in range(cfg.rollouts_per_prompt)]
+                rollouts = t.decode(step, method.behavior(step, method_state), sequences)
             rollout_time = time.perf_counter() - started
-            if cfg.log_rollouts_every and step % cfg.log_rollouts_every == 0:
+            if world.main and cfg.log_rollouts_every and step % cfg.log_rollouts_every == 0:
                 save_rollouts(run.path / "rollouts" / f"step_{step:08d}.json", step, rollouts[0], cfg.log_rollouts,
                               s.tokenizer, method.schedule_metrics(step, method_state))
             student.train()
 
-            num_tokens = sum(int(r.completion_mask.sum()) for r in rollouts)
+            num_tokens = distributed.all_reduce_sum(sum(int(r.completion_mask.sum()) for r in rollouts), world,
+                                                    s.device)
             loss_spec, target = method.loss_spec(cfg.loss), method.target(step)
-            loss_sum, diagnostics = 0.0, {"teacher_kl": 0.0, "teacher_entropy": 0.0}
-            optimizer.zero_grad(set_to_none=True)
-            for rollout in rollouts:
-                for i in range(0, len(rollout.stopped), cfg.micro_batch):
-                    micro = rollout.select(slice(i, i + cfg.micro_batch))
-                    weight = method.token_weights(micro) / max(num_tokens, 1)  # (b, T)
-                    with s.autocast:
-                        loss, _, per_token = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target)
-                    loss.backward()
-                    loss_sum += loss.item()
-                    for name in diagnostics:
-                        diagnostics[name] += (per_token[name] * micro.completion_mask).sum().item() / max(num_tokens, 1)
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip).item()
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            sums = {"loss": 0.0, "teacher_kl": 0.0, "teacher_entropy": 0.0}
+
+            def loss_fn(micro: Rollout) -> torch.Tensor:
+                weight = method.token_weights(micro) / max(num_tokens, 1)  # (b, T)
+                loss, _, per_token = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target,
+                                                  student_hidden_fn=t.hidden)
+                sums["loss"] += loss.item()
+                for name in ("teacher_kl", "teacher_entropy"):
+                    sums[name] += (per_token[name] * micro.completion_mask).sum().item() / max(num_tokens, 1)
+                return loss
+
+            t.optimizer.zero_grad(set_to_none=True)
+            t.backward(t.micro_batches(rollouts), loss_fn)
+            values = {name: distributed.all_reduce_sum(v, world, s.device) for name, v in sums.items()}
+            grad_norm, lr = t.optimizer_step()
+            if not (math.isfinite(values["loss"]) and math.isfinite(grad_norm)):
                 last = latest_checkpoint(run.checkpoints)
                 raise NumericalError(
-                    f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at step {step}; nothing was "
-                    f"applied and the last good checkpoint is {last or 'none'}; lower lr or check the models"
+                    f"non-finite {'loss' if not math.isfinite(values['loss']) else 'gradient'} at step {step}; "
+                    f"nothing was applied and the last good checkpoint is {last or 'none'}; lower lr or check the "
+                    "models"
                 )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            values = {
-                "loss": loss_sum,
-                **diagnostics,
+            values.update({
                 "grad_norm": grad_norm,
                 "lr": lr,
                 "tokens": num_tokens,
@@ -424,16 +526,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 "time/rollout_s": rollout_time,
                 "time/step_s": time.perf_counter() - started,
                 **method.schedule_metrics(step, method_state),
-                **rollout_stats(rollouts),
-            }
+                **rollout_stats(distributed.gather_objects(rollout_sums(rollouts), world)),
+            })
             method.observe(step, values, method_state)
-            metrics.write(step + 1, values)
+            write(step + 1, values)
             done = step + 1
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 last_eval = run_eval(done)
-                tqdm.write(f"step {done}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
-            bar.set_postfix(loss=f"{loss_sum:.4f}", pass1=f"{last_eval.get('eval/pass_at_1', float('nan')):.3f}")
-            if preemption.requested:
+                if world.main:
+                    tqdm.write(f"step {done}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}", pass1=f"{last_eval.get('eval/pass_at_1', float('nan')):.3f}")
+            if distributed.all_reduce_sum(float(preemption.requested), world, s.device) > 0:
                 save(done)
                 status = "preempted"
                 log(f"stopped by signal after step {done}; checkpoint saved, resume with resume=true")
@@ -445,9 +548,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
         last_eval = run_eval(cfg.steps)
         log(f"step {cfg.steps}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
         save(cfg.steps)
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     summary = {"status": status, "run": str(run.path), "final": last_eval,
-               "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}"}
-    if status == "completed":  # summary.json marks a finished run
+               "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}, "
+                           f"{world.size} rank(s)"}
+    if status == "completed" and world.main:  # summary.json marks a finished run
         (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+    distributed.shutdown(world)
     return summary
