@@ -34,9 +34,12 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from trb.config import load_config
-    from trb.train import train
+    from trb.train import dry_run, train
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg, log=lambda message: None)))
+        return 0
     summary = train(cfg, log=lambda message: print(message, file=sys.stderr))
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else EXIT_PREEMPTED
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a student (resume with resume=true)")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps0=0.01 steps=100")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load and check models, tokenizers and data, run one tiny step; write nothing to out_dir")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="avg@n pass@1 at temperature 1.0 of a checkpoint")
@@ -200,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow options (trb train CONFIG --dry-run steps=3)
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _quiet_libraries()
     try:
         return args.func(args)

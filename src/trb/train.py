@@ -17,9 +17,10 @@ import math
 import os
 import platform
 import signal
+import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -414,9 +415,36 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
     log(f"SFT warmup: {method.updates} updates on {len(pairs) * s.world.size} teacher samples")
 
 
-def train(cfg: TrainConfig, log=print) -> dict:
-    """Run (or resume) a training run; returns a summary with the final evaluation."""
-    s = setup(cfg)
+def dry_run(cfg: TrainConfig, log=print) -> dict:
+    """Validate a config end to end without writing to its out_dir: load and check the models, tokenizers and data
+    as the real run would, then run one tiny optimizer step (one prompt, a few tokens, its checkpoint) in a temporary
+    folder. Returns what was checked."""
+    RunDir.check(cfg)
+    with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
+        started = time.perf_counter()
+        s = setup(replace(cfg, out_dir=tmp, resume=False))
+        s.test_problems = s.test_problems[:1]
+        world = s.world.size
+        small = replace(cfg, out_dir=tmp, resume=False, steps=1, prompts_per_step=world, rollouts_per_prompt=1,
+                        rollout_batch=1, micro_batch=1, max_new_tokens=min(cfg.max_new_tokens, 8), eval_every=0,
+                        eval_samples=1, checkpoint_every=0, log_rollouts_every=0, keep_checkpoints=1)
+        loaded = time.perf_counter()
+        summary = train(small, log=lambda message: None, s=s)
+        report = {
+            "dry_run": "ok" if summary["status"] == "completed" else summary["status"],
+            "student": cfg.models.student, "teacher": cfg.models.teacher,
+            "vocab_size": s.vocab.size, "stop_ids": list(s.vocab.stop_ids), "eos_emitted": s.vocab.eos_id,
+            "train_prompts": len(s.prompts), "longest_prompt_tokens": max(map(len, s.prompts)),
+            "method": cfg.method.name, "ranks": world,
+            "load_s": round(loaded - started, 1), "step_s": round(time.perf_counter() - loaded, 1),
+        }
+    log(f"dry run ok: {report}")
+    return report
+
+
+def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup."""
+    s = s or setup(cfg)
     t = Trainer(cfg, s)
     run, student, teacher, vocab, method, world = s.run, s.student, s.teacher, s.vocab, cfg.method, s.world
     log = log if world.main else (lambda message: None)

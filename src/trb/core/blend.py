@@ -89,17 +89,20 @@ class _Path:
         it keeps its relative precision in fp32 even where KL is many orders below E_mu[log mu / q]. Since
         phi'(1) = 0, rounding in log Z perturbs the sum only at second order.
         """
-        u = beta[..., None] * self.d  # (..., V)
-        log_z = torch.logsumexp(self.log_q + u, dim=-1)  # (...)
-        v = u - log_z[..., None]  # (..., V) log(mu / q)
-        mu = torch.exp(self.log_q + v)  # (..., V)
-        # q phi(e^v) = v mu - (mu - q); near v = 0 the Taylor series avoids the cancellation of the two parts.
+        u = beta[..., None] * self.d  # (..., V) 0 off the common support
+        log_unnormalized = self.log_q + u  # (..., V) -inf off the support
+        log_z = torch.logsumexp(log_unnormalized, dim=-1, keepdim=True)  # (..., 1)
+        v = u - log_z  # (..., V) log(mu / q) on the support; finite (and multiplied by q = mu = 0) off it
+        mu = torch.exp(log_unnormalized - log_z)  # (..., V)
+        # q phi(e^v) = v mu - (mu - q); near v = 0 the Taylor series avoids the cancellation of the two parts, and
+        # where e^v would overflow (q tiny, mu not) mu - q is taken directly.
         series = v.square() * (0.5 + v * (1.0 / 3.0 + v * (0.125 + v / 30.0)))  # (..., V)
         mu_minus_q = torch.where(v > 20.0, mu - self.q, self.q * torch.expm1(v.clamp_max(20.0)))  # (..., V)
         terms = torch.where(v.abs() < 1e-2, self.q * series, v * mu - mu_minus_q)  # (..., V)
-        kl = torch.where(torch.isfinite(self.log_q), terms, 0.0).sum(-1) - self.log_mass  # (...) q may underflow, mu need not
-        mean_d = (mu * self.d).sum(-1)  # (...)
-        var_d = ((mu * self.d.square()).sum(-1) - mean_d.square()).clamp_min(0.0)  # (...)
+        kl = terms.sum(-1) - self.log_mass  # (...)
+        mu_d = mu * self.d  # (..., V)
+        mean_d = mu_d.sum(-1)  # (...)
+        var_d = ((mu_d * self.d).sum(-1) - mean_d.square()).clamp_min(0.0)  # (...)
         return kl.clamp_min(0.0), var_d
 
 
