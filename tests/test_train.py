@@ -128,3 +128,24 @@ def test_config_errors_are_clear(tiny_pair, tmp_path):
     with pytest.raises(ConfigError, match="config differs .* at lr"):
         train(config(tiny_pair, tmp_path / "run", "steps=1", "lr=0.1", "resume=true"), log=lambda m: None)
     assert math.isfinite(cfg.lr)
+
+
+def test_lora_student_trains_adapters_only_and_exports_a_merged_model(tiny_pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(tiny_pair, tmp_path / "lora", "steps=2", "models.lora_rank=4", "models.lora_targets=q_proj,v_proj")
+    train(cfg, log=lambda m: None)
+    saved = final_weights(tmp_path / "lora")
+    initial = load_file(str(tiny_pair["student"] / "model.safetensors"))
+    base = {k.replace(".base_layer", ""): v for k, v in saved.items() if ".lora_" not in k}
+    assert all(torch.equal(base[k], initial[k]) for k in initial), "the base weights stay frozen"
+    assert any(".lora_B." in k and v.abs().max() > 0 for k, v in saved.items()), "the adapters learned"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged").eval()
+    lora_model = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
+    from trb.models import add_lora
+
+    lora_model = add_lora(lora_model, 4, 16.0, ["q_proj", "v_proj"])
+    lora_model.load_state_dict(saved, strict=False)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, lora_model(input_ids=ids).logits, atol=1e-5, rtol=0)

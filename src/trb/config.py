@@ -43,12 +43,17 @@ class ModelsConfig:
     teacher: str = ""
     teacher_dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU) | float32 | bfloat16 | float16
     trust_remote_code: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters (PEFT) instead of the full student
+    lora_alpha: float = 16.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated module names
 
     def __post_init__(self):
         _require(bool(self.student), "models.student is required: a checkpoint directory")
         _require(bool(self.teacher), "models.teacher is required: a checkpoint directory")
         dtypes = ("auto", "float32", "bfloat16", "float16")
         _require(self.teacher_dtype in dtypes, f"models.teacher_dtype must be one of {dtypes}, got {self.teacher_dtype!r}")
+        _require(self.lora_rank >= 0, f"models.lora_rank must be >= 0, got {self.lora_rank}")
+        _require(bool(self.lora_targets.strip()), "models.lora_targets must name at least one module")
 
 
 @dataclass(frozen=True)

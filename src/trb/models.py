@@ -186,3 +186,31 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load tokenizer from {path!r}: {first_line}") from None
     return tokenizer
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]) -> PreTrainedModel:
+    """Inject LoRA adapters (PEFT) into `targets` in place; only the adapters stay trainable."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ModelLoadError("models.lora_rank > 0 needs PEFT: pip install 'trb[lora]'") from None
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    return inject_adapter_in_model(config, model)
+
+
+@torch.no_grad()
+def merged_lora_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain Hugging Face model of the same architecture with the LoRA deltas added to the base weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = {name: p for name, p in model.state_dict().items() if ".lora_" not in name}
+    for prefix, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            base = state.pop(f"{prefix}.base_layer.weight")
+            state[f"{prefix}.weight"] = base + module.get_delta_weight("default").to(base.dtype)
+            if f"{prefix}.base_layer.bias" in state:
+                state[f"{prefix}.bias"] = state.pop(f"{prefix}.base_layer.bias")
+    merged = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+    merged.load_state_dict(state, strict=True)
+    merged.generation_config = model.generation_config
+    return merged.to(next(model.parameters()).device).eval()

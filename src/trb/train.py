@@ -35,7 +35,7 @@ from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
 from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
-from trb.models import CompatibilityError, load_causal_lm, load_tokenizer, vocab_space
+from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
 from trb.rollout import Rollout, TeacherPolicy, generate, rollout_from_tokens
 from trb.tasks import format_prompt, problem_splits, tokenize_prompts
 
@@ -284,6 +284,9 @@ def setup(cfg: TrainConfig) -> Setup:
     tokenizer = load_tokenizer(cfg.models.student, cfg.models.trust_remote_code)
     teacher_tokenizer = load_tokenizer(cfg.models.teacher, cfg.models.trust_remote_code)
     student = load_causal_lm(cfg.models.student, device, "float32", cfg.models.trust_remote_code)
+    if cfg.models.lora_rank:
+        student = add_lora(student, cfg.models.lora_rank, cfg.models.lora_alpha,
+                           [name.strip() for name in cfg.models.lora_targets.split(",")])
     teacher = load_causal_lm(cfg.models.teacher, device, teacher_dtype, cfg.models.trust_remote_code)
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
@@ -326,13 +329,17 @@ def check_same_tokenization(student_tokenizer, teacher_tokenizer, problems, syst
             )
 
 
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class Trainer:
     """The pieces of one run the loop body uses: models, optimizer, the data-parallel hidden-state module."""
 
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
         self.hidden = distributed.wrap(FinalHidden(s.student), s.student, cfg.distributed, s.world)
-        self.optimizer = torch.optim.AdamW(s.student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+        self.optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: linear_ramp(step + 1, 0.0, 1.0, cfg.warmup_steps))
@@ -369,7 +376,7 @@ class Trainer:
 
     def optimizer_step(self) -> tuple[float, float]:
         """Clip, check, step. Returns (grad norm, lr used)."""
-        grad_norm = distributed.clip_grad_norm(list(self.s.student.parameters()), self.cfg.grad_clip)
+        grad_norm = distributed.clip_grad_norm(trainable(self.s.student), self.cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -388,7 +395,7 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
     pairs = [(r.prompt_ids[row][r.prompt_mask[row]].tolist(), r.completion_ids[row][r.completion_mask[row]].tolist())
              for r in samples for row in range(len(r.stopped))]  # this rank's (prompt, teacher response) pairs
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "sft"))).tolist()
-    optimizer = torch.optim.AdamW(s.student.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+    optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
                                   weight_decay=cfg.weight_decay)
     s.student.train()
     for update in range(method.updates):
@@ -407,7 +414,7 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
             return loss
 
         t.backward(micro, loss_fn)
-        distributed.clip_grad_norm(list(s.student.parameters()), cfg.grad_clip)
+        distributed.clip_grad_norm(trainable(s.student), cfg.grad_clip)
         optimizer.step()
         loss_value = distributed.all_reduce_sum(total[0], s.world, s.device)
         if metrics is not None:
@@ -576,6 +583,9 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
         last_eval = run_eval(cfg.steps)
         log(f"step {cfg.steps}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
         save(cfg.steps)
+        if cfg.models.lora_rank and world.main:  # a plain checkpoint with the adapters merged in, for users
+            merged_lora_model(student).save_pretrained(run.path / "merged")
+            s.tokenizer.save_pretrained(run.path / "merged")
     if metrics is not None:
         metrics.close()
     summary = {"status": status, "run": str(run.path), "final": last_eval,

@@ -26,11 +26,13 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32)  # (N, d_s)
         grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)  # (V_s, d_s)
         per_token = torch.zeros(n_rows, dtype=torch.float32, device=student_hidden.device)  # (N,)
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under no_grad (evaluation)
-        weight_leaf = student_weight.detach().requires_grad_(needs_grad)  # (V_s, d_s)
+        # False under no_grad (evaluation); a frozen output layer (LoRA students) needs no weight gradient
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_grad = need_hidden or need_weight
+        weight_leaf = student_weight.detach().requires_grad_(need_weight)  # (V_s, d_s)
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
-            hidden = student_hidden[rows].detach().requires_grad_(needs_grad)  # (n, d_s)
+            hidden = student_hidden[rows].detach().requires_grad_(need_hidden)  # (n, d_s)
             teacher_logits = None
             if teacher_hidden is not None:
                 with torch.no_grad():
@@ -40,9 +42,12 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
                 values = per_token_fn(student_logits, teacher_logits, rows)  # (n,)
                 chunk_loss = (values * token_weight[rows]).sum()
             if needs_grad:
-                g_hidden, g_weight = torch.autograd.grad(chunk_loss, (hidden, weight_leaf))
-                grad_hidden[rows] = g_hidden.float()
-                grad_weight += g_weight.float()
+                wanted = [x for x, need in ((hidden, need_hidden), (weight_leaf, need_weight)) if need]
+                grads = iter(torch.autograd.grad(chunk_loss, wanted))
+                if need_hidden:
+                    grad_hidden[rows] = next(grads).float()
+                if need_weight:
+                    grad_weight += next(grads).float()
             per_token[rows] = values.detach()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype)
