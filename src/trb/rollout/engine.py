@@ -136,17 +136,19 @@ class _Decoder:
             self.cache = DynamicCache(config=model.config)
 
     @torch.no_grad()
-    def step(self, input_ids, attention_mask, positions) -> torch.Tensor:
-        """Feed (b, L) tokens, return (b, V) log-probs of the next token."""
+    def step(self, input_ids, attention_mask, positions, keep: int = 1) -> torch.Tensor:
+        """Feed (b, L) tokens; return the next-token log-probs after each of the last `keep` of them, (b, keep, V)
+        (or (b, V) for keep = 1)."""
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
         )
-        return merged_logp(out.logits[:, -1], self.vocab.size, self.stop_ids, self.vocab.eos_id)  # (b, V)
+        logp = merged_logp(out.logits[:, -keep:], self.vocab.size, self.stop_ids, self.vocab.eos_id)  # (b, keep, V)
+        return logp[:, -1] if keep == 1 else logp
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)

@@ -1,0 +1,75 @@
+"""Exact speculative TRB sampling: the same distribution as lock-step TRB, the same records, fewer teacher calls."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency
+
+from trb.losses import token_logp
+from trb.models import VocabSpace, tiny_causal_lm
+from trb.rollout import StudentPolicy, TRBPolicy, generate
+from trb.rollout.speculative import choose_gamma, generate_speculative
+
+VOCAB, EOS = 10, 1
+SPACE = VocabSpace(size=VOCAB, stop_ids=(EOS,), eos_id=EOS, pad_id=0)
+
+
+def pair():
+    student = tiny_causal_lm(VOCAB, 32, 2, seed=0, init_std=0.4, tie_word_embeddings=False, eos_token_id=EOS)
+    teacher = tiny_causal_lm(VOCAB, 32, 2, seed=1, init_std=0.4, tie_word_embeddings=False, eos_token_id=EOS)
+    return student, teacher
+
+
+def homogeneous(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Chi-square two-sample test p-value that two samples of categories come from one distribution."""
+    cats = torch.unique(torch.cat([a, b]))
+    table = np.array([[int((x == c).sum()) for c in cats] for x in (a, b)])
+    table = table[:, table.sum(0) >= 10]
+    return chi2_contingency(table).pvalue
+
+
+def per_position_codes(rollout, positions):
+    """Each sequence's token at a position (-1 after it ended), and the joint code of the first two tokens."""
+    ids = torch.where(rollout.completion_mask, rollout.completion_ids, -1)
+    return [ids[:, t] for t in positions] + [ids[:, 0] * (VOCAB + 1) + ids[:, 1]]
+
+
+@pytest.mark.parametrize("eps", [0.02, 0.5])
+def test_speculative_matches_lockstep_distribution(eps):
+    student, teacher = pair()
+    prompts = [[3, 4, 5]] * 8_000
+    lock = generate(TRBPolicy(eps), prompts, SPACE, 5, torch.Generator().manual_seed(0), student=student,
+                    teacher=teacher)
+    spec, stats = generate_speculative(eps, prompts, SPACE, 5, torch.Generator().manual_seed(1), student, teacher,
+                                       gamma=3)
+    plain = generate(StudentPolicy(), prompts, SPACE, 5, torch.Generator().manual_seed(2), student=student)
+    for a, b in zip(per_position_codes(lock, range(5)), per_position_codes(spec, range(5))):
+        assert homogeneous(a, b) > 1e-3
+    if eps == 0.5:  # the test can tell the blend from the student
+        assert min(homogeneous(a, b) for a, b in zip(per_position_codes(lock, range(5)),
+                                                        per_position_codes(plain, range(5)))) < 1e-6
+    assert torch.equal(spec.stopped, spec.completion_ids.gather(1, (spec.lengths - 1)[:, None])[:, 0] == EOS)
+    assert stats.acceptance >= 1 - (eps / 2) ** 0.5 - 0.02, "Pinsker: acceptance >= 1 - sqrt(eps / 2)"
+
+
+def test_speculative_records_equal_a_fresh_forward_and_stay_in_budget():
+    student, teacher = pair()
+    prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 8
+    for gamma in (1, 4):
+        rollout, stats = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(gamma), student,
+                                              teacher, gamma=gamma)
+        assert stats.teacher_forwards == stats.rounds + 1, "one teacher forward per round (plus the prefill)"
+        if gamma == 4:
+            assert stats.rounds < rollout.lengths.max(), "rounds emit several tokens each"
+        torch.testing.assert_close(rollout.student_logp, token_logp(student, rollout, SPACE), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rollout.teacher_logp, token_logp(teacher, rollout, SPACE), atol=1e-5, rtol=0)
+        m = rollout.completion_mask
+        assert torch.all(rollout.realized_kl[m] <= 0.3 + 1e-6) and rollout.beta[m].mean() > 0
+        assert torch.all(rollout.completion_ids[~m] == 0) and m[:, 0].all()
+        assert torch.all(m.sum(1) <= 12)
+
+
+def test_choose_gamma_trades_acceptance_against_cost():
+    assert choose_gamma(0.95, student_cost=1.0, teacher_cost=10.0) > choose_gamma(0.5, 1.0, 10.0)
+    assert choose_gamma(0.9, student_cost=1.0, teacher_cost=0.1) <= 2
+    assert 1 <= choose_gamma(0.0, 1.0, 1.0) <= 8
