@@ -73,3 +73,20 @@ def test_choose_gamma_trades_acceptance_against_cost():
     assert choose_gamma(0.95, student_cost=1.0, teacher_cost=10.0) > choose_gamma(0.5, 1.0, 10.0)
     assert choose_gamma(0.9, student_cost=1.0, teacher_cost=0.1) <= 2
     assert 1 <= choose_gamma(0.0, 1.0, 1.0) <= 8
+
+
+def test_training_with_speculative_rollouts(tiny_pair, tmp_path):
+    import json
+
+    from trb.config import load_config
+    from trb.train import train
+
+    cfg = load_config(None, [
+        f"models.student={tiny_pair['student']}", f"models.teacher={tiny_pair['teacher']}", f"out_dir={tmp_path}",
+        "steps=2", "prompts_per_step=2", "rollouts_per_prompt=2", "rollout_batch=4", "max_new_tokens=12",
+        "eval_every=0", "eval_samples=1", "data.num_train=16", "data.num_test=2", "method.name=trb",
+        "method.eps0=0.1", "method.horizon=1", "speculative_gamma=3"])
+    train(cfg, log=lambda m: None)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert 0 < records[0]["rollout/spec_acceptance"] <= 1 and records[0]["rollout/realized_kl_max"] <= 0.1 + 1e-6
+    assert "rollout/spec_acceptance" not in records[1], "after the horizon rollouts are plain student samples"

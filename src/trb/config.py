@@ -83,6 +83,7 @@ class TrainConfig:
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
     rollout_batch: int = 64  # sequences decoded together
+    speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128
     lr: float = 1e-5
@@ -107,7 +108,8 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "rollout_batch", "micro_batch", "max_new_tokens",
                      "eval_samples", "eval_batch", "keep_checkpoints"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "checkpoint_every", "log_rollouts_every", "log_rollouts"):
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "log_rollouts_every", "log_rollouts",
+                     "speculative_gamma"):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
         _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -36,7 +36,8 @@ from trb.evaluate import evaluate, merge_results
 from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
 from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
-from trb.rollout import Rollout, TeacherPolicy, generate, rollout_from_tokens
+from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, generate, rollout_from_tokens
+from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.tasks import format_prompt, problem_splits, tokenize_prompts
 
 
@@ -338,6 +339,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
+        self.speculative = SpeculativeStats()
         self.hidden = distributed.wrap(FinalHidden(s.student), s.student, cfg.distributed, s.world)
         self.optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
@@ -351,12 +353,21 @@ class Trainer:
         return [(j, b) for j, b in enumerate(batches) if j % self.s.world.size == self.s.world.rank]
 
     def decode(self, step: int, policy, sequences: list[list[int]], teacher_only: bool = False) -> list[Rollout]:
-        s, out = self.s, []
+        """This rank's rollouts of the step; TRB steps use exact speculative sampling when speculative_gamma > 0."""
+        s, cfg, out = self.s, self.cfg, []
         models = {"teacher": s.teacher} if teacher_only else {"student": s.student, "teacher": s.teacher}
+        self.speculative = SpeculativeStats()
         for j, prompts in self.my_batches(step, sequences):
-            generator = torch.Generator(device=s.device).manual_seed(stream_seed(self.cfg.seed, step, j, "rollout"))
+            generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, step, j, "rollout"))
             with s.autocast:
-                out.append(generate(policy, prompts, s.vocab, self.cfg.max_new_tokens, generator, **models))
+                if cfg.speculative_gamma and isinstance(policy, TRBPolicy):
+                    rollout, stats = generate_speculative(policy.eps, prompts, s.vocab, cfg.max_new_tokens, generator,
+                                                          s.student, s.teacher, cfg.speculative_gamma)
+                    self.speculative.tested += stats.tested
+                    self.speculative.accepted += stats.accepted
+                    out.append(rollout)
+                else:
+                    out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator, **models))
         return out
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
@@ -563,6 +574,8 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
                 **method.schedule_metrics(step, method_state),
                 **rollout_stats(distributed.gather_objects(rollout_sums(rollouts), world)),
             })
+            if t.speculative.tested:
+                values["rollout/spec_acceptance"] = t.speculative.acceptance
             method.observe(step, values, method_state)
             write(step + 1, values)
             done = step + 1
