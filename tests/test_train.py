@@ -149,3 +149,31 @@ def test_lora_student_trains_adapters_only_and_exports_a_merged_model(tiny_pair,
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, lora_model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("divergence", ["topk_reverse_kl", "sampled_reverse_kl"])
+def test_recorded_teacher_logps_replace_the_teacher_pass(divergence, tiny_pair):
+    """The loss from the teacher log-probs recorded while decoding equals the loss with a teacher pass."""
+    from trb.losses import LossSpec, distill_loss
+
+    tokenizer = load_tokenizer(str(tiny_pair["student"]))
+    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
+    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
+    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+    problems, _ = problem_splits("arith", 12, 1, 0)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
+    rollout = generate(TRBPolicy(0.1), prompts, vocab, 20, torch.Generator().manual_seed(0), student=student,
+                       teacher=teacher, record_topk=16)
+    weight = rollout.completion_mask.float() / rollout.completion_mask.sum()
+    results = {}
+    for reuse in (True, False):
+        student.zero_grad()
+        loss, per_token, diagnostics = distill_loss(student, teacher, rollout, vocab,
+                                                    LossSpec(divergence=divergence, reuse_teacher=reuse), weight)
+        loss.backward()
+        results[reuse] = (loss.item(), per_token, [p.grad.clone() for p in student.parameters()])
+        assert ("teacher_entropy" in diagnostics) == (not reuse), "a teacher pass is skipped exactly when reusing"
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=0)
+    for a, b in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

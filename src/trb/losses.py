@@ -47,6 +47,7 @@ class LossSpec:
     top_k: int = 16
     jsd_beta: float = 0.5
     chunk_size: int = 1024
+    reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -107,26 +108,34 @@ def distill_loss(
     token_weight: torch.Tensor,
     target: Target | None = None,
     student_hidden_fn: nn.Module | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted divergence of the student from the target at every valid completion position.
 
     token_weight: (B, T) weight of each completion token (0 where masked), e.g. mask / global token count.
     student_hidden_fn: the module that computes the student's final hidden states (a DDP wrapper of
     FinalHidden(student) under data parallelism); FinalHidden(student) by default.
     Returns (loss, per_token, diagnostics): the differentiable scalar, the detached per-token divergence (B, T),
-    and per-token diagnostics (B, T): "teacher_kl" KL(pi_S || pi_T) (equal to per_token for plain OPD) and
-    "teacher_entropy" H(pi_T) at each visited prefix.
+    and per-token diagnostics (B, T): "teacher_kl" KL(pi_S || pi_T) (equal to per_token for plain OPD; the loss's
+    own estimate when it reuses recorded teacher log-probs) and "teacher_entropy" H(pi_T) at each visited prefix
+    (not available without a teacher pass).
     """
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
     rows, cols = completion_positions(rollout)  # (N,)
     hidden_fn = student_hidden_fn or FinalHidden(student)
     student_hidden = hidden_fn(input_ids, attention_mask, positions)[rows, cols]  # (N, d_s)
+    # Reuse the teacher's log-probs recorded while decoding where the loss needs nothing else: the sampled-token
+    # estimator needs log pi_T(y); the top-k loss needs log pi_T on the student's top-k (recorded with record_topk).
+    if target is None and spec.reuse_teacher and (
+        (spec.divergence == "sampled_reverse_kl" and rollout.teacher_logp is not None)
+        or (spec.divergence == "topk_reverse_kl" and rollout.teacher_topk_logp is not None
+            and rollout.teacher_topk_logp.shape[-1] == spec.top_k)
+    ):
+        return _loss_from_records(student, student_hidden, rollout, vocab, spec, token_weight)
     with torch.no_grad():
         teacher_hidden = FinalHidden(teacher)(input_ids, attention_mask, positions)[rows, cols]  # (N, d_t)
     tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
     behavior = rollout.behavior_logp[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)
-
     teacher_kl = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: KL(pi_S || pi_T)
     teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
@@ -164,6 +173,34 @@ def distill_loss(
         diagnostics[name] = torch.zeros_like(per_token)  # (B, T)
         diagnostics[name][rollout.completion_mask] = values_n
     return loss, per_token, diagnostics
+
+
+def _loss_from_records(student, student_hidden, rollout: Rollout, vocab: VocabSpace, spec: LossSpec,
+                       token_weight: torch.Tensor):
+    """distill_loss without a teacher pass, from the teacher log-probs recorded during decoding."""
+    mask = rollout.completion_mask
+    stop_ids = vocab.stop_tensor(student_hidden.device)
+    if spec.divergence == "sampled_reverse_kl":
+        tokens, teacher_token = rollout.completion_ids[mask], rollout.teacher_logp[mask]  # (N,)
+        behavior = rollout.behavior_logp[mask]  # (N,)
+
+        def per_token_fn(student_logits, _teacher_logits, chunk):
+            s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
+            return sampled_reverse_kl(s.gather(-1, tokens[chunk, None])[:, 0], teacher_token[chunk], behavior[chunk])
+    else:
+        ids, teacher_k = rollout.topk_ids[mask], rollout.teacher_topk_logp[mask]  # (N, k)
+
+        def per_token_fn(student_logits, _teacher_logits, chunk):
+            s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id).gather(-1, ids[chunk])  # (n, k)
+            s = s - torch.logsumexp(s, -1, keepdim=True)
+            t = teacher_k[chunk] - torch.logsumexp(teacher_k[chunk], -1, keepdim=True)  # (n, k)
+            return reverse_kl(s, t)
+
+    loss, values = chunked_divergence(student_hidden, output_weight(student, vocab), None, None, token_weight[mask],
+                                      per_token_fn, spec.chunk_size)
+    per_token = torch.zeros_like(token_weight, dtype=torch.float32)  # (B, T)
+    per_token[mask] = values
+    return loss, per_token, {"teacher_kl": per_token}
 
 
 def sft_loss(

@@ -367,7 +367,9 @@ class Trainer:
                     self.speculative.accepted += stats.accepted
                     out.append(rollout)
                 else:
-                    out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator, **models))
+                    reuse = cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.reuse_teacher
+                    out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
+                                        record_topk=cfg.loss.top_k if reuse else 0, **models))
         return out
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
@@ -542,15 +544,16 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
             num_tokens = distributed.all_reduce_sum(sum(int(r.completion_mask.sum()) for r in rollouts), world,
                                                     s.device)
             loss_spec, target = method.loss_spec(cfg.loss), method.target(step)
-            sums = {"loss": 0.0, "teacher_kl": 0.0, "teacher_entropy": 0.0}
+            sums = {"loss": 0.0}
 
             def loss_fn(micro: Rollout) -> torch.Tensor:
                 weight = method.token_weights(micro) / max(num_tokens, 1)  # (b, T)
                 loss, _, per_token = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target,
                                                   student_hidden_fn=t.hidden)
                 sums["loss"] += loss.item()
-                for name in ("teacher_kl", "teacher_entropy"):
-                    sums[name] += (per_token[name] * micro.completion_mask).sum().item() / max(num_tokens, 1)
+                for name, per_token_values in per_token.items():
+                    share = (per_token_values * micro.completion_mask).sum().item() / max(num_tokens, 1)
+                    sums[name] = sums.get(name, 0.0) + share
                 return loss
 
             t.optimizer.zero_grad(set_to_none=True)

@@ -51,6 +51,10 @@ class Rollout:
     realized_kl: torch.Tensor  # (B, T)
     from_teacher: torch.Tensor  # (B, T) bool
     stopped: torch.Tensor  # (B,) bool
+    # With record_topk = k and both models decoding: the student's top-k token ids at each position and the
+    # teacher's log-probs there, so a top-k loss can skip the second teacher pass.
+    topk_ids: torch.Tensor | None = None  # (B, T, k) int64
+    teacher_topk_logp: torch.Tensor | None = None  # (B, T, k)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -165,11 +169,13 @@ def generate(
     teacher: PreTrainedModel | None = None,
     greedy: bool = False,
     cache: str = "dynamic",
+    record_topk: int = 0,
 ) -> Rollout:
     """Decode up to max_new_tokens for every prompt with the given behavior policy.
 
     prompts: ragged token-id lists. The student runs if the policy needs it, the teacher likewise; both must then
     be given. generator drives every random draw (same seed, same rollout). greedy replaces sampling by argmax.
+    record_topk = k > 0 (when both models run) also records the teacher's log-probs on the student's top-k.
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
@@ -197,6 +203,9 @@ def generate(
     }  # each (B, T)
     from_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # (B, T)
     mask = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # (B, T)
+    topk = record_topk if len(decoders) == 2 else 0
+    topk_ids = torch.zeros((batch, max_new_tokens, topk), dtype=torch.long, device=device)  # (B, T, k)
+    teacher_topk = torch.zeros((batch, max_new_tokens, topk), device=device)  # (B, T, k)
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
     active = torch.arange(batch, device=device)  # (b,)
 
@@ -215,6 +224,10 @@ def generate(
         from_teacher[active, t] = choice.from_teacher
         for role, role_logp in logp.items():
             records[f"{role}_logp"][active, t] = role_logp.gather(-1, token[:, None])[:, 0]
+        if topk:
+            ids = logp["student"].topk(topk, dim=-1).indices  # (b, k)
+            topk_ids[active, t] = ids
+            teacher_topk[active, t] = logp["teacher"].gather(-1, ids)
         finished = stopped[active] | (token == vocab.eos_id)  # (b,) static caches keep finished rows
         stopped[active] = finished
         n_finished = int(finished.sum())  # the one host sync per step
@@ -247,4 +260,6 @@ def generate(
         realized_kl=records["realized_kl"],
         from_teacher=from_teacher & mask,
         stopped=stopped,
+        topk_ids=topk_ids if topk else None,
+        teacher_topk_logp=torch.where(mask[..., None], teacher_topk, 0.0) if topk else None,
     )
