@@ -1,0 +1,183 @@
+"""One on-policy reverse-KL training step, end to end: trb against TRL's DistillationTrainer, same models and data,
+plus where trb's milliseconds go (rollout, teacher forward, student loss forward+backward, optimizer) next to a floor
+computed from FLOPs and bytes at this device's measured matmul throughput and memory bandwidth.
+
+    python benchmarks/bench_train_step.py                          # CPU: the shipped arith miniature
+    python benchmarks/bench_train_step.py --device cuda --student DIR --teacher DIR --new-tokens 256
+
+A step is B = prompts x rollouts sequences: sample completions from the student at temperature 1 (up to
+--new-tokens), full-vocabulary reverse KL against the teacher at every completion token, AdamW step. TRL runs its
+DistillationTrainer (beta = 1: reverse KL, on-policy generation) on the same formatted prompts, B per step. Times are
+medians over the timed steps after a warm-up step. The last stdout line is JSON with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, emit, synchronize  # noqa: E402
+
+from trb.losses import FinalHidden, LossSpec, distill_loss  # noqa: E402
+from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
+from trb.rollout import StudentPolicy, generate  # noqa: E402
+from trb.tasks import SETTINGS, format_prompt  # noqa: E402
+
+
+def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s, copy bytes/s) measured on this device: the floor's hardware numbers."""
+    n = 2048 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    x = torch.empty(64 * 2**20 // 4, device=device)
+    best_flops, best_bw = 0.0, 0.0
+    for _ in range(3):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best_flops = max(best_flops, 2 * n**3 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        x.clone()
+        synchronize(device)
+        best_bw = max(best_bw, 2 * x.numel() * 4 / (time.perf_counter() - t))
+    return best_flops, best_bw
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def time_trb(student, teacher, vocab, prompts, args, device):
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    spec = LossSpec(divergence="reverse_kl")
+    phases = {"rollout": [], "teacher_forward": [], "loss_forward_backward": [], "optimizer": [], "step": []}
+    tokens = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
+                                                                                                           enabled=False)
+    for step in range(args.steps + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        student.eval()
+        with autocast:
+            rollout = generate(StudentPolicy(), prompts, vocab, args.new_tokens,
+                               torch.Generator(device=device).manual_seed(step), student=student)
+        synchronize(device)
+        t1 = time.perf_counter()
+        ids, mask, pos = rollout.sequences()
+        with torch.no_grad(), autocast:
+            FinalHidden(teacher)(ids, mask, pos)  # timed alone: the teacher's share of the loss phase
+        synchronize(device)
+        t2 = time.perf_counter()
+        student.train()
+        optimizer.zero_grad(set_to_none=True)
+        n = rollout.completion_mask.sum()
+        with autocast:
+            loss, _, _ = distill_loss(student, teacher, rollout, vocab, spec, rollout.completion_mask.float() / n)
+        loss.backward()
+        synchronize(device)
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        synchronize(device)
+        t4 = time.perf_counter()
+        if step == 0:
+            continue  # warm-up
+        tokens.append((int(rollout.completion_mask.sum()), int(mask.sum())))
+        teacher_ms = (t2 - t1) * 1e3
+        phases["rollout"].append((t1 - t0) * 1e3)
+        phases["teacher_forward"].append(teacher_ms)
+        phases["loss_forward_backward"].append((t3 - t2) * 1e3 - teacher_ms)  # the loss pass runs the teacher again
+        phases["optimizer"].append((t4 - t3) * 1e3)
+        phases["step"].append((t1 - t0 + t3 - t2 + t4 - t3) * 1e3)
+    return {k: statistics.median(v) for k, v in phases.items()}, tokens[-1]
+
+
+def time_trl(student_path, teacher, tokenizer, texts, args, device):
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, *a, **k):
+            synchronize(device)
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            synchronize(device)
+            self.times.append((time.perf_counter() - self.start) * 1e3)
+
+    timer = StepTimer()
+    config = DistillationConfig(
+        output_dir=str(Path(args.scratch) / "trl"), max_steps=args.steps + 1, per_device_train_batch_size=len(texts),
+        gradient_accumulation_steps=1, learning_rate=1e-5, max_completion_length=args.new_tokens, temperature=1.0,
+        top_k=0, top_p=1.0, beta=1.0, bf16=device.type == "cuda", gradient_checkpointing=False, report_to=[],
+        logging_steps=1000, save_strategy="no", use_cpu=device.type == "cpu", shuffle_dataset=False,
+        disable_dropout=True, seed=0, dataloader_drop_last=True,
+    )
+    student = load_causal_lm(student_path, device)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                  train_dataset=Dataset.from_dict({"prompt": texts * (args.steps + 2)}),
+                                  processing_class=tokenizer, callbacks=[timer])
+    trainer.train()
+    return statistics.median(timer.times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--student", default="trb:miniature/arith/student")
+    parser.add_argument("--teacher", default="trb:miniature/arith/teacher")
+    parser.add_argument("--setting", default="arith", help="problems to prompt with")
+    parser.add_argument("--prompts", type=int, default=64, help="sequences per step")
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--scratch", default="/tmp/trb-bench")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    tokenizer = load_tokenizer(args.student)
+    student, teacher = load_causal_lm(args.student, device), load_causal_lm(args.teacher, device)
+    teacher.requires_grad_(False)
+    vocab = vocab_space(tokenizer, load_tokenizer(args.teacher), student, teacher)
+    texts = [format_prompt(tokenizer, p.question) for p in SETTINGS[args.setting]("test", args.prompts, 0)]
+    prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    trb_ms, (completion_tokens, all_tokens) = time_trb(student, teacher, vocab, prompts, args, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    flops_per_s, bytes_per_s = measure_peaks(device, dtype)
+    n_s, n_t = params(student), params(teacher)
+    decode_steps = args.new_tokens
+    floor = {  # FLOPs at the measured matmul rate; weight and optimizer traffic at the measured copy rate
+        "rollout": max(2 * n_s * completion_tokens / flops_per_s, decode_steps * n_s * 4 / bytes_per_s) * 1e3,
+        "teacher_forward": 2 * n_t * all_tokens / flops_per_s * 1e3,
+        "loss_forward_backward": 6 * n_s * all_tokens / flops_per_s * 1e3,
+        "optimizer": n_s * 28 / bytes_per_s * 1e3,  # read/write weights, Adam moments; read gradients (fp32)
+    }
+    floor["step"] = floor["rollout"] + 2 * floor["teacher_forward"] + floor["loss_forward_backward"] + floor["optimizer"]
+    result = {
+        "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
+        "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
+        "sequences": len(prompts), "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
+        "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
+        "copy_gbytes_per_s": round(bytes_per_s / 1e9, 1),
+        "trb_ms": {k: round(v, 1) for k, v in trb_ms.items()},
+        "floor_ms": {k: round(v, 2) for k, v in floor.items()},
+    }
+    if not args.skip_trl:
+        trl_ms = time_trl(args.student, teacher, tokenizer, texts, args, device)
+        result["trl_step_ms"] = round(trl_ms, 1)
+        result["speedup_vs_trl"] = round(trl_ms / trb_ms["step"], 2)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
