@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.02)
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
+    parser.add_argument("--compile", action="store_true", help="compiled decode steps (needs --cache static)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -63,7 +64,7 @@ def main() -> None:
         def ours(policy, name):
             def run():
                 rollout = generate(policy, prompts, space, args.new_tokens, torch.Generator(device=device).manual_seed(0),
-                                   student=student, teacher=teacher, cache=args.cache)
+                                   student=student, teacher=teacher, cache=args.cache, compile=args.compile)
                 counted[name] = int(rollout.completion_mask.sum())
             return run
 
@@ -88,7 +89,7 @@ def main() -> None:
         synchronize(device)
         print(row, file=sys.stderr)
     emit({"benchmark": "rollout", "device": device_name(device), "torch": torch.__version__, "models": args.models,
-          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache, "eps": args.eps,
+          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache, "compile": args.compile, "eps": args.eps,
           "rows": rows})
 
 

@@ -84,6 +84,7 @@ class TrainConfig:
     rollouts_per_prompt: int = 4
     rollout_batch: int = 64  # sequences decoded together
     speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
+    compile: bool = False  # static KV caches and compiled decode steps (CUDA graphs on GPU); pays a compile once
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128
     lr: float = 1e-5

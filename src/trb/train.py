@@ -369,7 +369,8 @@ class Trainer:
                 else:
                     reuse = cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.reuse_teacher
                     out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
-                                        record_topk=cfg.loss.top_k if reuse else 0, **models))
+                                        record_topk=cfg.loss.top_k if reuse else 0, compile=cfg.compile,
+                                        cache="static" if cfg.compile else "dynamic", **models))
         return out
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:

@@ -130,7 +130,7 @@ def rollout_from_tokens(
 class _Decoder:
     """One model's incremental decoding state: its cache and the next-token log-probs on the shared vocabulary."""
 
-    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, cache: str, max_len: int):
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, cache: str, max_len: int, compile: bool = False):
         self.model = model
         self.vocab = vocab
         self.stop_ids = vocab.stop_tensor(model.device)
@@ -138,12 +138,16 @@ class _Decoder:
             self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         else:
             self.cache = DynamicCache(config=model.config)
+        # Decode steps have fixed shapes with a static cache: one compiled graph (CUDA graphs on GPU) serves them all.
+        mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+        self.decode_forward = torch.compile(model.forward, dynamic=False, mode=mode) if compile else model.forward
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, positions, keep: int = 1) -> torch.Tensor:
         """Feed (b, L) tokens; return the next-token log-probs after each of the last `keep` of them, (b, keep, V)
-        (or (b, V) for keep = 1)."""
-        out = self.model(
+        (or (b, V) for keep = 1). Single-token steps go through the compiled forward when there is one."""
+        forward = self.decode_forward if input_ids.shape[1] == 1 else self.model
+        out = forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
@@ -170,15 +174,20 @@ def generate(
     greedy: bool = False,
     cache: str = "dynamic",
     record_topk: int = 0,
+    compile: bool = False,
 ) -> Rollout:
     """Decode up to max_new_tokens for every prompt with the given behavior policy.
 
     prompts: ragged token-id lists. The student runs if the policy needs it, the teacher likewise; both must then
     be given. generator drives every random draw (same seed, same rollout). greedy replaces sampling by argmax.
     record_topk = k > 0 (when both models run) also records the teacher's log-probs on the student's top-k.
+    compile = True (static cache only) compiles each model's decode step and the policy's math; decode steps then
+    see fixed shapes (a full-length attention mask) and the stop check runs every 8 steps.
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if compile and cache != "static":
+        raise ValueError("compile=True needs cache='static' (fixed shapes)")
     roles = {"student": (policy.needs_student, student), "teacher": (policy.needs_teacher, teacher)}
     for role, (needed, model) in roles.items():
         if needed and model is None:
@@ -187,10 +196,11 @@ def generate(
     prompt_ids, prompt_mask = left_pad(prompts, vocab.pad_id, device)  # (B, P)
     batch, width = prompt_ids.shape
     decoders = {
-        role: _Decoder(model, vocab, cache, width + max_new_tokens)
+        role: _Decoder(model, vocab, cache, width + max_new_tokens, compile)
         for role, (needed, model) in roles.items()
         if needed
     }
+    choose = torch.compile(policy.choose, dynamic=False) if compile else policy.choose
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
         return logp.argmax(-1) if greedy else sample(logp, generator)
@@ -213,8 +223,10 @@ def generate(
     positions = position_ids(attention)  # (b, P)
     logp = {role: dec.step(prompt_ids, attention, positions) for role, dec in decoders.items()}  # each (b, V)
     next_position = positions[:, -1:] + 1  # (b, 1)
+    if compile:  # fixed-shape mask for every decode step: prompt mask, then ones (the causal mask hides the future)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1]).expand(-1, max_new_tokens)], dim=1)
     for t in range(max_new_tokens):
-        choice = policy.choose(logp.get("student"), logp.get("teacher"), draw, generator)
+        choice = choose(logp.get("student"), logp.get("teacher"), draw, generator)
         token = choice.token  # (b,)
         tokens[active, t] = token
         mask[active, t] = True
@@ -230,15 +242,22 @@ def generate(
             teacher_topk[active, t] = logp["teacher"].gather(-1, ids)
         finished = stopped[active] | (token == vocab.eos_id)  # (b,) static caches keep finished rows
         stopped[active] = finished
+        if t == max_new_tokens - 1:
+            break
+        if compile and t % 8:  # compiled decoding checks for the end less often (a host sync)
+            logp = {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
+            next_position = next_position + 1
+            continue
         n_finished = int(finished.sum())  # the one host sync per step
-        if n_finished == len(active) or t == max_new_tokens - 1:
+        if n_finished == len(active):
             break
         if n_finished and cache == "dynamic":
             keep = (~finished).nonzero()[:, 0]  # (b',)
             for dec in decoders.values():
                 dec.keep(keep)
             active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, P + t + 1)
+        if not compile:
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, P + t + 1)
         logp = {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
         next_position = next_position + 1
 
