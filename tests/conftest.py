@@ -27,3 +27,14 @@ def tiny_pair(tmp_path_factory) -> dict:
     """{'student': path, 'teacher': path} of tiny random Qwen3 models sharing an arith tokenizer."""
     torch.set_num_threads(1)
     return make_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture
+def loaded_pair(tiny_pair):
+    """(tokenizer, student, teacher, vocab) of the tiny pair, freshly loaded (tests may train the student)."""
+    from trb.models import load_causal_lm, load_tokenizer, vocab_space
+
+    tokenizer = load_tokenizer(str(tiny_pair["student"]))
+    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
+    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
+    return tokenizer, student, teacher, vocab_space(tokenizer, tokenizer, student, teacher)

@@ -5,12 +5,10 @@ import json
 import math
 
 import pytest
-import torch
 import yaml
 
 from trb.cli import main
 from trb.compare import parse_variants, run_compare
-from trb.models import load_causal_lm, load_tokenizer, vocab_space
 from trb.probe import continuation_probe
 from trb.stats import area_under_curve, mean_ci, paired_bootstrap, wilson_interval
 from trb.tasks import problem_splits
@@ -89,11 +87,8 @@ def test_compare_two_methods_two_seeds_end_to_end(tiny_pair, tmp_path):
     assert again[1]["best"] == trb["best"]
 
 
-def test_continuation_probe_and_inspect(tiny_pair, tmp_path):
-    tokenizer = load_tokenizer(str(tiny_pair["student"]))
-    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
-    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
-    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+def test_continuation_probe_and_inspect(tiny_pair, tmp_path, loaded_pair):
+    tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 6, 1, 0)
     rows = continuation_probe(student, teacher, tokenizer, vocab, problems, eps=0.05, lengths=[0, 4, 1000],
                               samples=2, max_new_tokens=16)

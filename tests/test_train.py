@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from trb.config import ConfigError, load_config
 from trb.core import merged_logp
 from trb.losses import token_logp
-from trb.models import load_causal_lm, load_tokenizer, vocab_space
+from trb.models import load_causal_lm
 from trb.rollout import TRBPolicy, generate
 from trb.tasks import problem_splits, tokenize_prompts
 from trb.train import step_prompts, stream_seed, train
@@ -31,7 +31,7 @@ def final_weights(run_dir):
     return load_file(str(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
 
 
-def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_path):
+def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_path, loaded_pair):
     cfg = config(tiny_pair, tmp_path / "run")
     summary = train(cfg, log=lambda m: None)
     assert summary["status"] == "completed"
@@ -44,10 +44,7 @@ def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_
     assert train_records[0]["rollout/mean_beta"] > 0 and train_records[2]["rollout/mean_beta"] == 0
 
     # Recompute step 0 independently: same prompts and rollout seed, full logits, float64 reverse KL, token mean.
-    tokenizer = load_tokenizer(str(tiny_pair["student"]))
-    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
-    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
-    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+    tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 64, 6, 0)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
     batch = [prompts[i] for i in step_prompts(0, 4, len(prompts), 0) for _ in range(2)]
@@ -86,11 +83,8 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1(tiny_pair, tmp_path):
     assert max((one[k] - eight[k]).abs().max().item() for k in one) <= 1e-6
 
 
-def test_sampler_logps_equal_trainer_logps(tiny_pair):
-    tokenizer = load_tokenizer(str(tiny_pair["student"]))
-    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
-    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
-    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+def test_sampler_logps_equal_trainer_logps(tiny_pair, loaded_pair):
+    tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 16, 1, 0)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
     rollout = generate(TRBPolicy(0.1), prompts, vocab, 30, torch.Generator().manual_seed(0), student=student,
@@ -152,14 +146,11 @@ def test_lora_student_trains_adapters_only_and_exports_a_merged_model(tiny_pair,
 
 
 @pytest.mark.parametrize("divergence", ["topk_reverse_kl", "sampled_reverse_kl"])
-def test_recorded_teacher_logps_replace_the_teacher_pass(divergence, tiny_pair):
+def test_recorded_teacher_logps_replace_the_teacher_pass(divergence, tiny_pair, loaded_pair):
     """The loss from the teacher log-probs recorded while decoding equals the loss with a teacher pass."""
     from trb.losses import LossSpec, distill_loss
 
-    tokenizer = load_tokenizer(str(tiny_pair["student"]))
-    student = load_causal_lm(str(tiny_pair["student"]), torch.device("cpu"))
-    teacher = load_causal_lm(str(tiny_pair["teacher"]), torch.device("cpu"))
-    vocab = vocab_space(tokenizer, tokenizer, student, teacher)
+    tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 12, 1, 0)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
     rollout = generate(TRBPolicy(0.1), prompts, vocab, 20, torch.Generator().manual_seed(0), student=student,
