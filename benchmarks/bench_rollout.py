@@ -1,5 +1,6 @@
-"""Rollout throughput: student-only decoding, lock-step TRB decoding (student + teacher + beta solve), and Hugging Face
-`generate` on the same student, at several batch sizes.
+"""Rollout throughput: student-only decoding, lock-step TRB decoding (student + teacher + beta solve), exact speculative
+TRB (student drafts, one teacher forward per round), and Hugging Face `generate` on the same student, at several
+batch sizes.
 
     python benchmarks/bench_rollout.py                         # CPU: tiny models (miniature-sized)
     python benchmarks/bench_rollout.py --models qwen3 --device cuda --new-tokens 256 --cache static
@@ -22,6 +23,7 @@ from common import device_name, emit, synchronize, time_ms  # noqa: E402
 
 from trb.models import VocabSpace, tiny_causal_lm  # noqa: E402
 from trb.rollout import StudentPolicy, TRBPolicy, generate  # noqa: E402
+from trb.rollout.speculative import generate_speculative  # noqa: E402
 
 
 def build_models(kind: str, device: torch.device):
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.02)
+    parser.add_argument("--gamma", type=int, default=4, help="draft length of speculative TRB")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
     parser.add_argument("--compile", action="store_true", help="compiled decode steps (needs --cache static)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -78,13 +81,22 @@ def main() -> None:
             ended = (stopped.cumsum(1) - stopped.long()) > 0  # tokens after the first stop are padding
             counted["hf_generate"] = int((~ended).sum())
 
+        def speculative():
+            rollout, stats = generate_speculative(args.eps, prompts, space, args.new_tokens,
+                                                  torch.Generator(device=device).manual_seed(0), student, teacher,
+                                                  gamma=args.gamma)
+            counted["trb_speculative"] = int(rollout.completion_mask.sum())
+            counted["acceptance"] = stats.acceptance
+
         row = {"batch": batch}
         for name, fn in (("student", ours(StudentPolicy(), "student")), ("trb_lockstep", ours(TRBPolicy(args.eps),
-                         "trb_lockstep")), ("hf_generate", hf)):
+                         "trb_lockstep")), ("trb_speculative", speculative), ("hf_generate", hf)):
             with torch.no_grad():
                 ms = time_ms(fn, device, warmup=1, repeats=args.repeats)
             row[f"{name}_tokens_per_s"] = round(counted[name] / (ms / 1e3), 1)
             row[f"{name}_ms"] = round(ms, 1)
+        row["speculative_acceptance"] = round(counted["acceptance"], 4)
+        row["speculative_over_lockstep_time"] = round(row["trb_speculative_ms"] / row["trb_lockstep_ms"], 3)
         rows.append(row)
         synchronize(device)
         print(row, file=sys.stderr)
