@@ -168,3 +168,14 @@ def test_recorded_teacher_logps_replace_the_teacher_pass(divergence, tiny_pair, 
     torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=0)
     for a, b in zip(results[True][2], results[False][2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_choosing_another_method_resets_its_parameters(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("models: {student: s, teacher: t}\nmethod: {name: trb, eps0: 0.05, horizon: 7}\n")
+    assert load_config(path).method.horizon == 7
+    skd = load_config(path, ["method.name=skd", "method.top_k=5"]).method
+    assert skd.name == "skd" and skd.top_k == 5
+    assert load_config(path, ["method.name=trb"]).method.eps0 == 0.05, "the same method keeps the file's values"
+    with pytest.raises(ConfigError, match="unknown config key 'method.eps0'"):
+        load_config(path, ["method.name=skd", "method.eps0=0.1"])

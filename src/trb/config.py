@@ -231,9 +231,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Overrides applied in order; choosing another method (method.name=...) first resets the method section to
+    that method's defaults, so the parameters of the file's method do not leak into it."""
     data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for text in overrides:
-        path, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides]
+    for path, value in parsed:
+        if path == ["method", "name"] and value != (data.get("method") or {}).get("name", VanillaOPD.name):
+            data["method"] = {"name": value}
+    for text, (path, value) in zip(overrides, parsed):
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
