@@ -57,10 +57,13 @@ def evaluate(
     system_prompt: str | None = None,
     temperature: float = 1.0,
     n_examples: int = 3,
+    kl_samples: int = 256,
 ) -> EvalResult:
     """avg@n pass@1 of the student on problems; teacher-KL on its samples when a teacher is given.
 
-    Samples are drawn from one generator seeded with `seed`, so an evaluation is reproducible.
+    Samples are drawn from one generator seeded with `seed`, so an evaluation is reproducible. The teacher-KL
+    averages over the completion tokens of the first `kl_samples` samples (a teacher pass over every sample would
+    cost more than the sampling itself).
     """
     if not problems:  # a rank with no share of a small test set
         return EvalResult(math.nan, [], n_samples, math.nan, math.nan, None)
@@ -86,10 +89,11 @@ def evaluate(
             if len(examples) < n_examples and row % n_samples == 0:
                 examples.append({"question": problems[problem_index].question, "response": text,
                                  "answer": problems[problem_index].answer, "correct": ok})
-        if teacher is not None and rollout.completion_mask.any():
-            n = int(rollout.completion_mask.sum())
-            loss, _, _ = distill_loss(student, teacher, rollout, vocab, LossSpec(), rollout.completion_mask.float())
-            kl_sum, kl_tokens = kl_sum + loss.item(), kl_tokens + n
+        kl_rows = min(len(chunk), kl_samples - start)  # the teacher-KL uses the first kl_samples samples
+        if teacher is not None and kl_rows > 0:
+            part = rollout.select(slice(0, kl_rows))
+            loss, _, _ = distill_loss(student, teacher, part, vocab, LossSpec(), part.completion_mask.float())
+            kl_sum, kl_tokens = kl_sum + loss.item(), kl_tokens + int(part.completion_mask.sum())
     student.train(was_training)
     per_problem = [c / n_samples for c in correct]
     return EvalResult(
