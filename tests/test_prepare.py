@@ -1,0 +1,262 @@
+"""trb.prepare: the SFT batch is laid out like a rollout, a tiny end-to-end run writes loadable checkpoints and its
+report, runs are reproducible, configs are validated, problem files split deterministically."""
+
+import copy
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trb.models import VocabSpace, tiny_causal_lm
+from trb.prepare import (
+    PRESETS,
+    ModelSize,
+    PrepareConfig,
+    SFTConfig,
+    _save_and_reload,
+    epoch_batches,
+    lr_factor,
+    sft_batch,
+    sft_loss,
+    split_problems,
+)
+from trb.prepare import prepare as run_prepare
+from trb.rollout import StudentPolicy, generate, position_ids
+from trb.tasks import SETTINGS, tokenize_prompts, train_tokenizer
+from trb.tasks.tokenizer import PROMPT_FORMAT
+
+GSM8K_TEST = Path(__file__).parent / "data" / "gsm8k" / "test.jsonl"
+VOCAB, EOS, PAD = 40, 1, 0
+
+TINY = PrepareConfig(
+    vocab_size=160,
+    num_train=48,
+    num_val=6,
+    num_test=6,
+    teacher=ModelSize(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64),
+    student=ModelSize(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32),
+    teacher_sft=SFTConfig(batch_size=8, steps=8, lr=3e-3, warmup=2, weight_decay=0.1, schedule="cosine"),
+    student_sft=SFTConfig(batch_size=8, steps=8, lr=3e-3, warmup=2, weight_decay=0.1, schedule="constant"),
+    student_window=(0.0, 1.0),  # any pass@1 is in the window: the student stops at its first evaluation
+    eval_every=3,
+    eval_samples=1,
+    max_new_tokens=64,
+    save_dtype="float32",
+)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The SFT batch
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_sft_batch_matches_rollout_layout_and_logp():
+    """Teacher-forcing the tokens a rollout sampled feeds the model exactly what the engine fed it: same ids, mask
+    and positions, and the SFT loss equals minus the mean of the sampler's own log-probs."""
+    model = tiny_causal_lm(VOCAB, 32, 2, seed=0, init_std=0.3, eos_token_id=EOS, pad_token_id=PAD)
+    with torch.no_grad():
+        model.lm_head.weight[EOS] *= 2.0  # stop often enough that completions have different lengths
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    vocab = VocabSpace(size=VOCAB, stop_ids=(EOS,), eos_id=EOS, pad_id=PAD)
+    rollout = generate(StudentPolicy(), prompts, vocab, 12, torch.Generator().manual_seed(3), student=model)
+    lengths = rollout.lengths.tolist()
+    assert len(set(lengths)) > 1 and len(set(map(len, prompts))) > 1
+    completions = [rollout.completion_ids[row, :n].tolist() for row, n in enumerate(lengths)]
+
+    batch = sft_batch(prompts, completions, PAD, torch.device("cpu"))
+    input_ids, attention_mask, positions = rollout.sequences()  # (B, P + T)
+    width = batch["input_ids"].shape[1]  # P + longest completion
+    assert torch.equal(batch["input_ids"], input_ids[:, :width])
+    assert torch.equal(batch["attention_mask"], attention_mask[:, :width])
+    assert torch.equal(batch["position_ids"], positions[:, :width])
+    assert torch.equal(batch["position_ids"], position_ids(batch["attention_mask"]))
+
+    # The loss mask selects exactly the completion tokens (solution + EOS) as targets, none of the prompt.
+    targets = batch["input_ids"][:, 1:][batch["loss_mask"]]
+    assert targets.tolist() == [token for completion in completions for token in completion]
+    assert int(batch["loss_mask"].sum()) == sum(lengths)
+
+    with torch.no_grad():
+        loss = sft_loss(model, batch)
+    sampler_logp = rollout.student_logp[rollout.completion_mask]  # (N,)
+    torch.testing.assert_close(loss, -sampler_logp.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_and_solution_tokens_join_at_a_token_boundary():
+    for setting in SETTINGS:
+        problems = SETTINGS[setting]("train", 200, seed=0)
+        tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in problems], 256)
+        prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
+        solutions = tokenizer([p.solution for p in problems], add_special_tokens=False)["input_ids"]
+        joined = tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in problems],
+                           add_special_tokens=False)["input_ids"]
+        assert [p + s for p, s in zip(prompts, solutions)] == joined
+
+
+def test_epoch_batches_cover_each_problem_once_with_little_padding():
+    lengths = torch.randint(20, 90, (1000,), generator=torch.Generator().manual_seed(0))  # (n,)
+    batches = epoch_batches(lengths, 16, torch.Generator().manual_seed(1))
+    rows = [i for b in batches for i in b]
+    assert all(len(b) == 16 for b in batches) and len(rows) == len(set(rows)) == 1000 - 1000 % 16
+    padded = sum(16 * int(lengths[b].max()) for b in batches)
+    assert int(lengths[rows].sum()) / padded > 0.85  # unsorted batches of uniform lengths: ~0.6
+    assert batches == epoch_batches(lengths, 16, torch.Generator().manual_seed(1))
+    assert epoch_batches(lengths[:5], 16, torch.Generator().manual_seed(1)) != []  # fewer problems than a batch
+
+
+def test_lr_schedules():
+    cosine = SFTConfig(batch_size=1, steps=110, lr=1.0, warmup=10, weight_decay=0.0, schedule="cosine")
+    assert lr_factor(0, cosine) == pytest.approx(0.1)
+    assert lr_factor(9, cosine) == pytest.approx(1.0)
+    assert lr_factor(60, cosine) == pytest.approx(0.5)
+    assert lr_factor(109, cosine) == pytest.approx(0.0, abs=1e-3)
+    constant = replace(cosine, schedule="constant")
+    assert lr_factor(109, constant) == 1.0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    lines: list[str] = []
+    report = run_prepare("arith", out, TINY, log=lines.append)
+    return out, report, lines
+
+
+def test_smoke_writes_loadable_checkpoints_and_report(tiny_run):
+    out, report, lines = tiny_run
+    assert json.loads((out / "prepare.json").read_text()) == json.loads(json.dumps(report))
+    for key in ("source", "config", "data", "teacher", "student", "parameter_ratio", "wall_s", "warnings",
+                "versions", "hardware"):
+        assert key in report
+    assert report["data"] == {"train": 48, "val": 6, "test": 6, "vocab_size": report["data"]["vocab_size"]}
+    for phase in ("data", "teacher_sft", "student_sft", "teacher_eval", "student_eval", "total"):
+        assert report["wall_s"][phase] >= 0
+    assert report["hardware"]["threads"] == torch.get_num_threads()
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "teacher")
+    for role in ("teacher", "student"):
+        folder = out / role
+        for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json"):
+            assert (folder / name).is_file(), f"{role}/{name} missing"
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert sum(p.numel() for p in model.parameters()) == report[role]["parameters"]
+        assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+        assert AutoTokenizer.from_pretrained(folder).get_vocab() == tokenizer.get_vocab()
+        test = report[role]["test"]
+        assert 0 <= test["pass_at_1"] <= 1 and test["n_samples"] == 1 and test["n_problems"] == 6
+    assert report["teacher"]["sft_steps"] == TINY.teacher_sft.steps
+
+    # Early stopping: every pass@1 lies in the window (0, 1), so the student stops at its first evaluation.
+    assert report["student"]["sft_steps"] == TINY.eval_every
+    assert [step for step, _ in report["student"]["validation_curve"]] == [TINY.eval_every]
+    assert report["student"]["in_window"]
+
+    # A tiny teacher cannot reach 0.9: the report and the log must say so.
+    assert not report["teacher"]["meets_target"]
+    assert any("TEACHER MISSES ITS TARGET" in w for w in report["warnings"])
+    assert any("TEACHER MISSES ITS TARGET" in line for line in lines)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_saved_checkpoint_reloads_to_the_same_logits(tmp_path, dtype):
+    problems = SETTINGS["arith"]("train", 50, seed=0)
+    tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in problems], 160)
+    model = tiny_causal_lm(len(tokenizer), 32, 2, seed=0, init_std=0.3, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id)
+    ids = torch.tensor(tokenize_prompts(tokenizer, [problems[0].question]))  # (1, P)
+    stored = copy.deepcopy(model)  # the weights the file holds, in fp32
+    with torch.no_grad():
+        for p in stored.parameters():
+            p.copy_(p.to(getattr(torch, dtype)))
+        expected = stored(input_ids=ids).logits  # (1, P, V)
+        before = model(input_ids=ids).logits  # (1, P, V)
+    reloaded = _save_and_reload(model, tokenizer, tmp_path, dtype, torch.device("cpu"))
+    assert all(p.dtype == torch.float32 for p in reloaded.parameters())
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, expected)
+        assert torch.equal(model(input_ids=ids).logits, before)  # saving leaves the caller's model as it was
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    run_prepare("arith", tmp_path / "again", TINY, log=lambda line: None)
+    run_prepare("arith", tmp_path / "seed1", replace(TINY, seed=1), log=lambda line: None)
+    for role in ("teacher", "student"):
+        first, again, other = (weights(folder / role) for folder in (out, tmp_path / "again", tmp_path / "seed1"))
+        assert first.keys() == again.keys()
+        assert all(torch.equal(first[name], again[name]) for name in first)
+        assert not all(torch.equal(first[name], other[name]) for name in first if first[name].shape == other[name].shape)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data splits and validation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_problem_file_splits_are_deterministic_disjoint_and_order_free(tmp_path):
+    config = replace(TINY, num_train=100, num_val=20, num_test=30)
+    splits = split_problems(str(GSM8K_TEST), config)
+    assert {name: len(problems) for name, problems in splits.items()} == {"train": 100, "val": 20, "test": 30}
+    questions = {name: {p.question for p in problems} for name, problems in splits.items()}
+    assert not questions["train"] & questions["val"] and not questions["train"] & questions["test"]
+    assert not questions["val"] & questions["test"]
+
+    lines = GSM8K_TEST.read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(lines) + "\n")
+    assert split_problems(str(shuffled), config) == splits
+
+
+def test_problem_file_too_small_is_rejected(tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(GSM8K_TEST.read_text().splitlines()[:10]) + "\n")
+    with pytest.raises(ValueError, match="not enough for num_test"):
+        split_problems(str(small), replace(TINY, num_test=6, num_val=4))
+    with pytest.raises(ValueError, match="neither"):
+        split_problems("no_such_setting", TINY)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ModelSize(2, 100, 8, 4, 64), "divisible by heads"),
+        (lambda: ModelSize(2, 96, 6, 4, 64), "divisible by kv_heads"),
+        (lambda: ModelSize(0, 96, 6, 3, 64), "layers must be > 0"),
+        (lambda: replace(TINY.teacher_sft, warmup=8), "warmup must lie in"),
+        (lambda: replace(TINY.teacher_sft, lr=0.0), "lr must be"),
+        (lambda: replace(TINY.teacher_sft, lr=float("nan")), "lr must be"),
+        (lambda: replace(TINY.teacher_sft, schedule="linear"), "schedule must be"),
+        (lambda: replace(TINY.teacher_sft, weight_decay=-0.1), "weight_decay"),
+        (lambda: replace(TINY, student_window=(0.3, 0.2)), "student_window"),
+        (lambda: replace(TINY, student_window=(0.1, 1.5)), "student_window"),
+        (lambda: replace(TINY, vocab_size=64), "vocab_size must be >= 128"),
+        (lambda: replace(TINY, num_test=0), "num_test must be > 0"),
+        (lambda: replace(TINY, eval_every=0), "eval_every must be > 0"),
+        (lambda: replace(TINY, teacher_target=1.5), "teacher_target"),
+        (lambda: replace(TINY, save_dtype="float16"), "save_dtype"),
+    ],
+)
+def test_config_validation(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_presets_are_valid_and_ship_a_smaller_student():
+    for config in PRESETS.values():
+        assert config.student.hidden < config.teacher.hidden or config.student.layers < config.teacher.layers
+        assert config.student_sft.schedule == "constant" and config.teacher_sft.schedule == "cosine"
