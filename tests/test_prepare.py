@@ -44,6 +44,7 @@ TINY = PrepareConfig(
     student_sft=SFTConfig(batch_size=8, steps=8, lr=3e-3, warmup=2, weight_decay=0.1, schedule="constant"),
     student_window=(0.0, 1.0),  # any pass@1 is in the window: the student stops at its first evaluation
     eval_every=3,
+    student_early_stop=True,
     eval_samples=1,
     max_new_tokens=64,
     save_dtype="float32",
@@ -242,6 +243,8 @@ def test_problem_file_too_small_is_rejected(tmp_path):
         (lambda: replace(TINY.teacher_sft, lr=float("nan")), "lr must be"),
         (lambda: replace(TINY.teacher_sft, schedule="linear"), "schedule must be"),
         (lambda: replace(TINY.teacher_sft, weight_decay=-0.1), "weight_decay"),
+        (lambda: replace(TINY.student_sft, label_smoothing=1.0), "label_smoothing"),
+        (lambda: replace(TINY.student_sft, label_smoothing=-0.1), "label_smoothing"),
         (lambda: replace(TINY, student_window=(0.3, 0.2)), "student_window"),
         (lambda: replace(TINY, student_window=(0.1, 1.5)), "student_window"),
         (lambda: replace(TINY, vocab_size=64), "vocab_size must be >= 128"),
@@ -256,7 +259,46 @@ def test_config_validation(make, message):
         make()
 
 
-def test_presets_are_valid_and_ship_a_smaller_student():
+def test_presets_are_valid_and_ship_a_smaller_under_confident_student():
     for config in PRESETS.values():
         assert config.student.hidden < config.teacher.hidden or config.student.layers < config.teacher.layers
-        assert config.student_sft.schedule == "constant" and config.teacher_sft.schedule == "cosine"
+        assert config.student_sft.label_smoothing > 0 and config.teacher_sft.label_smoothing == 0
+        assert not config.student_early_stop and config.teacher_sft.schedule == "cosine"
+
+
+def test_label_smoothed_sft_loss_matches_float64_reference():
+    generator = torch.Generator().manual_seed(0)
+    model = tiny_causal_lm(VOCAB, 16, 1, seed=0, init_std=0.5, eos_token_id=EOS, pad_token_id=PAD)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=generator).tolist() for n in (3, 5)]
+    completions = [torch.randint(2, VOCAB, (n,), generator=generator).tolist() + [EOS] for n in (4, 2)]
+    batch = sft_batch(prompts, completions, PAD, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"]).logits[:, :-1].double()  # (B, L - 1, V)
+        logp = logits.log_softmax(-1)[batch["loss_mask"]]  # (N, V)
+        targets = batch["input_ids"][:, 1:][batch["loss_mask"]]  # (N,)
+        nll = -logp.gather(-1, targets[:, None])[:, 0]  # (N,)
+        for alpha in (0.0, 0.06, 0.5):
+            # (1 - alpha) * one-hot + alpha * uniform, written out
+            expected = ((1 - alpha) * nll - alpha * logp.mean(-1)).mean()
+            assert abs(sft_loss(model, batch, alpha).item() - expected.item()) < 1e-5
+
+
+def test_full_budget_student_and_reused_teacher(tiny_run, tmp_path):
+    out, first, _ = tiny_run
+    config = replace(TINY, student_early_stop=False,
+                     student_sft=replace(TINY.student_sft, steps=7, label_smoothing=0.1))
+    report = run_prepare("arith", tmp_path / "reuse", config, log=lambda line: None, teacher_from=out / "teacher")
+    # The teacher and tokenizer are the earlier run's, carried over with their report; only the student trains.
+    assert all(torch.equal(a, b) for a, b in zip(weights(out / "teacher").values(),
+                                                 weights(tmp_path / "reuse" / "teacher").values()))
+    assert report["teacher"]["reused_from"] == str(out / "teacher") and report["teacher"]["sft_steps"] == 0
+    assert report["teacher"]["earlier_run"]["report"]["sft_steps"] == first["teacher"]["sft_steps"]
+    assert "teacher_sft" not in report["wall_s"]
+    assert (AutoTokenizer.from_pretrained(tmp_path / "reuse" / "student").get_vocab()
+            == AutoTokenizer.from_pretrained(out / "teacher").get_vocab())
+    # Without early stopping the student trains its whole budget; its curve ends with the last step.
+    assert report["student"]["sft_steps"] == 7
+    assert [step for step, _ in report["student"]["validation_curve"]] == [3, 6, 7]
+    with pytest.raises(ValueError, match="prepared teacher folder"):
+        run_prepare("arith", tmp_path / "bad", config, log=lambda line: None, teacher_from=tmp_path)

@@ -70,12 +70,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    from dataclasses import replace
+
     from trb.prepare import PRESETS, prepare
 
     preset = args.preset or (args.source if args.source in PRESETS else "word")
-    report = prepare(args.source, Path(args.out), PRESETS[preset], device=args.device,
-                     log=lambda message: print(message, file=sys.stderr))
-    print(json.dumps(report))
+    report = prepare(args.source, Path(args.out), replace(PRESETS[preset], seed=args.seed), device=args.device,
+                     log=lambda message: print(message, file=sys.stderr), teacher_from=args.teacher_from)
+    summary = {role: {"parameters": report[role]["parameters"], "test_pass_at_1": report[role]["test"]["pass_at_1"]}
+               for role in ("teacher", "student")}
+    print(json.dumps({"out": args.out, **summary, "warnings": report["warnings"]}))
     return 0
 
 
@@ -90,7 +94,7 @@ def cmd_compare(args) -> int:
     from trb.compare import run_compare
 
     run_compare(args.config, args.methods, args.seeds, Path(args.out), args.jobs, args.overrides,
-                baseline=args.baseline, log=print)
+                baseline=args.baseline, log=print, threads=args.threads)
     print(f"results: {Path(args.out) / 'results.md'}")
     return 0
 
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="arith, word, or a GSM8K-format JSONL of problems with worked solutions")
     p.add_argument("--out", required=True, help="output folder (teacher/, student/, prepare.json)")
     p.add_argument("--preset", help="size preset for a file source (default: word)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_prepare)
 
@@ -170,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--out", required=True, help="output folder (runs/, results.md, results.csv, plots)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split among them)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores // jobs)")
     p.add_argument("--baseline", default="opd", help="variant the paired differences are taken against")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     p.set_defaults(func=cmd_compare)

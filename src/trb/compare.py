@@ -187,7 +187,8 @@ def plot_diagnostics(runs: dict[str, dict[int, Path]], path: Path, title: str) -
 
 
 def run_compare(config: str, specs: list[str], seeds: list[int], out: Path, jobs: int, overrides: list[str],
-                baseline: str | None = "opd", log=print) -> list[dict]:
+                baseline: str | None = "opd", log=print, threads: int | None = None) -> list[dict]:
+    """threads: torch threads of each run (default: the machine's cores divided among the parallel runs)."""
     variants = [v for spec in specs for v in parse_variants(spec)]
     labels = [v.label for v in variants]
     if len(set(labels)) != len(labels):
@@ -197,7 +198,7 @@ def run_compare(config: str, specs: list[str], seeds: list[int], out: Path, jobs
     baseline = baseline if baseline in labels else None
     runs = {v.label: {s: out / "runs" / v.slug / f"seed_{s}" for s in seeds} for v in variants}
     plan = [(v, s) for s in seeds for v in variants]  # seeds outermost: partial results cover every method
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     log(f"trb compare: {len(variants)} variants x {len(seeds)} seeds = {len(plan)} runs, {jobs} at a time "
         f"({threads} thread(s) each), output in {out}")
     started, finished = time.monotonic(), 0

@@ -5,10 +5,13 @@ miniature: both models are small causal LMs of a standard Hugging Face architect
 supervised fine-tuning (SFT) on worked solutions, with one tokenizer they share.
 
 - The teacher is trained to high accuracy at temperature 1.0 (warmup + cosine lr, the full step budget).
-- The student has enough capacity to solve the task but is stopped early: it is evaluated every `eval_every` steps on
-  a validation slice of the train split and stopped the first time its pass@1 reaches the window, so its early
-  rollouts are poor (as a base model's are in the paper) while distillation can still move it fast. Its lr is
-  constant after warmup: the checkpoint is a snapshot in the middle of training, not an annealed end point.
+- The student is a smaller model of the same family, trained on the same solutions with label smoothing: it learns
+  the procedure, but it is under-confident, so at temperature 1.0 it samples a wrong token now and then, its rollouts
+  derail and its pass@1 is low. This is the regime of the paper's base students: the capability is there, the
+  sampled rollouts are poor, and distillation can move the student far. Its validation pass@1 is recorded every
+  `eval_every` steps. With `student_early_stop` the student instead stops the first time its validation pass@1
+  reaches `student_window` (a snapshot in the middle of training; slower to distill).
+- `teacher_from` reuses the teacher and tokenizer of an earlier run and trains only the student.
 
 SFT feeds the models exactly as the rollout engine samples them: the prompt left-padded, the completion (solution +
 EOS) right after it, position ids counted over real tokens from 0 (`trb.rollout.position_ids`), and the loss on the
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from trb.evaluate import EvalResult, evaluate
 from trb.models import tiny_causal_lm, vocab_space
@@ -88,6 +91,7 @@ class SFTConfig:
     weight_decay: float
     schedule: str
     grad_clip: float = 1.0
+    label_smoothing: float = 0.0  # mass spread over the whole vocabulary at every target: a less confident model
 
     def __post_init__(self):
         _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
@@ -98,6 +102,7 @@ class SFTConfig:
         _require(self.schedule in ("cosine", "constant"),
                  f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        _require(0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -110,8 +115,9 @@ class PrepareConfig:
     student: ModelSize
     teacher_sft: SFTConfig
     student_sft: SFTConfig
-    student_window: tuple[float, float]  # the student stops the first time its validation pass@1 reaches [lo, hi]
+    student_window: tuple[float, float]  # the student's pass@1 target: a warning when it ends outside [lo, hi]
     eval_every: int  # steps between the student's validation evaluations
+    student_early_stop: bool = False  # stop the student the first time its validation pass@1 reaches the window
     eval_samples: int = 4  # n of avg@n pass@1, validation and test
     teacher_target: float = 0.90  # test pass@1 below this is reported as a failure
     max_new_tokens: int = 96
@@ -130,6 +136,10 @@ class PrepareConfig:
                  f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
 
+# Label smoothing of the students: chosen so that the trained student's pass@1 at temperature 1.0 lands in the window.
+ARITH_SMOOTHING = 0.06
+WORD_SMOOTHING = 0.06
+
 PRESETS = {
     "arith": PrepareConfig(
         vocab_size=256,
@@ -139,21 +149,23 @@ PRESETS = {
         teacher=ModelSize(layers=5, hidden=192, heads=6, kv_heads=2, intermediate=640),
         student=ModelSize(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=256),
         teacher_sft=SFTConfig(batch_size=64, steps=1800, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
-        student_sft=SFTConfig(batch_size=64, steps=3000, lr=2e-3, warmup=50, weight_decay=0.1, schedule="constant"),
-        student_window=(0.18, 0.30),
-        eval_every=20,
+        student_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=50, weight_decay=0.1, schedule="cosine",
+                              label_smoothing=ARITH_SMOOTHING),
+        student_window=(0.05, 0.50),
+        eval_every=250,
     ),
     "word": PrepareConfig(
         vocab_size=512,
         num_train=100_000,
         num_val=256,
         num_test=400,
-        teacher=ModelSize(layers=5, hidden=224, heads=7, kv_heads=1, intermediate=672),
-        student=ModelSize(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256),
+        teacher=ModelSize(layers=6, hidden=224, heads=7, kv_heads=1, intermediate=672),
+        student=ModelSize(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=256),
         teacher_sft=SFTConfig(batch_size=64, steps=2000, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
-        student_sft=SFTConfig(batch_size=64, steps=3000, lr=2e-3, warmup=50, weight_decay=0.1, schedule="constant"),
-        student_window=(0.18, 0.30),
-        eval_every=20,
+        student_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=50, weight_decay=0.1, schedule="cosine",
+                              label_smoothing=WORD_SMOOTHING),
+        student_window=(0.05, 0.50),
+        eval_every=250,
     ),
 }
 
@@ -223,14 +235,15 @@ def sft_batch(
     }
 
 
-def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy (nats per completion token) over the batch's completion tokens, fp32."""
+def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy (nats per completion token) over the batch's completion tokens, fp32; with label_smoothing
+    the target is (1 - label_smoothing) * one-hot + label_smoothing * uniform over the vocabulary."""
     logits = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
     ).logits[:, :-1]  # (B, L - 1, V)
     mask = batch["loss_mask"]  # (B, L - 1)
     targets = batch["input_ids"][:, 1:][mask]  # (N,)
-    return F.cross_entropy(logits[mask].float(), targets)
+    return F.cross_entropy(logits[mask].float(), targets, label_smoothing=label_smoothing)
 
 
 def lr_factor(step: int, config: SFTConfig) -> float:
@@ -300,7 +313,7 @@ def sft(
         batch = sft_batch([prompts[i] for i in rows], [completions[i] for i in rows], pad_id, device)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(step - 1, config)
-        loss = sft_loss(model, batch)
+        loss = sft_loss(model, batch, config.label_smoothing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -341,6 +354,12 @@ def _new_model(size: ModelSize, tokenizer: PreTrainedTokenizerBase, max_position
     return model.to(device)
 
 
+def _size_of(model: PreTrainedModel) -> dict:
+    c = model.config
+    return asdict(ModelSize(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                            c.intermediate_size))
+
+
 def _parameters(model: PreTrainedModel) -> int:
     return sum(p.numel() for p in model.parameters())  # tied embeddings counted once
 
@@ -365,10 +384,14 @@ def _cpu_name() -> str:
 
 
 def prepare(
-    source: str, out_dir: str | Path, config: PrepareConfig, device: str = "cpu", log: Callable[[str], None] = print
+    source: str, out_dir: str | Path, config: PrepareConfig, device: str = "cpu", log: Callable[[str], None] = print,
+    teacher_from: str | Path | None = None,
 ) -> dict:
     """Train the tokenizer, teacher and student for `source` (a setting name or a problem file), save them under
-    out_dir/{teacher,student}, and write out_dir/prepare.json (the returned report)."""
+    out_dir/{teacher,student}, and write out_dir/prepare.json (the returned report).
+
+    teacher_from: the teacher/ folder of an earlier run on the same source; its tokenizer and teacher are reused (and
+    its run's report entry for the teacher is carried over when that run's prepare.json exists)."""
     out_dir, device = Path(out_dir), torch.device(device)
     wall: dict[str, float] = {}
     warnings: list[str] = []
@@ -381,8 +404,15 @@ def prepare(
     t0 = time.perf_counter()
     splits = split_problems(source, config)
     train = splits["train"]
-    tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in train],
-                                config.vocab_size)
+    if teacher_from is None:
+        tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in train],
+                                    config.vocab_size)
+    else:
+        teacher_from = Path(teacher_from)
+        if not (teacher_from / "config.json").is_file():
+            raise ValueError(f"teacher_from must be a prepared teacher folder (config.json, weights, tokenizer); "
+                             f"{teacher_from} has no config.json")
+        tokenizer = AutoTokenizer.from_pretrained(teacher_from)
     prompts = tokenize_prompts(tokenizer, [p.question for p in train])
     solutions = tokenizer([p.solution for p in train], add_special_tokens=False)["input_ids"]
     completions = [s + [tokenizer.eos_token_id] for s in solutions]
@@ -410,30 +440,43 @@ def prepare(
         wall[f"{role}_sft"] = time.perf_counter() - t
         return result
 
-    # Teacher: the full budget, cosine to 0 ---------------------------------------------------------------------------
-    teacher = _new_model(config.teacher, tokenizer, max_positions, config.seed, device)
-    teacher_sft = timed_sft("teacher", teacher, config.teacher_sft, config.seed)
+    # Teacher: the full budget, cosine to 0 (or an earlier run's) ----------------------------------------------------
+    earlier_teacher = None
+    if teacher_from is None:
+        teacher = _new_model(config.teacher, tokenizer, max_positions, config.seed, device)
+        teacher_sft = timed_sft("teacher", teacher, config.teacher_sft, config.seed)
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_from, dtype=torch.float32).to(device).eval()
+        teacher_sft = {"steps": 0, "final_loss": float("nan")}
+        earlier = teacher_from.parent / "prepare.json"
+        if earlier.is_file():
+            earlier_report = json.loads(earlier.read_text())
+            earlier_teacher = {"report": earlier_report.get("teacher"), "wall_s": earlier_report.get("wall_s"),
+                               "hardware": earlier_report.get("hardware")}
+        log(f"teacher: reused from {teacher_from}")
 
-    # Student: stopped the first time its validation pass@1 reaches the window -----------------------------------------
+    # Student: label-smoothed SFT, validation pass@1 recorded (optionally stopped in the window) ----------------------
     lo, hi = config.student_window
     curve: list[tuple[int, float]] = []  # (step, validation pass@1)
     student = _new_model(config.student, tokenizer, max_positions, config.seed + 1, device)
 
-    def reached_window(step: int) -> bool:
+    def validate(step: int) -> bool:
         pass_at_1 = score(student, splits["val"], seed=config.seed).pass_at_1
         curve.append((step, pass_at_1))
         log(f"student step {step}: validation pass@1 {pass_at_1:.3f} (window {lo:.2f}-{hi:.2f})")
-        return pass_at_1 >= lo
+        return config.student_early_stop and pass_at_1 >= lo
 
-    student_sft = timed_sft("student", student, config.student_sft, config.seed + 1, stop=reached_window,
+    student_sft = timed_sft("student", student, config.student_sft, config.seed + 1, stop=validate,
                             stop_every=config.eval_every)
-    last_val = curve[-1][1] if curve else None
-    if last_val is None or last_val < lo:
-        warn(f"the student never reached validation pass@1 {lo:.2f} in {config.student_sft.steps} steps "
-             f"(last {last_val}); raise student_sft.steps or lr")
+    if not curve or curve[-1][0] != student_sft["steps"]:
+        validate(student_sft["steps"])
+    last_val = curve[-1][1]
+    if last_val < lo:
+        warn(f"the student ends below the window: validation pass@1 {last_val:.3f} < {lo:.2f} after "
+             f"{student_sft['steps']} steps; train longer, raise student_sft.lr or lower label_smoothing")
     elif last_val > hi:
-        warn(f"the student jumped past the window: validation pass@1 {last_val:.3f} > {hi:.2f} at step "
-             f"{curve[-1][0]}; evaluate more often (eval_every) or lower student_sft.lr")
+        warn(f"the student ends above the window: validation pass@1 {last_val:.3f} > {hi:.2f} after "
+             f"{student_sft['steps']} steps; raise label_smoothing (or stop early)")
 
     # Save, reload and evaluate what ships on the test split ---------------------------------------------------------
     report_models = {}
@@ -450,7 +493,7 @@ def prepare(
         wall[f"{role}_eval"] = time.perf_counter() - t
         report_models[role] = {
             "parameters": _parameters(model),
-            "size": asdict(config.teacher if role == "teacher" else config.student),
+            "size": _size_of(model),
             "sft_steps": sft_result["steps"],
             "final_train_loss": sft_result["final_loss"],
             "test": test,
@@ -461,8 +504,11 @@ def prepare(
     if teacher_pass < config.teacher_target:
         warn(f"THE TEACHER MISSES ITS TARGET: test pass@1 {teacher_pass:.3f} < {config.teacher_target:.2f}; "
              "do not ship it: train longer or larger (teacher_sft.steps, teacher size)")
+    if earlier_teacher is not None:
+        report_models["teacher"]["reused_from"] = str(teacher_from)
+        report_models["teacher"]["earlier_run"] = earlier_teacher
     report_models["student"]["validation_curve"] = curve
-    report_models["student"]["in_window"] = last_val is not None and lo <= last_val <= hi
+    report_models["student"]["in_window"] = lo <= last_val <= hi
 
     report = {
         "source": source,
@@ -488,13 +534,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
     args = parser.parse_args(argv)
     if args.preset is None and args.source not in PRESETS:
         parser.error(f"{args.source} is not a setting: pass --preset ({', '.join(PRESETS)})")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = replace(PRESETS[args.preset or args.source], seed=args.seed)
-    prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True))
+    prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True),
+            teacher_from=args.teacher_from)
 
 
 if __name__ == "__main__":
