@@ -300,5 +300,15 @@ def test_full_budget_student_and_reused_teacher(tiny_run, tmp_path):
     # Without early stopping the student trains its whole budget; its curve ends with the last step.
     assert report["student"]["sft_steps"] == 7
     assert [step for step, _ in report["student"]["validation_curve"]] == [3, 6, 7]
+    # A further-trained teacher and a reused student: the student is the earlier run's, the teacher moved on.
+    again = run_prepare("arith", tmp_path / "more", config, log=lambda line: None, teacher_from=out / "teacher",
+                        teacher_more_steps=3, student_from=tmp_path / "reuse" / "student")
+    assert again["teacher"]["sft_steps"] == 3 and again["teacher"]["more_sft_steps"] == 3
+    assert again["student"]["sft_steps"] == 0 and again["student"]["reused_from"] == str(tmp_path / "reuse" / "student")
+    assert again["student"]["earlier_run"]["report"]["sft_steps"] == 7
+    assert all(torch.equal(a, b) for a, b in zip(weights(tmp_path / "reuse" / "student").values(),
+                                                 weights(tmp_path / "more" / "student").values()))
+    assert not all(torch.equal(a, b) for a, b in zip(weights(out / "teacher").values(),
+                                                     weights(tmp_path / "more" / "teacher").values()))
     with pytest.raises(ValueError, match="prepared teacher folder"):
         run_prepare("arith", tmp_path / "bad", config, log=lambda line: None, teacher_from=tmp_path)

@@ -42,7 +42,7 @@ def run_demo(out: Path | None, setting: str = "arith", steps: int | None = None,
     out = out if out is not None else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     config = demo_config(setting)
     extra = list(overrides) + ([f"steps={steps}"] if steps else [])
-    cfg = load_config(config, extra)  # validate before starting anything
+    cfg = load_config(config, extra + METHODS["TRB"])  # validate before starting anything
     out.mkdir(parents=True, exist_ok=True)
     parallel = (os.cpu_count() or 1) >= 2
     threads = max(1, (os.cpu_count() or 1) // len(METHODS)) if parallel else (os.cpu_count() or 1)
@@ -52,8 +52,12 @@ def run_demo(out: Path | None, setting: str = "arith", steps: int | None = None,
     print(f"  student {cfg.models.student}, teacher {cfg.models.teacher}; output in {out}")
 
     runs = {name: out / name.lower() for name in METHODS}
+    # method.* overrides (e.g. method.eps0=0.01) are TRB's; vanilla OPD has no parameters
+    shared = [o for o in extra if not o.startswith("method.")]
+    trb_only = [o for o in extra if o.startswith("method.")]
     commands = {
-        name: [sys.executable, "-m", "trb", "train", config, *extra, *args, f"out_dir={runs[name]}"]
+        name: [sys.executable, "-m", "trb", "train", config, *shared, *args, *(trb_only if name == "TRB" else []),
+               f"out_dir={runs[name]}"]
         for name, args in METHODS.items()
     }
     started = time.monotonic()
@@ -88,7 +92,7 @@ def run_demo(out: Path | None, setting: str = "arith", steps: int | None = None,
         f"Vanilla OPD and TRB from the same base student ({cfg.models.student}) and teacher ({cfg.models.teacher}),",
         f"{cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts, evaluated every "
         f"{cfg.eval_every} steps with avg@{cfg.eval_samples} pass@1 at temperature 1.0 on {cfg.data.num_test} "
-        f"held-out problems. TRB: {json.dumps({k: v for k, v in vars(load_config(config, extra + METHODS['TRB']).method).items()})}.",
+        f"held-out problems. TRB: {json.dumps(vars(cfg.method))}.",
         "",
         table,
         "",

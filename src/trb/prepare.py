@@ -374,6 +374,24 @@ def _save_and_reload(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 
 
+def _reuse(folder: Path, role: str, device: torch.device, log: Callable[[str], None]
+           ) -> tuple[PreTrainedModel, dict | None]:
+    """A model of an earlier run, and that run's report entry for it (with its wall times and hardware) when the
+    run's prepare.json sits next to the model's folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{role}_from must be a prepared {role} folder (config.json, weights, tokenizer); "
+                         f"{folder} has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    earlier = folder.parent / "prepare.json"
+    entry = None
+    if earlier.is_file():
+        report = json.loads(earlier.read_text())
+        entry = {"report": report.get(role), "wall_s": report.get("wall_s"), "hardware": report.get("hardware")}
+    log(f"{role}: reused from {folder}")
+    return model, entry
+
+
 def _cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -386,12 +404,17 @@ def _cpu_name() -> str:
 def prepare(
     source: str, out_dir: str | Path, config: PrepareConfig, device: str = "cpu", log: Callable[[str], None] = print,
     teacher_from: str | Path | None = None,
+    teacher_more_steps: int = 0,
+    student_from: str | Path | None = None,
 ) -> dict:
     """Train the tokenizer, teacher and student for `source` (a setting name or a problem file), save them under
     out_dir/{teacher,student}, and write out_dir/prepare.json (the returned report).
 
     teacher_from: the teacher/ folder of an earlier run on the same source; its tokenizer and teacher are reused (and
-    its run's report entry for the teacher is carried over when that run's prepare.json exists)."""
+    its run's report entry for the teacher is carried over when that run's prepare.json exists).
+    teacher_more_steps: continue the reused teacher's SFT for this many steps (warmup, then cosine from half the
+    preset's lr), e.g. when it misses its target. student_from: likewise reuse an earlier run's student (evaluated,
+    not trained)."""
     out_dir, device = Path(out_dir), torch.device(device)
     wall: dict[str, float] = {}
     warnings: list[str] = []
@@ -440,25 +463,26 @@ def prepare(
         wall[f"{role}_sft"] = time.perf_counter() - t
         return result
 
-    # Teacher: the full budget, cosine to 0 (or an earlier run's) ----------------------------------------------------
-    earlier_teacher = None
+    # Teacher: the full budget, cosine to 0 (or an earlier run's, optionally trained further) -------------------------
+    earlier_runs: dict[str, dict | None] = {}
     if teacher_from is None:
         teacher = _new_model(config.teacher, tokenizer, max_positions, config.seed, device)
         teacher_sft = timed_sft("teacher", teacher, config.teacher_sft, config.seed)
     else:
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_from, dtype=torch.float32).to(device).eval()
+        teacher, earlier_runs["teacher"] = _reuse(teacher_from, "teacher", device, log)
         teacher_sft = {"steps": 0, "final_loss": float("nan")}
-        earlier = teacher_from.parent / "prepare.json"
-        if earlier.is_file():
-            earlier_report = json.loads(earlier.read_text())
-            earlier_teacher = {"report": earlier_report.get("teacher"), "wall_s": earlier_report.get("wall_s"),
-                               "hardware": earlier_report.get("hardware")}
-        log(f"teacher: reused from {teacher_from}")
+        if teacher_more_steps > 0:
+            more = replace(config.teacher_sft, steps=teacher_more_steps, lr=config.teacher_sft.lr / 2,
+                           warmup=min(50, teacher_more_steps - 1))
+            teacher_sft = timed_sft("teacher", teacher, more, config.seed + 2)
 
     # Student: label-smoothed SFT, validation pass@1 recorded (optionally stopped in the window) ----------------------
     lo, hi = config.student_window
     curve: list[tuple[int, float]] = []  # (step, validation pass@1)
-    student = _new_model(config.student, tokenizer, max_positions, config.seed + 1, device)
+    if student_from is None:
+        student = _new_model(config.student, tokenizer, max_positions, config.seed + 1, device)
+    else:
+        student, earlier_runs["student"] = _reuse(student_from, "student", device, log)
 
     def validate(step: int) -> bool:
         pass_at_1 = score(student, splits["val"], seed=config.seed).pass_at_1
@@ -466,8 +490,11 @@ def prepare(
         log(f"student step {step}: validation pass@1 {pass_at_1:.3f} (window {lo:.2f}-{hi:.2f})")
         return config.student_early_stop and pass_at_1 >= lo
 
-    student_sft = timed_sft("student", student, config.student_sft, config.seed + 1, stop=validate,
-                            stop_every=config.eval_every)
+    if student_from is None:
+        student_sft = timed_sft("student", student, config.student_sft, config.seed + 1, stop=validate,
+                                stop_every=config.eval_every)
+    else:
+        student_sft = {"steps": 0, "final_loss": float("nan")}
     if not curve or curve[-1][0] != student_sft["steps"]:
         validate(student_sft["steps"])
     last_val = curve[-1][1]
@@ -504,9 +531,12 @@ def prepare(
     if teacher_pass < config.teacher_target:
         warn(f"THE TEACHER MISSES ITS TARGET: test pass@1 {teacher_pass:.3f} < {config.teacher_target:.2f}; "
              "do not ship it: train longer or larger (teacher_sft.steps, teacher size)")
-    if earlier_teacher is not None:
-        report_models["teacher"]["reused_from"] = str(teacher_from)
-        report_models["teacher"]["earlier_run"] = earlier_teacher
+    for role, folder in (("teacher", teacher_from), ("student", student_from)):
+        if folder is not None:
+            report_models[role]["reused_from"] = str(folder)
+            report_models[role]["earlier_run"] = earlier_runs[role]
+    if teacher_more_steps > 0:
+        report_models["teacher"]["more_sft_steps"] = teacher_more_steps
     report_models["student"]["validation_curve"] = curve
     report_models["student"]["in_window"] = lo <= last_val <= hi
 
@@ -535,14 +565,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
+    parser.add_argument("--teacher-more-steps", type=int, default=0,
+                        help="continue the reused teacher's SFT for this many steps")
+    parser.add_argument("--student-from", help="reuse the student of an earlier run (same tokenizer): its student/ folder")
     args = parser.parse_args(argv)
+    if (args.teacher_more_steps or args.student_from) and not args.teacher_from:
+        parser.error("--teacher-more-steps and --student-from need --teacher-from (the tokenizer comes with it)")
     if args.preset is None and args.source not in PRESETS:
         parser.error(f"{args.source} is not a setting: pass --preset ({', '.join(PRESETS)})")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     config = replace(PRESETS[args.preset or args.source], seed=args.seed)
     prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True),
-            teacher_from=args.teacher_from)
+            teacher_from=args.teacher_from, teacher_more_steps=args.teacher_more_steps, student_from=args.student_from)
 
 
 if __name__ == "__main__":
