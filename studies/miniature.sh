@@ -5,7 +5,8 @@
 #   studies/miniature.sh [OUT]        (default OUT=runs/study)
 #
 # Environment: JOBS runs in parallel (default 2), SEEDS of the method table (default 0 1 2 3 4), SWEEP_SEEDS of the
-# sweep (default 0 1 2), THREADS per run (default cores / JOBS), SETTINGS (default "arith word"), PARTS (default "methods sweep probe").
+# sweep (default 0 1 2), THREADS per run (default cores / JOBS), SETTINGS (default "arith word"), PARTS (default "methods sweep probe"),
+# METHODS (default: all of the table).
 # Tables, CSVs and plots land in OUT/<setting>/{methods,sweep}/ and OUT/<setting>/probe/.
 set -euo pipefail
 OUT=${1:-runs/study}
@@ -29,9 +30,15 @@ PY
   LONG=$(echo "$HORIZONS" | cut -d'|' -f3)
   if [[ " $PARTS " == *" methods "* ]]; then
     # shellcheck disable=SC2086
-    $TRB compare "$CONFIG" --out "$OUT/$SETTING/methods" --jobs "$JOBS" $THREADS --seeds $SEEDS --methods \
-      opd "trb:horizon=$LONG" trb_adaptive fixed_eps "temperature:horizon=$LONG" "sft_warmup:prompt_steps=$LONG,updates=$MID" \
-      "veto:horizon=$LONG" skd minillm gkd
+    ALL="opd trb:horizon=$LONG trb_adaptive fixed_eps temperature:horizon=$LONG \
+      sft_warmup:prompt_steps=$LONG,updates=$MID veto:horizon=$LONG skd minillm gkd"
+    # METHODS picks a subset by name (e.g. METHODS="opd trb skd"); the parameters stay those above
+    SELECTED=""
+    for m in $ALL; do
+      if [[ -z "${METHODS:-}" || " $METHODS " == *" ${m%%:*} "* ]]; then SELECTED="$SELECTED $m"; fi
+    done
+    # shellcheck disable=SC2086
+    $TRB compare "$CONFIG" --out "$OUT/$SETTING/methods" --jobs "$JOBS" $THREADS --seeds $SEEDS --methods $SELECTED
   fi
   if [[ " $PARTS " == *" sweep "* ]]; then
     # shellcheck disable=SC2086
