@@ -171,17 +171,19 @@ DIAGNOSTICS = (("eps", "eps"), ("rollout/mean_beta", "mean beta"), ("rollout/fra
 
 def plot_diagnostics(runs: dict[str, dict[int, Path]], path: Path, title: str) -> None:
     """Behavior diagnostics over steps (mean over seeds): eps, beta, realized KL, teacher entropy and KL."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(runs)}  # one color per method in every panel
     for ax, (key, name) in zip(axes.flat, DIAGNOSTICS):
         for label, seeds in runs.items():
             steps, mean, _, _ = _mean_curve(list(seeds.values()), key)
             if len(steps):
-                ax.plot(steps, mean, label=label, linewidth=1)
+                ax.plot(steps, mean, label=label, linewidth=1, color=colors[label])
         ax.set(xlabel="optimizer step", title=name)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=6)
+    handles = [plt.Line2D([], [], color=colors[label], label=label) for label in runs]
+    fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
