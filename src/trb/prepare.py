@@ -162,7 +162,7 @@ PRESETS = {
         teacher=ModelSize(layers=6, hidden=224, heads=7, kv_heads=1, intermediate=672),
         student=ModelSize(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=256),
         teacher_sft=SFTConfig(batch_size=64, steps=2000, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
-        student_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=50, weight_decay=0.1, schedule="cosine",
+        student_sft=SFTConfig(batch_size=64, steps=3000, lr=2e-3, warmup=50, weight_decay=0.1, schedule="cosine",
                               label_smoothing=WORD_SMOOTHING),
         student_window=(0.05, 0.50),
         eval_every=250,
