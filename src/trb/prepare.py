@@ -11,7 +11,8 @@ supervised fine-tuning (SFT) on worked solutions, with one tokenizer they share.
   sampled rollouts are poor, and distillation can move the student far. Its validation pass@1 is recorded every
   `eval_every` steps. With `student_early_stop` the student instead stops the first time its validation pass@1
   reaches `student_window` (a snapshot in the middle of training; slower to distill).
-- `teacher_from` reuses the teacher and tokenizer of an earlier run and trains only the student.
+- `teacher_from` reuses the teacher and tokenizer of an earlier run (optionally training the teacher further:
+  `teacher_more_steps`); `student_from` reuses an earlier student as well.
 
 SFT feeds the models exactly as the rollout engine samples them: the prompt left-padded, the completion (solution +
 EOS) right after it, position ids counted over real tokens from 0 (`trb.rollout.position_ids`), and the loss on the
@@ -374,14 +375,19 @@ def _save_and_reload(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 
 
-def _reuse(folder: Path, role: str, device: torch.device, log: Callable[[str], None]
-           ) -> tuple[PreTrainedModel, dict | None]:
-    """A model of an earlier run, and that run's report entry for it (with its wall times and hardware) when the
-    run's prepare.json sits next to the model's folder."""
+def _prepared_folder(folder: str | Path, role: str) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{role}_from must be a prepared {role} folder (config.json, weights, tokenizer); "
                          f"{folder} has no config.json")
+    return folder
+
+
+def _reuse(folder: Path, role: str, device: torch.device, log: Callable[[str], None]
+           ) -> tuple[PreTrainedModel, dict | None]:
+    """A model of an earlier run, and that run's report entry for it (with its wall times and hardware) when the
+    run's prepare.json sits next to the model's folder."""
+    folder = _prepared_folder(folder, role)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
     earlier = folder.parent / "prepare.json"
     entry = None
@@ -416,6 +422,8 @@ def prepare(
     preset's lr), e.g. when it misses its target. student_from: likewise reuse an earlier run's student (evaluated,
     not trained)."""
     out_dir, device = Path(out_dir), torch.device(device)
+    if (teacher_more_steps or student_from is not None) and teacher_from is None:
+        raise ValueError("teacher_more_steps and student_from need teacher_from (the tokenizer comes with it)")
     wall: dict[str, float] = {}
     warnings: list[str] = []
 
@@ -431,10 +439,7 @@ def prepare(
         tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in train],
                                     config.vocab_size)
     else:
-        teacher_from = Path(teacher_from)
-        if not (teacher_from / "config.json").is_file():
-            raise ValueError(f"teacher_from must be a prepared teacher folder (config.json, weights, tokenizer); "
-                             f"{teacher_from} has no config.json")
+        teacher_from = _prepared_folder(teacher_from, "teacher")
         tokenizer = AutoTokenizer.from_pretrained(teacher_from)
     prompts = tokenize_prompts(tokenizer, [p.question for p in train])
     solutions = tokenizer([p.solution for p in train], add_special_tokens=False)["input_ids"]
