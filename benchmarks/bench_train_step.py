@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize  # noqa: E402
 
-from trb.losses import FinalHidden, LossSpec, distill_loss  # noqa: E402
+from trb.losses import FinalHidden, LossSpec, completion_select, distill_loss  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
 from trb.rollout import StudentPolicy, generate  # noqa: E402
 from trb.tasks import SETTINGS, format_prompt  # noqa: E402
@@ -55,11 +55,10 @@ def params(model) -> int:
 
 def time_trb(student, teacher, vocab, prompts, args, device):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    spec = LossSpec(divergence="reverse_kl")
+    spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups)
     phases = {"rollout": [], "teacher_forward": [], "loss_forward_backward": [], "optimizer": [], "step": []}
     tokens = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu",
-                                                                                                           enabled=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     for step in range(args.steps + 1):
         synchronize(device)
         t0 = time.perf_counter()
@@ -71,7 +70,8 @@ def time_trb(student, teacher, vocab, prompts, args, device):
         t1 = time.perf_counter()
         ids, mask, pos = rollout.sequences()
         with torch.no_grad(), autocast:
-            FinalHidden(teacher)(ids, mask, pos)  # timed alone: the teacher's share of the loss phase
+            # timed alone: the teacher's share of the loss phase
+            FinalHidden(teacher, args.length_groups)(ids, mask, pos, completion_select(rollout))
         synchronize(device)
         t2 = time.perf_counter()
         student.train()
@@ -119,7 +119,7 @@ def time_trl(student_path, teacher, tokenizer, texts, args, device):
     config = DistillationConfig(
         output_dir=str(Path(args.scratch) / "trl"), max_steps=args.steps + 1, per_device_train_batch_size=len(texts),
         gradient_accumulation_steps=1, learning_rate=1e-5, max_completion_length=args.new_tokens, temperature=1.0,
-        top_k=0, top_p=1.0, beta=1.0, bf16=device.type == "cuda", gradient_checkpointing=False, report_to=[],
+        top_k=0, top_p=1.0, beta=1.0, bf16=args.precision == "bf16", gradient_checkpointing=False, report_to=[],
         logging_steps=1000, save_strategy="no", use_cpu=device.type == "cpu", shuffle_dataset=False,
         disable_dropout=True, seed=0, dataloader_drop_last=True,
     )
@@ -140,10 +140,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64, help="sequences per step")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="bf16 autocast for both trb and TRL (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--length-groups", type=int, default=LossSpec.length_groups,
+                        help="trb's training forwards in this many groups of similar length (1: one padded batch)")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--scratch", default="/tmp/trb-bench")
     args = parser.parse_args()
     device = torch.device(args.device)
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     tokenizer = load_tokenizer(args.student)
     student, teacher = load_causal_lm(args.student, device), load_causal_lm(args.teacher, device)
     teacher.requires_grad_(False)
@@ -152,7 +157,7 @@ def main() -> None:
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     trb_ms, (completion_tokens, all_tokens) = time_trb(student, teacher, vocab, prompts, args, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     flops_per_s, bytes_per_s = measure_peaks(device, dtype)
     n_s, n_t = params(student), params(teacher)
     decode_steps = args.new_tokens
@@ -166,7 +171,8 @@ def main() -> None:
     result = {
         "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
-        "sequences": len(prompts), "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
+        "precision": args.precision, "length_groups": args.length_groups, "sequences": len(prompts),
+        "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
         "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
         "copy_gbytes_per_s": round(bytes_per_s / 1e9, 1),
         "trb_ms": {k: round(v, 1) for k, v in trb_ms.items()},

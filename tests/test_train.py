@@ -179,3 +179,36 @@ def test_choosing_another_method_resets_its_parameters(tmp_path):
     assert load_config(path, ["method.name=trb"]).method.eps0 == 0.05, "the same method keeps the file's values"
     with pytest.raises(ConfigError, match="unknown config key 'method.eps0'"):
         load_config(path, ["method.name=skd", "method.eps0=0.1"])
+
+
+def test_length_groups_change_no_loss_or_gradient(tiny_pair, loaded_pair):
+    """Running the training forwards in groups of similar length (less padding) gives the loss, the per-token
+    values and the gradients of one padded rectangle."""
+    from trb.losses import LossSpec, completion_select, distill_loss, length_groups
+
+    tokenizer, student, teacher, vocab = loaded_pair
+    problems, _ = problem_splits("arith", 12, 1, 0)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
+    rollout = generate(TRBPolicy(0.1), prompts, vocab, 30, torch.Generator().manual_seed(3), student=student,
+                       teacher=teacher)
+    _, mask, _ = rollout.sequences()
+    spans = length_groups(mask, 4)
+    assert sorted(torch.cat([rows for rows, _ in spans]).tolist()) == list(range(len(prompts)))
+    assert sum(len(rows) * (cols.stop - cols.start) for rows, cols in spans) < mask.numel(), "grouping cuts padding"
+    for rows, cols in spans:  # every attended position of a row stays inside its group's columns
+        assert mask[rows][:, cols].sum() == mask[rows].sum()
+    assert int(completion_select(rollout).sum()) == int(rollout.completion_mask.sum())
+    weight = rollout.completion_mask.float() / rollout.completion_mask.sum()
+    results = {}
+    for groups in (1, 4):
+        student.zero_grad()
+        loss, per_token, diagnostics = distill_loss(student, teacher, rollout, vocab, LossSpec(length_groups=groups),
+                                                    weight)
+        loss.backward()
+        results[groups] = (loss.item(), per_token, diagnostics["teacher_entropy"],
+                           [p.grad.clone() for p in student.parameters()])
+    assert results[1][0] == pytest.approx(results[4][0], abs=1e-6)
+    for a, b in zip(results[1][1:3], results[4][1:3]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(results[1][3], results[4][3]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

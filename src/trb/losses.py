@@ -48,10 +48,13 @@ class LossSpec:
     jsd_beta: float = 0.5
     chunk_size: int = 1024
     reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
+    length_groups: int = 4  # training forwards run rows in this many groups of similar length (less padding)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+        if self.length_groups < 1:
+            raise ValueError(f"length_groups must be >= 1, got {self.length_groups}")
 
 
 def veto_target(b: float) -> Target:
@@ -59,25 +62,63 @@ def veto_target(b: float) -> Target:
     return lambda student_logp, teacher_logp: torch.log_softmax(teacher_logp + b * student_logp, dim=-1)
 
 
-def completion_positions(rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, cols) of the sequence positions whose next-token distribution predicts each valid completion token,
-    in row-major order of rollout.completion_mask; completion token t is predicted at column P - 1 + t."""
-    rows, steps = rollout.completion_mask.nonzero(as_tuple=True)  # (N,), (N,)
-    return rows, steps + rollout.prompt_ids.shape[1] - 1
+def completion_select(rollout: Rollout) -> torch.Tensor:
+    """(B, P + T) bool: the sequence positions whose next-token distribution predicts a valid completion token
+    (completion token t is predicted at column P - 1 + t). Their row-major order is that of completion_mask."""
+    prompt_width = rollout.prompt_ids.shape[1]
+    select = torch.zeros_like(torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1))  # (B, P + T)
+    select[:, prompt_width - 1 : prompt_width - 1 + rollout.completion_mask.shape[1]] = rollout.completion_mask
+    return select
+
+
+def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, slice]]:
+    """Split the rows of a padded batch into up to `groups` groups of similar length: (rows, columns) per group,
+    the columns spanning every attended position of the group's rows. Rows are ordered by where their last attended
+    token sits, so a group of short completions skips the columns only long ones need."""
+    attended = attention_mask.bool()  # (B, L)
+    width = attended.shape[1]
+    columns = torch.arange(width, device=attended.device)  # (L,)
+    first = torch.where(attended, columns, width).amin(1)  # (B,)
+    last = torch.where(attended, columns, -1).amax(1)  # (B,)
+    order = last.argsort(stable=True)  # (B,)
+    spans = []
+    for rows in order.tensor_split(min(groups, len(order))):
+        spans.append((rows, slice(int(first[rows].min()), int(last[rows].max()) + 1)))
+    return spans
 
 
 class FinalHidden(nn.Module):
-    """A causal LM's final hidden states (after the last norm), (B, L, d). Wrapping the base model in a module of
-    its own lets data-parallel wrappers see the forward that produces them; the output layer is applied in chunks
-    by the loss."""
+    """A causal LM's final hidden states (after the last norm). Wrapping the base model in a module of its own lets
+    data-parallel wrappers see the forward that produces them; the output layer is applied in chunks by the loss.
 
-    def __init__(self, model: PreTrainedModel):
+    With `select` (a (B, L) bool mask) the forward returns only the selected positions' states, (N, d) in row-major
+    order, and runs the rows in `groups` groups of similar length, each cut to its own span of columns: rollouts
+    vary in length, and the padding of one rectangle costs as much compute as real tokens. Positions come from the
+    full attention mask, so cutting padding columns changes no result."""
+
+    def __init__(self, model: PreTrainedModel, groups: int = 1):
         super().__init__()
         self.model = model
+        self.groups = groups
 
-    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    def _states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        return out.last_hidden_state
+        return out.last_hidden_state  # (b, l, d)
+
+    def forward(self, input_ids, attention_mask, position_ids, select=None) -> torch.Tensor:
+        if select is None:
+            return self._states(input_ids, attention_mask, position_ids)  # (B, L, d)
+        spans = length_groups(attention_mask, self.groups)
+        if len(spans) == 1:
+            return self._states(input_ids, attention_mask, position_ids)[select]  # (N, d)
+        flat = torch.arange(select.numel(), device=select.device).view(select.shape)  # (B, L) row-major index
+        parts, where = [], []
+        for rows, cols in spans:
+            states = self._states(input_ids[rows, cols], attention_mask[rows, cols], position_ids[rows, cols])
+            chosen = select[rows, cols]  # (b, l)
+            parts.append(states[chosen])  # (n_g, d)
+            where.append(flat[rows, cols][chosen])  # (n_g,)
+        return torch.cat(parts)[torch.cat(where).argsort()]  # (N, d) back in row-major order
 
 
 def output_weight(model: PreTrainedModel, vocab: VocabSpace) -> torch.Tensor:
@@ -86,12 +127,12 @@ def output_weight(model: PreTrainedModel, vocab: VocabSpace) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_logp(model: PreTrainedModel, rollout: Rollout, vocab: VocabSpace) -> torch.Tensor:
+def token_logp(model: PreTrainedModel, rollout: Rollout, vocab: VocabSpace, groups: int = 4
+               ) -> torch.Tensor:
     """Log-probs (B, T) of the completion tokens under model, through the same forward path as the loss (one pass
     over prompt + completion, final hidden states, output rows of the shared vocabulary); 0 at masked positions."""
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
-    rows, cols = completion_positions(rollout)  # (N,)
-    hidden = FinalHidden(model)(input_ids, attention_mask, positions)[rows, cols]  # (N, d)
+    hidden = FinalHidden(model, groups)(input_ids, attention_mask, positions, completion_select(rollout))  # (N, d)
     logits = hidden @ output_weight(model, vocab).T  # (N, V)
     logp = merged_logp(logits, vocab.size, vocab.stop_tensor(logits.device), vocab.eos_id)  # (N, V)
     out = torch.zeros(rollout.completion_ids.shape, device=logits.device)  # (B, T)
@@ -120,9 +161,9 @@ def distill_loss(
     (not available without a teacher pass).
     """
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
-    rows, cols = completion_positions(rollout)  # (N,)
-    hidden_fn = student_hidden_fn or FinalHidden(student)
-    student_hidden = hidden_fn(input_ids, attention_mask, positions)[rows, cols]  # (N, d_s)
+    select = completion_select(rollout)  # (B, L)
+    hidden_fn = student_hidden_fn or FinalHidden(student, spec.length_groups)
+    student_hidden = hidden_fn(input_ids, attention_mask, positions, select)  # (N, d_s)
     # Reuse the teacher's log-probs recorded while decoding where the loss needs nothing else: the sampled-token
     # estimator needs log pi_T(y); the top-k loss needs log pi_T on the student's top-k (recorded with record_topk).
     if target is None and spec.reuse_teacher and (
@@ -132,7 +173,7 @@ def distill_loss(
     ):
         return _loss_from_records(student, student_hidden, rollout, vocab, spec, token_weight)
     with torch.no_grad():
-        teacher_hidden = FinalHidden(teacher)(input_ids, attention_mask, positions)[rows, cols]  # (N, d_t)
+        teacher_hidden = FinalHidden(teacher, spec.length_groups)(input_ids, attention_mask, positions, select)
     tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
     behavior = rollout.behavior_logp[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)
@@ -210,12 +251,14 @@ def sft_loss(
     token_weight: torch.Tensor,
     chunk_size: int = 1024,
     hidden_fn: nn.Module | None = None,
+    groups: int = 4,
 ) -> torch.Tensor:
     """Weighted cross-entropy -log pi_S(y_t) of the completion tokens (SFT on teacher samples or data), computed in
-    chunks from hidden states like the distillation loss. token_weight: (B, T); hidden_fn as in distill_loss."""
+    chunks from hidden states like the distillation loss. token_weight: (B, T); hidden_fn as in distill_loss, groups
+    as in FinalHidden when hidden_fn is not given."""
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
-    rows, cols = completion_positions(rollout)  # (N,)
-    hidden = (hidden_fn or FinalHidden(student))(input_ids, attention_mask, positions)[rows, cols]  # (N, d)
+    select = completion_select(rollout)  # (B, L)
+    hidden = (hidden_fn or FinalHidden(student, groups))(input_ids, attention_mask, positions, select)  # (N, d)
     tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)
 

@@ -260,10 +260,11 @@ class Setup:
     prompts: list[list[int]]  # training prompts, token ids
     solutions: list[list[int]]  # their dataset solutions + EOS, token ids (GKD's fixed data)
     test_problems: list
+    bf16: bool = False  # bf16 autocast for decoding and training forwards (config `autocast`)
 
     @property
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -312,8 +313,9 @@ def setup(cfg: TrainConfig) -> Setup:
     if world.main:
         RunDir.create(cfg)
     distributed.barrier(world)
+    bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     return Setup(RunDir(Path(cfg.out_dir)), world, device, student, teacher, tokenizer, vocab, prompts, solutions,
-                 test_problems)
+                 test_problems, bf16)
 
 
 def check_same_tokenization(student_tokenizer, teacher_tokenizer, problems, system_prompt) -> None:
@@ -340,7 +342,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
         self.speculative = SpeculativeStats()
-        self.hidden = distributed.wrap(FinalHidden(s.student), s.student, cfg.distributed, s.world)
+        self.hidden = distributed.wrap(FinalHidden(s.student, cfg.loss.length_groups), s.student, cfg.distributed,
+                                       s.world)
         self.optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
