@@ -115,6 +115,10 @@ def test_config_errors_are_clear(tiny_pair, tmp_path):
         config(tiny_pair, tmp_path, "method.eps0=.nan")
     with pytest.raises(ConfigError, match="unknown method 'trbb'"):
         config(tiny_pair, tmp_path, "method.name=trbb")
+    with pytest.raises(ConfigError, match="autocast must be auto, bf16 or fp32, got 'fp16'"):
+        config(tiny_pair, tmp_path, "autocast=fp16")
+    with pytest.raises(ConfigError, match="length_groups must be >= 1, got 0"):
+        config(tiny_pair, tmp_path, "loss.length_groups=0")
     cfg = config(tiny_pair, tmp_path / "run", "steps=1")
     train(cfg, log=lambda m: None)
     with pytest.raises(ConfigError, match="already holds a run; pass resume=true"):
@@ -212,3 +216,15 @@ def test_length_groups_change_no_loss_or_gradient(tiny_pair, loaded_pair):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for a, b in zip(results[1][3], results[4][3]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_trains_on_cpu_close_to_fp32(tiny_pair, tmp_path):
+    """autocast=bf16 runs the same step in mixed precision: same tokens, step-0 loss within bf16 rounding."""
+    losses = {}
+    for mode in ("fp32", "bf16"):
+        train(config(tiny_pair, tmp_path / mode, "steps=1", f"autocast={mode}"), log=lambda m: None)
+        record = next(json.loads(line) for line in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in json.loads(line))
+        assert math.isfinite(record["loss"]) and record["loss"] > 0
+        losses[mode] = record["loss"]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)

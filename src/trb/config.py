@@ -84,7 +84,7 @@ class TrainConfig:
     rollouts_per_prompt: int = 4
     rollout_batch: int = 64  # sequences decoded together
     speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
-    autocast: str = "auto"  # bf16 mixed precision: auto (on GPU, off on CPU) | bf16 (also on CPUs with AMX) | off
+    autocast: str = "auto"  # bf16 mixed precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (also CPUs with AMX) | fp32
     compile: bool = False  # static KV caches and compiled decode steps (CUDA graphs on GPU); pays a compile once
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128
@@ -120,7 +120,7 @@ class TrainConfig:
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
-        _require(self.autocast in ("auto", "bf16", "off"), f"autocast must be auto, bf16 or off, got {self.autocast!r}")
+        _require(self.autocast in ("auto", "bf16", "fp32"), f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
