@@ -106,3 +106,23 @@ def test_continuation_probe_and_inspect(tiny_pair, tmp_path, loaded_pair):
     page = (run / "rollouts.html").read_text()
     assert "step 0" in page and "step 1" in page and "beta=" in page and "log pi_T=" in page
     assert main(["inspect", str(run), "--steps", "7"]) == 2
+
+
+def test_sweep_grid_is_found_and_drawn(tmp_path):
+    from trb.compare import grid, plot_grid
+
+    def row(label, best, diff=None):
+        r = {"method": label, "seeds": 2, "minutes": 1.0, "best": (best, best - 0.1, best + 0.1)}
+        if diff is not None:
+            r["diff_best"] = (diff, diff - 0.05, diff + 0.05)
+        return r
+
+    rows = [row("opd", 0.5)] + [row(f"trb(eps0={e},horizon={k})", 0.5 + float(e) + k / 100, float(e) + k / 100)
+                                for e in ("0.01", "0.02", "0.05") for k in (2, 8)]
+    name, key_a, values_a, key_b, values_b, cells = grid(rows)
+    assert (name, key_a, values_a, key_b, values_b) == ("trb", "eps0", ["0.01", "0.02", "0.05"], "horizon", ["2", "8"])
+    assert cells[("0.05", "8")]["best"][0] == pytest.approx(0.63)
+    assert plot_grid(rows, "opd", tmp_path / "grid.png", "t") and (tmp_path / "grid.png").stat().st_size > 1000
+    # one-parameter variants or a lone method are no grid
+    assert grid([row("opd", 0.5), row("trb(eps0=0.01)", 0.6), row("trb(eps0=0.02)", 0.6)]) is None
+    assert not plot_grid([row("opd", 0.5)], "opd", tmp_path / "none.png", "t") and not (tmp_path / "none.png").exists()

@@ -188,6 +188,54 @@ def plot_diagnostics(runs: dict[str, dict[int, Path]], path: Path, title: str) -
     plt.close(fig)
 
 
+def grid(rows: list[dict], metric: str = "best") -> tuple[str, str, list[str], str, list[str], dict] | None:
+    """The two-parameter grid of one method among the rows (e.g. trb over eps0 x horizon), if there is one:
+    (method, key_a, values_a, key_b, values_b, {(a, b): row}); values in the order they first appear."""
+    by_method: dict[str, list[tuple[dict[str, str], dict]]] = {}
+    for row in rows:
+        name, _, params = row["method"].partition("(")
+        if params:
+            by_method.setdefault(name, []).append(
+                (dict(item.split("=", 1) for item in params.rstrip(")").split(",")), row))
+    for name, cells in by_method.items():
+        keys = list(cells[0][0])
+        if len(keys) != 2 or any(list(p) != keys for p, _ in cells):
+            continue
+        values = [list(dict.fromkeys(p[k] for p, _ in cells)) for k in keys]
+        if min(len(v) for v in values) >= 2:
+            return name, keys[0], values[0], keys[1], values[1], {(p[keys[0]], p[keys[1]]): r for p, r in cells}
+    return None
+
+
+def plot_grid(rows: list[dict], baseline: str | None, path: Path, title: str) -> bool:
+    """Heat map of a method's two-parameter grid: best-checkpoint pass@1 (mean over seeds), and its paired
+    difference against the baseline in each cell. Returns False (and draws nothing) without such a grid."""
+    found = grid(rows)
+    if found is None:
+        return False
+    name, key_a, values_a, key_b, values_b, cells = found
+    use_diff = baseline is not None and all("diff_best" in r for r in cells.values())
+    matrix = np.full((len(values_a), len(values_b)), np.nan)  # (a, b)
+    for (a, b), row in cells.items():
+        matrix[values_a.index(a), values_b.index(b)] = row["diff_best" if use_diff else "best"][0]
+    fig, ax = plt.subplots(figsize=(1.3 * len(values_b) + 2.5, 0.6 * len(values_a) + 1.8))
+    limit = np.nanmax(np.abs(matrix)) if use_diff else None
+    image = ax.imshow(matrix, cmap="RdBu" if use_diff else "viridis", vmin=-limit if use_diff else None, vmax=limit)
+    for (i, j), value in np.ndenumerate(matrix):
+        if not np.isnan(value):
+            best = cells[(values_a[i], values_b[j])]["best"][0]
+            dark = use_diff and abs(value) > 0.6 * limit
+            ax.text(j, i, f"{best:.3f}\n({value:+.3f})" if use_diff else f"{best:.3f}", ha="center", va="center",
+                    fontsize=8, color="white" if dark else "black")
+    ax.set(xticks=range(len(values_b)), xticklabels=values_b, yticks=range(len(values_a)), yticklabels=values_a,
+           xlabel=key_b, ylabel=key_a, title=title)
+    fig.colorbar(image, ax=ax, label=f"best pass@1 - {baseline}" if use_diff else "best pass@1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def run_compare(config: str, specs: list[str], seeds: list[int], out: Path, jobs: int, overrides: list[str],
                 baseline: str | None = "opd", log=print, threads: int | None = None) -> list[dict]:
     """threads: torch threads of each run (default: the machine's cores divided among the parallel runs)."""
@@ -233,9 +281,11 @@ def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | N
     write_csv(rows, out / "results.csv")
     plot_curves(runs, out / "learning_curves.png", f"{title}: pass@1, mean and 95% CI over seeds")
     plot_diagnostics(runs, out / "diagnostics.png", f"{title}: behavior diagnostics (mean over seeds)")
+    has_grid = plot_grid(rows, baseline, out / "grid.png", f"{title}: best pass@1 (mean over seeds)")
     (out / "results.md").write_text(
         f"# {title}\n\n{table}\n\nMean [95% t-interval] over seeds; differences are paired by seed against "
-        f"{baseline or 'no baseline'} with 95% bootstrap intervals.\n\n![learning curves](learning_curves.png)\n\n"
-        "![diagnostics](diagnostics.png)\n"
+        f"{baseline or 'no baseline'} with 95% bootstrap intervals.\n\n"
+        + ("![grid](grid.png)\n\n" if has_grid else "")
+        + "![learning curves](learning_curves.png)\n\n![diagnostics](diagnostics.png)\n"
     )
     return rows
