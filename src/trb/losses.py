@@ -65,9 +65,9 @@ def veto_target(b: float) -> Target:
 def completion_select(rollout: Rollout) -> torch.Tensor:
     """(B, P + T) bool: the sequence positions whose next-token distribution predicts a valid completion token
     (completion token t is predicted at column P - 1 + t). Their row-major order is that of completion_mask."""
-    prompt_width = rollout.prompt_ids.shape[1]
-    select = torch.zeros_like(torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1))  # (B, P + T)
-    select[:, prompt_width - 1 : prompt_width - 1 + rollout.completion_mask.shape[1]] = rollout.completion_mask
+    (batch, prompt_width), steps = rollout.prompt_ids.shape, rollout.completion_mask.shape[1]
+    select = torch.zeros((batch, prompt_width + steps), dtype=torch.bool, device=rollout.prompt_ids.device)
+    select[:, prompt_width - 1 : prompt_width - 1 + steps] = rollout.completion_mask  # (B, P + T)
     return select
 
 
@@ -127,8 +127,8 @@ def output_weight(model: PreTrainedModel, vocab: VocabSpace) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_logp(model: PreTrainedModel, rollout: Rollout, vocab: VocabSpace, groups: int = 4
-               ) -> torch.Tensor:
+def token_logp(model: PreTrainedModel, rollout: Rollout, vocab: VocabSpace,
+               groups: int = LossSpec.length_groups) -> torch.Tensor:
     """Log-probs (B, T) of the completion tokens under model, through the same forward path as the loss (one pass
     over prompt + completion, final hidden states, output rows of the shared vocabulary); 0 at masked positions."""
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
@@ -251,7 +251,7 @@ def sft_loss(
     token_weight: torch.Tensor,
     chunk_size: int = 1024,
     hidden_fn: nn.Module | None = None,
-    groups: int = 4,
+    groups: int = LossSpec.length_groups,
 ) -> torch.Tensor:
     """Weighted cross-entropy -log pi_S(y_t) of the completion tokens (SFT on teacher samples or data), computed in
     chunks from hidden states like the distillation loss. token_weight: (B, T); hidden_fn as in distill_loss, groups
