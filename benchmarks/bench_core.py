@@ -1,7 +1,14 @@
 """Core math benchmark: the beta solver at (B, V) and the chunked loss against the direct (full-logits) path.
 
     python benchmarks/bench_core.py                      # CPU-sized defaults
-    python benchmarks/bench_core.py --device cuda --tokens 8192 --d-student 2048 --d-teacher 4096
+    python benchmarks/bench_core.py --device cuda --tokens 8192 --d-student 2048 --d-teacher 4096 --dtype bf16 \
+        --compile --chunks 1024 2048 4096
+
+Loss paths: "direct" forms the full (tokens x V) logits and lets autograd do the rest; "chunked" is
+`trb.core.chunked_divergence` (gradients taken inside the forward pass, one chunk of logits at a time) with the
+per-token divergence eager, "chunked_compiled" the same with the per-token divergence (log-softmax of both sides,
+reverse KL, and its backward) compiled into fused kernels. Equality of loss and gradients with the direct path is
+checked in fp32 at the same shape whatever --dtype is timed.
 
 Peak memory is measured for each loss path in a fresh process so the paths do not share allocator state.
 The last stdout line is JSON with the device name.
@@ -23,18 +30,32 @@ from common import device_name, emit, peak_memory_mib, time_ms  # noqa: E402
 from trb.core import blend, chunked_divergence, realized_kl, reverse_kl, solve_beta  # noqa: E402
 
 
-def loss_inputs(args, device):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def loss_inputs(args, device, dtype=torch.float32):
     g = torch.Generator(device=device).manual_seed(0)
-    h_s = torch.randn(args.tokens, args.d_student, device=device, generator=g, requires_grad=True)
-    w_s = (torch.randn(args.vocab, args.d_student, device=device, generator=g) * 0.02).requires_grad_()
+    h_s = torch.randn(args.tokens, args.d_student, device=device, generator=g)
+    w_s = torch.randn(args.vocab, args.d_student, device=device, generator=g) * 0.02
     h_t = torch.randn(args.tokens, args.d_teacher, device=device, generator=g)
     w_t = torch.randn(args.vocab, args.d_teacher, device=device, generator=g) * 0.02
     weight = torch.full((args.tokens,), 1.0 / args.tokens, device=device)
-    return h_s, w_s, h_t, w_t, weight
+    return (h_s.to(dtype).requires_grad_(), w_s.to(dtype).requires_grad_(), h_t.to(dtype), w_t.to(dtype), weight)
 
 
-def reverse_kl_rows(logits_s, logits_t, rows):
-    return reverse_kl(torch.log_softmax(logits_s.float(), -1), torch.log_softmax(logits_t.float(), -1))
+def reverse_kl_logits(logits_s, logits_t):
+    return reverse_kl(torch.log_softmax(logits_s.float(), -1), torch.log_softmax(logits_t.float(), -1))  # (n,)
+
+
+_compiled = {}
+
+
+def per_token(path: str):
+    if path != "chunked_compiled":
+        return lambda logits_s, logits_t, rows: reverse_kl_logits(logits_s, logits_t)
+    if "fn" not in _compiled:  # the rows slice stays outside: the compiled function sees only the two logits
+        _compiled["fn"] = torch.compile(reverse_kl_logits)
+    return lambda logits_s, logits_t, rows: _compiled["fn"](logits_s, logits_t)
 
 
 def run_loss(path: str, inputs, chunk: int) -> torch.Tensor:
@@ -43,17 +64,19 @@ def run_loss(path: str, inputs, chunk: int) -> torch.Tensor:
     if path == "direct":
         with torch.no_grad():
             logits_t = h_t @ w_t.T  # (N, V)
-        loss = (reverse_kl_rows(h_s @ w_s.T, logits_t, None) * weight).sum()
+        loss = (reverse_kl_logits(h_s @ w_s.T, logits_t) * weight).sum()
     else:
-        loss, _ = chunked_divergence(h_s, w_s, h_t, w_t, weight, reverse_kl_rows, chunk_size=chunk)
+        loss, _ = chunked_divergence(h_s, w_s, h_t, w_t, weight, per_token(path), chunk_size=chunk)
     loss.backward()
-    return torch.cat([loss.detach().reshape(1), h_s.grad.flatten(), w_s.grad.flatten()])
+    return torch.cat([loss.detach().float().reshape(1), h_s.grad.float().flatten(), w_s.grad.float().flatten()])
 
 
 def child(args) -> None:
     """Measure one loss path in this (fresh) process: peak memory first, then time."""
     device = torch.device(args.device)
-    inputs = loss_inputs(args, device)
+    inputs = loss_inputs(args, device, DTYPES[args.dtype])
+    if args.child == "chunked_compiled":  # compile before measuring memory
+        run_loss(args.child, inputs, args.chunk)
     memory = peak_memory_mib(lambda: run_loss(args.child, inputs, args.chunk), device)
     ms = time_ms(lambda: run_loss(args.child, inputs, args.chunk), device, warmup=1, repeats=args.repeats)
     print(json.dumps({"ms": ms, "peak_mib": memory}))
@@ -68,51 +91,65 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1024, help="rows for the loss")
     parser.add_argument("--d-student", type=int, default=512)
     parser.add_argument("--d-teacher", type=int, default=1024)
-    parser.add_argument("--chunk", type=int, default=128)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(solve_beta)")
+    parser.add_argument("--chunk", type=int, default=128, help=argparse.SUPPRESS)  # a child's chunk size
+    parser.add_argument("--chunks", type=int, nargs="+", default=[128], help="chunk sizes of the chunked loss")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="hidden states and weights, timed")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile(solve_beta) and the chunked loss with a compiled divergence")
+    parser.add_argument("--skip-solve", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=["direct", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["direct", "chunked", "chunked_compiled"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
     device = torch.device(args.device)
 
-    g = torch.Generator(device=device).manual_seed(0)
-    student = torch.log_softmax(torch.randn(args.batch, args.vocab, device=device, generator=g) * 3, -1)
-    teacher = torch.log_softmax(torch.randn(args.batch, args.vocab, device=device, generator=g) * 3, -1)
-    solve = lambda: solve_beta(student, teacher, args.eps)  # noqa: E731
-    solve_ms = time_ms(solve, device, repeats=args.repeats)
-    beta = solve()
-    compiled_ms = None
-    if args.compile:
-        compiled = torch.compile(solve_beta, dynamic=False)
-        compiled_ms = round(time_ms(lambda: compiled(student, teacher, args.eps), device, repeats=args.repeats), 3)
-    max_realized = realized_kl(student, teacher, beta).max().item()
+    result = {"benchmark": "core", "device": device_name(device), "torch": torch.__version__}
+    if not args.skip_solve:
+        g = torch.Generator(device=device).manual_seed(0)
+        student = torch.log_softmax(torch.randn(args.batch, args.vocab, device=device, generator=g) * 3, -1)
+        teacher = torch.log_softmax(torch.randn(args.batch, args.vocab, device=device, generator=g) * 3, -1)
+        solve = lambda: solve_beta(student, teacher, args.eps)  # noqa: E731
+        solve_ms = time_ms(solve, device, repeats=args.repeats)
+        beta = solve()
+        compiled_ms = None
+        if args.compile:
+            compiled = torch.compile(solve_beta, dynamic=False)
+            compiled_ms = round(time_ms(lambda: compiled(student, teacher, args.eps), device, repeats=args.repeats), 3)
+            beta = compiled(student, teacher, args.eps)
+        max_realized = realized_kl(student, teacher, beta).max().item()
+        result["solve_beta"] = {"shape": [args.batch, args.vocab], "eps": args.eps, "iters": blend.SOLVER_ITERS,
+                                "ms": round(solve_ms, 3), "compiled_ms": compiled_ms, "max_realized_kl": max_realized,
+                                "mean_beta": beta.mean().item()}
+        print(result["solve_beta"], file=sys.stderr, flush=True)
 
-    paths = {}
-    for path in ["direct", "chunked"]:
-        cmd = [sys.executable, __file__, "--child", path] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("child", "compile")
+    def measure(path: str, chunk: int) -> dict:
+        cmd = [sys.executable, __file__, "--child", path, f"--chunk={chunk}"] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k not in ("child", "compile", "chunk", "chunks", "skip_solve")
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        paths[path] = json.loads(out.strip().splitlines()[-1])
-    inputs = loss_inputs(args, device)
-    grads = {p: run_loss(p, inputs, args.chunk) for p in ["direct", "chunked"]}
-    max_diff = (grads["direct"] - grads["chunked"]).abs().max().item()
+        found = json.loads(out.strip().splitlines()[-1])
+        row = {"path": path, "chunk": chunk if path != "direct" else None, "ms": round(found["ms"], 2),
+               "peak_extra_mib": round(found["peak_mib"])}
+        print(row, file=sys.stderr, flush=True)
+        return row
 
-    emit({
-        "benchmark": "core",
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "solve_beta": {"shape": [args.batch, args.vocab], "eps": args.eps, "iters": blend.SOLVER_ITERS,
-                       "ms": round(solve_ms, 3), "compiled_ms": compiled_ms, "max_realized_kl": max_realized, "mean_beta": beta.mean().item()},
-        "loss": {"tokens": args.tokens, "vocab": args.vocab, "d_student": args.d_student,
-                 "d_teacher": args.d_teacher, "chunk": args.chunk,
-                 "direct_ms": round(paths["direct"]["ms"], 2), "direct_peak_mib": round(paths["direct"]["peak_mib"]),
-                 "chunked_ms": round(paths["chunked"]["ms"], 2),
-                 "chunked_peak_mib": round(paths["chunked"]["peak_mib"]),
-                 "max_abs_diff_loss_and_grads": max_diff},
-    })
+    rows = [measure("direct", 0)]
+    for chunk in args.chunks:
+        rows.append(measure("chunked", chunk))
+        if args.compile:
+            rows.append(measure("chunked_compiled", chunk))
+    # equality with the direct path, fp32, same shape, smallest chunk size
+    inputs = loss_inputs(args, device, torch.float32)
+    paths = ["direct", "chunked"] + (["chunked_compiled"] if args.compile else [])
+    outs = {p: run_loss(p, inputs, args.chunks[0]) for p in paths}
+    diffs = {p: (outs["direct"] - outs[p]).abs().max().item() for p in paths[1:]}
+    result["loss"] = {"tokens": args.tokens, "vocab": args.vocab, "d_student": args.d_student,
+                      "d_teacher": args.d_teacher, "dtype": args.dtype, "rows": rows,
+                      "fp32_max_abs_diff_loss_and_grads": diffs,
+                      "fp32_loss": outs["direct"][0].item()}
+    emit(result)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def build_models(kind: str, device: torch.device):
     else:
         from trb.testing import random_qwen3
 
-        student, teacher = random_qwen3("1.7b", seed=0), random_qwen3("8b", seed=1, chat=True)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        student = random_qwen3("1.7b", seed=0, device=device, dtype=dtype)
+        teacher = random_qwen3("8b", seed=1, chat=True, device=device, dtype=dtype)
         space = VocabSpace(size=151_669, stop_ids=(151_643, 151_645), eos_id=151_643, pad_id=151_643)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return student.to(device, dtype).eval(), teacher.to(device, dtype).eval(), space

@@ -3,7 +3,7 @@ plus where trb's milliseconds go (rollout, teacher forward, student loss forward
 computed from FLOPs and bytes at this device's measured matmul throughput and memory bandwidth.
 
     python benchmarks/bench_train_step.py                          # CPU: the shipped arith miniature
-    python benchmarks/bench_train_step.py --device cuda --student DIR --teacher DIR --new-tokens 256
+    python benchmarks/bench_train_step.py --device cuda --student DIR --teacher DIR --new-tokens 256 [--compile]
 
 A step is B = prompts x rollouts sequences: sample completions from the student at temperature 1 (up to
 --new-tokens), full-vocabulary reverse KL against the teacher at every completion token, AdamW step. TRL runs its
@@ -34,7 +34,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     """(matmul FLOP/s, copy bytes/s) measured on this device: the floor's hardware numbers."""
     n = 2048 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    x = torch.empty(64 * 2**20 // 4, device=device)
+    x = torch.empty((256 if device.type == "cuda" else 16) * 2**20, device=device)  # 1 GiB / 64 MiB, past the caches
     best_flops, best_bw = 0.0, 0.0
     for _ in range(3):
         synchronize(device)
@@ -53,6 +53,13 @@ def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def body_params(model) -> int:
+    """Parameters that cost 2 FLOPs per token in a forward: all but the input embedding (a lookup) and the output
+    layer (counted separately, since the training forwards leave it to the chunked loss)."""
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
 def time_trb(student, teacher, vocab, prompts, args, device):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups)
@@ -65,7 +72,8 @@ def time_trb(student, teacher, vocab, prompts, args, device):
         student.eval()
         with autocast:
             rollout = generate(StudentPolicy(), prompts, vocab, args.new_tokens,
-                               torch.Generator(device=device).manual_seed(step), student=student)
+                               torch.Generator(device=device).manual_seed(step), student=student,
+                               cache="static" if args.compile else "dynamic", compile=args.compile)
         synchronize(device)
         t1 = time.perf_counter()
         ids, mask, pos = rollout.sequences()
@@ -144,6 +152,8 @@ def main() -> None:
                         help="bf16 autocast for both trb and TRL (default: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--length-groups", type=int, default=LossSpec.length_groups,
                         help="trb's training forwards in this many groups of similar length (1: one padded batch)")
+    parser.add_argument("--compile", action="store_true",
+                        help="trb's rollouts with static caches and compiled decode steps (CUDA graphs on a GPU)")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--scratch", default="/tmp/trb-bench")
     args = parser.parse_args()
@@ -160,18 +170,27 @@ def main() -> None:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     flops_per_s, bytes_per_s = measure_peaks(device, dtype)
     n_s, n_t = params(student), params(teacher)
+    body_s, body_t = body_params(student), body_params(teacher)
+    out_s, out_t = student.get_output_embeddings().weight.numel(), teacher.get_output_embeddings().weight.numel()
     decode_steps = args.new_tokens
     floor = {  # FLOPs at the measured matmul rate; weight and optimizer traffic at the measured copy rate
-        "rollout": max(2 * n_s * completion_tokens / flops_per_s, decode_steps * n_s * 4 / bytes_per_s) * 1e3,
-        "teacher_forward": 2 * n_t * all_tokens / flops_per_s * 1e3,
-        "loss_forward_backward": 6 * n_s * all_tokens / flops_per_s * 1e3,
+        # every decode step reads the student's weights (fp32) once; every token costs body + output-layer FLOPs
+        "rollout": max(2 * (body_s + out_s) * completion_tokens / flops_per_s,
+                       decode_steps * n_s * 4 / bytes_per_s) * 1e3,
+        "teacher_forward": 2 * body_t * all_tokens / flops_per_s * 1e3,  # hidden states only, as timed
+        # student body forward + backward on every token; output layers at completion positions only: the
+        # student's forward + backward, the teacher's forward
+        "loss_forward_backward": (6 * body_s * all_tokens + 2 * completion_tokens * (3 * out_s + out_t))
+        / flops_per_s * 1e3,
         "optimizer": n_s * 28 / bytes_per_s * 1e3,  # read/write weights, Adam moments; read gradients (fp32)
     }
-    floor["step"] = floor["rollout"] + 2 * floor["teacher_forward"] + floor["loss_forward_backward"] + floor["optimizer"]
+    # a step is the rollout, the loss pass (which runs the teacher's forward once) and the optimizer
+    floor["step"] = floor["rollout"] + floor["teacher_forward"] + floor["loss_forward_backward"] + floor["optimizer"]
     result = {
         "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
-        "precision": args.precision, "length_groups": args.length_groups, "sequences": len(prompts),
+        "precision": args.precision, "length_groups": args.length_groups, "compile": args.compile,
+        "sequences": len(prompts),
         "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
         "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
         "copy_gbytes_per_s": round(bytes_per_s / 1e9, 1),

@@ -242,3 +242,30 @@ def test_compiled_static_decoding_equals_eager_and_hf_generate():
     torch.testing.assert_close(sampled[0].beta, sampled[1].beta, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="needs cache='static'"):
         generate(TRBPolicy(0.0), PROMPTS, SPACE, 4, torch.Generator(), student=student, teacher=teacher, compile=True)
+
+
+def test_graphed_decode_buffers_equal_eager_static_decoding(monkeypatch):
+    """The GPU's captured decode steps read fixed buffers (token, position, additive 4D mask of padding and
+    causality) instead of a growing 2D mask. Off CUDA the same buffers run without capture: same rollouts."""
+    from trb.rollout import engine
+
+    student, teacher = pair()
+    prompts = PROMPTS * 3
+    eager = [generate(TRBPolicy(eps), prompts, SPACE, 20, torch.Generator().manual_seed(4), student=student,
+                      teacher=teacher, greedy=greedy, cache="static") for eps, greedy in ((0.0, True), (0.1, False))]
+    monkeypatch.setattr(engine, "_use_graphs", lambda device: True)
+    calls = []
+    original_step = engine._GraphedSteps.step
+    monkeypatch.setattr(engine._GraphedSteps, "step", lambda self, *a: calls.append(1) or original_step(self, *a))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the policy's math as is, to compare exactly
+    graphed = [generate(TRBPolicy(eps), prompts, SPACE, 20, torch.Generator().manual_seed(4), student=student,
+                        teacher=teacher, greedy=greedy, cache="static", compile=True)
+               for eps, greedy in ((0.0, True), (0.1, False))]
+    assert len(calls) >= 2 * 19  # every decode step of both rollouts went through the buffers
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a.completion_ids, b.completion_ids)
+        assert torch.equal(a.stopped, b.stopped)
+        for name in ("student_logp", "teacher_logp", "beta"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0)
+    # the static caches were kept on the models and reused by the later rollouts
+    assert len(student._trb_static_caches) == 1 and len(teacher._trb_static_caches) == 1

@@ -50,12 +50,14 @@ def qwen3_like_tokenizer(eos_token: str) -> PreTrainedTokenizerFast:
                                    chat_template=CHATML_TEMPLATE)
 
 
-def random_qwen3(shape: str, scale: float = 1.0, seed: int = 0, chat: bool = False, max_positions: int = 40960):
-    """A random-init Qwen3 causal LM of the named shape, width and depth multiplied by `scale` (>= 1 head kept)."""
+def random_qwen3(shape: str, scale: float = 1.0, seed: int = 0, chat: bool = False, max_positions: int = 40960,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A random-init Qwen3 causal LM of the named shape, width and depth multiplied by `scale` (>= 1 head kept),
+    built directly on `device` in `dtype` (an 8B-shaped model is initialized in seconds on a GPU, minutes on a CPU)."""
     hidden, layers, heads, kv_heads, mlp, tied = QWEN3_SHAPES[shape]
     heads = max(2, round(heads * scale))
     kv_heads = max(1, min(heads, round(kv_heads * scale)))
-    head_dim = 128 if scale == 1.0 else max(8, round(hidden * scale) // heads)
+    head_dim = 128 if scale == 1.0 else max(8, round(hidden * scale) // heads // 2 * 2)  # rotary needs it even
     config = AutoConfig.for_model(
         "qwen3", vocab_size=QWEN3_PADDED_VOCAB, hidden_size=heads * head_dim if scale != 1.0 else hidden,
         intermediate_size=max(16, round(mlp * scale)), num_hidden_layers=max(1, round(layers * scale)),
@@ -63,9 +65,10 @@ def random_qwen3(shape: str, scale: float = 1.0, seed: int = 0, chat: bool = Fal
         max_position_embeddings=max_positions, tie_word_embeddings=tied, rope_theta=1_000_000.0,
         bos_token_id=None, eos_token_id=151645 if chat else 151643, pad_token_id=151643,
     )
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     model.generation_config.eos_token_id = [151645, 151643] if chat else 151643
     return model
 

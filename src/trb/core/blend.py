@@ -120,7 +120,10 @@ def solve_beta(
     not exceed eps; where the constraint is tight it lands within max(1e-3 eps, 2e-6) below it.
     """
     path = _Path(student_logp, teacher_logp)
-    eps_t = torch.as_tensor(eps, dtype=path.q.dtype, device=path.q.device).expand(path.var_q.shape)  # (...)
+    if isinstance(eps, torch.Tensor):
+        eps_t = eps.to(path.q.dtype).expand(path.var_q.shape)  # (...)
+    else:  # a fill, not a host-to-device copy: the solver can run inside a captured CUDA graph
+        eps_t = torch.full_like(path.var_q, float(eps))  # (...)
     teacher_feasible = kl_divergence(teacher_logp, student_logp) <= eps_t  # (...)
 
     # Aim a little below eps so iterates converging from either side end up feasible, and accept a beta as

@@ -59,9 +59,10 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_token):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
+        # scaled in place: a (V x d) fp32 temporary would be as large as the weight gradient itself
         return (
-            (grad_hidden * grad_loss).to(hidden_dtype),
-            (grad_weight * grad_loss).to(weight_dtype),
+            grad_hidden.mul_(grad_loss).to(hidden_dtype),
+            grad_weight.mul_(grad_loss).to(weight_dtype),
             None, None, None, None, None,
         )
 

@@ -23,4 +23,5 @@ def merged_logp(logits: torch.Tensor, vocab_size: int, stop_ids: torch.Tensor, s
         return logp
     stop_logp = torch.logsumexp(logp.index_select(-1, stop_ids), dim=-1)  # (...)
     logp = logp.index_fill(-1, stop_ids, float("-inf"))  # (..., V)
-    return logp.index_copy(-1, torch.tensor([stop_into], device=logp.device), stop_logp[..., None])
+    is_into = torch.arange(logp.shape[-1], device=logp.device) == stop_into  # (V,) no host-to-device copy
+    return torch.where(is_into, stop_logp[..., None], logp)

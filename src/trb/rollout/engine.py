@@ -7,14 +7,21 @@ same rule as Hugging Face `generate` and as the training forward pass, so sample
 Two cache modes:
 - "dynamic" (default): Hugging Face DynamicCache. When sequences finish, the batch is compacted: finished rows
   leave both caches, so they cost no further student or teacher work.
-- "static": preallocated StaticCache of prompt + max_new_tokens slots for each model; finished rows keep running as
-  padding (fixed shapes, for compiled decoding).
+- "static": preallocated StaticCache of prompt + max_new_tokens slots (rounded up to a multiple of 64) for each
+  model, kept on the model and reused by later rollouts of the same shape; finished rows keep running as padding
+  (fixed shapes, for compiled decoding).
 
-The only host synchronization per step is the stop check (how many sequences just ended).
+With compile=True the single-token decode steps have fixed shapes. On a GPU both models' decode steps are captured
+once as one CUDA graph and replayed (no per-kernel launch cost, no compilation wait); on a CPU each model's forward
+goes through torch.compile. The policy's math (beta solve, blend, sampling) is compiled in both cases.
+
+The only host synchronization per step is the stop check (how many sequences just ended); compiled decoding does it
+every 8 steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, fields
 
@@ -127,20 +134,38 @@ def rollout_from_tokens(
     )
 
 
+STATIC_CACHE_ROUND = 64  # static caches come in multiples of this many slots, so nearby prompt widths share one
+
+
+def _static_cache(model: PreTrainedModel, batch: int, cache_len: int) -> StaticCache:
+    """The model's StaticCache for (batch, cache_len), emptied. It is kept on the model and reused: compiled decode
+    steps and captured CUDA graphs refer to its tensors, so a fresh cache per rollout would mean recompiling or
+    recapturing every time."""
+    store = vars(model).setdefault("_trb_static_caches", {})
+    cache = store.get((batch, cache_len))
+    if cache is None:
+        cache = store[(batch, cache_len)] = StaticCache(config=model.config, max_cache_len=cache_len)
+    else:
+        cache.reset()
+    return cache
+
+
 class _Decoder:
     """One model's incremental decoding state: its cache and the next-token log-probs on the shared vocabulary."""
 
-    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, cache: str, max_len: int, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, cache: str, max_len: int, compile: bool = False,
+                 batch: int = 0):
         self.model = model
         self.vocab = vocab
         self.stop_ids = vocab.stop_tensor(model.device)
         if cache == "static":
-            self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+            self.cache = _static_cache(model, batch, max_len)
         else:
             self.cache = DynamicCache(config=model.config)
-        # Decode steps have fixed shapes with a static cache: one compiled graph (CUDA graphs on GPU) serves them all.
-        mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-        self.decode_forward = torch.compile(model.forward, dynamic=False, mode=mode) if compile else model.forward
+        # Decode steps have fixed shapes with a static cache: one compiled graph serves them all (off GPU; on a GPU
+        # the decode steps are captured as a CUDA graph instead, see _GraphedSteps).
+        use_compile = compile and not _use_graphs(model.device)
+        self.decode_forward = torch.compile(model.forward, dynamic=False) if use_compile else model.forward
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, positions, keep: int = 1) -> torch.Tensor:
@@ -160,6 +185,80 @@ class _Decoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
+
+
+def _use_graphs(device: torch.device) -> bool:
+    """Whether compiled decoding captures CUDA graphs (on a GPU) rather than going through torch.compile."""
+    return device.type == "cuda"
+
+
+class _GraphedSteps:
+    """Every decoder's single-token step (forward and log-probs) as one CUDA graph over fixed buffers.
+
+    Inputs live in fixed tensors: the token (b, 1), its position (b, 1), and an additive attention mask
+    (b, 1, 1, S) per model dtype that opens the prompt's slots and then each decoded slot as it is written (padding
+    and causality in one, so the model builds no mask of its own). The first step runs eagerly on a side stream,
+    which warms up kernels and workspaces and writes the real first slot; the graph is captured right after and every
+    later step copies its inputs in and replays it. Off CUDA the same buffers are used without capture.
+    The returned log-probs are the graph's output buffers: read them before the next step.
+    """
+
+    def __init__(self, decoders: dict[str, _Decoder], prompt_mask: torch.Tensor, cache_len: int):
+        self.decoders = decoders
+        batch, self.slot = prompt_mask.shape
+        device = prompt_mask.device
+        self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)  # (b, 1)
+        self.position = torch.zeros((batch, 1), dtype=torch.long, device=device)  # (b, 1)
+        self.masks = {}  # dtype -> (b, 1, 1, S)
+        autocast = torch.is_autocast_enabled(device.type)
+        self.autocast = (device.type, torch.get_autocast_dtype(device.type)) if autocast else None
+        for dec in decoders.values():
+            dtype = self._dtype(dec)
+            if dtype not in self.masks:
+                low = torch.finfo(dtype).min
+                mask = torch.full((batch, 1, 1, cache_len), low, dtype=dtype, device=device)
+                mask[:, 0, 0, : self.slot] = torch.where(prompt_mask, 0.0, low)
+                self.masks[dtype] = mask
+        self.graph = None
+        self.outputs = None
+
+    def _dtype(self, dec: _Decoder) -> torch.dtype:
+        return self.autocast[1] if self.autocast else dec.model.dtype  # the dtype attention runs in
+
+    def _run(self) -> dict[str, torch.Tensor]:
+        return {role: dec.step(self.token, self.masks[self._dtype(dec)], self.position)
+                for role, dec in self.decoders.items()}
+
+    def step(self, token: torch.Tensor, position: torch.Tensor) -> dict[str, torch.Tensor]:
+        """token: (b,), position: (b, 1). Returns each role's next-token log-probs (b, V)."""
+        self.token.copy_(token[:, None])
+        self.position.copy_(position)
+        for mask in self.masks.values():
+            mask[:, :, :, self.slot] = 0.0
+        self.slot += 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if token.device.type != "cuda":
+            return self._run()
+        side = torch.cuda.Stream(token.device)
+        side.wait_stream(torch.cuda.current_stream(token.device))
+        with torch.cuda.stream(side):
+            first = self._run()
+        torch.cuda.current_stream(token.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # Under autocast the captured steps cast weights themselves: autocast's cache of cast weights would be
+        # freed when the caller's autocast region ends, while the graph still reads it.
+        no_cast_cache = (torch.autocast(self.autocast[0], dtype=self.autocast[1], cache_enabled=False)
+                         if self.autocast else contextlib.nullcontext())
+        with no_cast_cache, torch.cuda.graph(self.graph):
+            self.outputs = self._run()
+        return first
+
+
+def _graphable(model: PreTrainedModel) -> bool:
+    # the graphed steps hand the model a ready additive 4D mask, which these attention implementations take
+    return getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 @torch.no_grad()
@@ -195,12 +294,18 @@ def generate(
     device = (student if policy.needs_student else teacher).device
     prompt_ids, prompt_mask = left_pad(prompts, vocab.pad_id, device)  # (B, P)
     batch, width = prompt_ids.shape
+    cache_len = width + max_new_tokens
+    if cache == "static":
+        cache_len = -(-cache_len // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
     decoders = {
-        role: _Decoder(model, vocab, cache, width + max_new_tokens, compile)
+        role: _Decoder(model, vocab, cache, cache_len, compile, batch)
         for role, (needed, model) in roles.items()
         if needed
     }
     choose = torch.compile(policy.choose, dynamic=False) if compile else policy.choose
+    graphs = None
+    if compile and _use_graphs(device) and all(_graphable(dec.model) for dec in decoders.values()):
+        graphs = _GraphedSteps(decoders, prompt_mask, cache_len)
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
         return logp.argmax(-1) if greedy else sample(logp, generator)
@@ -224,7 +329,13 @@ def generate(
     logp = {role: dec.step(prompt_ids, attention, positions) for role, dec in decoders.items()}  # each (b, V)
     next_position = positions[:, -1:] + 1  # (b, 1)
     if compile:  # fixed-shape mask for every decode step: prompt mask, then ones (the causal mask hides the future)
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1]).expand(-1, max_new_tokens)], dim=1)
+        attention = torch.cat([attention, torch.ones_like(attention[:, :1]).expand(-1, cache_len - width)], dim=1)
+
+    def decode(token: torch.Tensor) -> dict[str, torch.Tensor]:
+        if graphs is not None:
+            return graphs.step(token, next_position)
+        return {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
+
     for t in range(max_new_tokens):
         choice = choose(logp.get("student"), logp.get("teacher"), draw, generator)
         token = choice.token  # (b,)
@@ -245,7 +356,7 @@ def generate(
         if t == max_new_tokens - 1:
             break
         if compile and t % 8:  # compiled decoding checks for the end less often (a host sync)
-            logp = {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
+            logp = decode(token)
             next_position = next_position + 1
             continue
         n_finished = int(finished.sum())  # the one host sync per step
@@ -258,7 +369,7 @@ def generate(
             active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
         if not compile:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, P + t + 1)
-        logp = {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
+        logp = decode(token)
         next_position = next_position + 1
 
     # With a static cache finished rows keep decoding as padding; drop whatever they produced after their stop.

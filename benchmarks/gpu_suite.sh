@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one go, as BENCHMARKS.md reports them: core math (beta solve, 8,192-token loss), lock-step
+# decode steps, rollouts (speculative vs lock-step), one training step against TRL. Each benchmark's full output goes
+# to OUT_DIR/<name>.txt, a summary to stdout. Run from the repository root on a CUDA machine:
+#
+#     benchmarks/gpu_suite.sh OUT_DIR
+#
+# Needs torch with CUDA, transformers, and (for the TRL comparison) trl + datasets importable.
+# SMALL=1 runs the same commands on tiny shapes (a CPU check of the script itself: DEVICE=cpu SMALL=1).
+set -u
+out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
+mkdir -p "$out"
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+py=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+if [ "${SMALL:-0}" = 1 ]; then
+    core_shape="--tokens 256 --d-student 64 --d-teacher 96 --vocab 5000 --batch 4 --chunks 64 128 --repeats 2"
+    models=tiny decode_shape="--batch 4 --cache-len 128 --steps 4 --engine-tokens 4 12 --eager-engine-tokens 4 8"
+    rollout_shape="--batch-sizes 4 --new-tokens 16" scale=0.05 train_shape="--prompts 4 --new-tokens 8 --steps 1"
+else
+    core_shape="--tokens 8192 --d-student 2048 --d-teacher 4096 --chunks 1024 2048 --repeats 5"
+    models=qwen3 decode_shape="--batch 64 --cache-len 1024"
+    rollout_shape="--batch-sizes 16 --new-tokens 128" scale=0.25 train_shape="--prompts 64 --new-tokens 128 --steps 3"
+fi
+
+run() {  # run NAME SECONDS CMD...: appends CMD's output to OUT_DIR/NAME.txt, prints its last line
+    local name=$1 limit=$2 start=$SECONDS
+    shift 2
+    echo "\$ $*" >>"$out/$name.txt"
+    timeout "$limit" "$@" >>"$out/$name.txt" 2>&1
+    local rc=$?
+    echo "== $name rc=$rc $((SECONDS - start))s: $*"
+    tail -n 1 "$out/$name.txt" | cut -c1-1500
+}
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    $py -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    $py -c "import trl, datasets; print('trl', trl.__version__, 'datasets', datasets.__version__)"
+} >"$out/env.txt" 2>&1
+cat "$out/env.txt"
+
+# shellcheck disable=SC2086  # the shapes are word lists
+run core "${CORE_S:-170}" $py benchmarks/bench_core.py --device "$device" $core_shape --dtype bf16 --compile
+# shellcheck disable=SC2086
+run decode "${DECODE_S:-170}" $py benchmarks/bench_decode.py --device "$device" --models $models $decode_shape
+# shellcheck disable=SC2086
+run rollout "${ROLLOUT_S:-110}" $py benchmarks/bench_rollout.py --device "$device" --models $models $rollout_shape \
+    --cache static --compile --repeats 2
+$py -c "from pathlib import Path; from trb.testing import random_qwen3_pair as p; p(Path('/tmp/trb-random'), \
+'0.6b', '1.7b', scale=$scale)" >>"$out/train_step.txt" 2>&1
+# shellcheck disable=SC2086
+run train_step "${TRAIN_S:-120}" $py benchmarks/bench_train_step.py --device "$device" $train_shape --compile \
+    --student /tmp/trb-random/student --teacher /tmp/trb-random/teacher
