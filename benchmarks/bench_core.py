@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, peak_memory_mib, time_ms  # noqa: E402
 
-from trb.core import blend, chunked_divergence, realized_kl, reverse_kl, solve_beta  # noqa: E402
+from trb.core import blend, chunked_divergence, realized_kl, reverse_kl, reverse_kl_with_grad, solve_beta  # noqa: E402
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PATHS = ["direct", "chunked", "chunked_compiled", "fused", "fused_compiled"]
 
 
 def loss_inputs(args, device, dtype=torch.float32):
@@ -58,6 +59,20 @@ def per_token(path: str):
     return lambda logits_s, logits_t, rows: _compiled["fn"](logits_s, logits_t)
 
 
+def logit_grad(path: str, vocab: int, device):
+    """The closed form (`reverse_kl_with_grad`): loss and logit gradient in one pass, no autograd."""
+    fn = reverse_kl_with_grad
+    if path == "fused_compiled":
+        fn = _compiled.setdefault("fused", torch.compile(reverse_kl_with_grad))
+    no_stops = torch.zeros(1, dtype=torch.long, device=device)  # one stop id: nothing to merge
+
+    def logit_grad_fn(logits_s, logits_t, rows, weight):
+        kl, grad, _ = fn(logits_s, logits_t, weight, vocab, no_stops)
+        return kl, grad
+
+    return logit_grad_fn
+
+
 def run_loss(path: str, inputs, chunk: int) -> torch.Tensor:
     h_s, w_s, h_t, w_t, weight = inputs
     h_s.grad = w_s.grad = None
@@ -65,6 +80,9 @@ def run_loss(path: str, inputs, chunk: int) -> torch.Tensor:
         with torch.no_grad():
             logits_t = h_t @ w_t.T  # (N, V)
         loss = (reverse_kl_logits(h_s @ w_s.T, logits_t) * weight).sum()
+    elif path.startswith("fused"):
+        loss, _ = chunked_divergence(h_s, w_s, h_t, w_t, weight, None, chunk_size=chunk,
+                                     logit_grad_fn=logit_grad(path, w_s.shape[0], h_s.device))
     else:
         loss, _ = chunked_divergence(h_s, w_s, h_t, w_t, weight, per_token(path), chunk_size=chunk)
     loss.backward()
@@ -75,7 +93,7 @@ def child(args) -> None:
     """Measure one loss path in this (fresh) process: peak memory first, then time."""
     device = torch.device(args.device)
     inputs = loss_inputs(args, device, DTYPES[args.dtype])
-    if args.child == "chunked_compiled":  # compile before measuring memory
+    if args.child.endswith("compiled"):  # compile before measuring memory
         run_loss(args.child, inputs, args.chunk)
     memory = peak_memory_mib(lambda: run_loss(args.child, inputs, args.chunk), device)
     ms = time_ms(lambda: run_loss(args.child, inputs, args.chunk), device, warmup=1, repeats=args.repeats)
@@ -98,7 +116,9 @@ def main() -> None:
                         help="also time torch.compile(solve_beta) and the chunked loss with a compiled divergence")
     parser.add_argument("--skip-solve", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=["direct", "chunked", "chunked_compiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS,
+                        help="loss paths to time (the compiled ones need --compile)")
+    parser.add_argument("--child", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -113,20 +133,27 @@ def main() -> None:
         solve_ms = time_ms(solve, device, repeats=args.repeats)
         beta = solve()
         compiled_ms = None
+        graphed_ms = None
         if args.compile:
             compiled = torch.compile(solve_beta, dynamic=False)
             compiled_ms = round(time_ms(lambda: compiled(student, teacher, args.eps), device, repeats=args.repeats), 3)
             beta = compiled(student, teacher, args.eps)
+            if device.type == "cuda":  # as inside the decode step's CUDA graph: no launch gaps
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    beta = compiled(student, teacher, args.eps)
+                graphed_ms = round(time_ms(graph.replay, device, repeats=max(args.repeats, 20)), 3)
         max_realized = realized_kl(student, teacher, beta).max().item()
         result["solve_beta"] = {"shape": [args.batch, args.vocab], "eps": args.eps, "iters": blend.SOLVER_ITERS,
-                                "ms": round(solve_ms, 3), "compiled_ms": compiled_ms, "max_realized_kl": max_realized,
+                                "ms": round(solve_ms, 3), "compiled_ms": compiled_ms,
+                                "compiled_graphed_ms": graphed_ms, "max_realized_kl": max_realized,
                                 "mean_beta": beta.mean().item()}
         print(result["solve_beta"], file=sys.stderr, flush=True)
 
     def measure(path: str, chunk: int) -> dict:
         cmd = [sys.executable, __file__, "--child", path, f"--chunk={chunk}"] + [
             f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-            if k not in ("child", "compile", "chunk", "chunks", "skip_solve")
+            if k not in ("child", "compile", "chunk", "chunks", "skip_solve", "paths")
         ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         found = json.loads(out.strip().splitlines()[-1])
@@ -135,14 +162,13 @@ def main() -> None:
         print(row, file=sys.stderr, flush=True)
         return row
 
-    rows = [measure("direct", 0)]
+    paths = [p for p in args.paths if args.compile or not p.endswith("compiled")]
+    rows = [measure("direct", 0)] if "direct" in paths else []
     for chunk in args.chunks:
-        rows.append(measure("chunked", chunk))
-        if args.compile:
-            rows.append(measure("chunked_compiled", chunk))
+        rows.extend(measure(path, chunk) for path in paths if path != "direct")
     # equality with the direct path, fp32, same shape, smallest chunk size
     inputs = loss_inputs(args, device, torch.float32)
-    paths = ["direct", "chunked"] + (["chunked_compiled"] if args.compile else [])
+    paths = ["direct"] + [p for p in paths if p != "direct"]
     outs = {p: run_loss(p, inputs, args.chunks[0]) for p in paths}
     diffs = {p: (outs["direct"] - outs[p]).abs().max().item() for p in paths[1:]}
     result["loss"] = {"tokens": args.tokens, "vocab": args.vocab, "d_student": args.d_student,

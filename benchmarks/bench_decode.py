@@ -1,6 +1,6 @@
 """Lock-step TRB decoding one step at a time, at a fixed static-cache size: the student's and the teacher's
 single-token decode steps, the beta solve + sample, and the engine's whole lock-step step, each eager and fast
-(CUDA graphs for the model steps and torch.compile for the policy math on a GPU; torch.compile alone on a CPU).
+(on a GPU: compiled forwards and policy math, captured as CUDA graphs; on a CPU: torch.compile alone).
 
     python benchmarks/bench_decode.py                                   # CPU: tiny models
     python benchmarks/bench_decode.py --device cuda --models qwen3      # GPU: Qwen3-1.7B / Qwen3-8B shapes, random init
@@ -26,7 +26,7 @@ from common import device_name, emit, synchronize  # noqa: E402
 
 from trb.core import sample  # noqa: E402
 from trb.rollout import TRBPolicy, engine, generate  # noqa: E402
-from trb.rollout.engine import _Decoder, _GraphedSteps, left_pad  # noqa: E402
+from trb.rollout.engine import _Decoder, _GraphedChoice, _GraphedSteps, left_pad  # noqa: E402
 
 
 def per_step_ms(step, device, steps: int, warmup: int = 2) -> float:
@@ -40,10 +40,11 @@ def per_step_ms(step, device, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) * 1e3 / steps
 
 
-def model_step_ms(model, space, prompts, cache_len, device, steps, graphed: bool) -> float:
-    """One model's single-token decode step (forward + log-probs on the shared vocabulary) over a static cache."""
+def model_step_ms(model, space, prompts, cache_len, device, steps, graphed: bool, compiled: bool = False) -> float:
+    """One model's single-token decode step (forward + log-probs on the shared vocabulary) over a static cache:
+    eager, captured as a CUDA graph, and/or with the forward compiled (fused kernels)."""
     ids, mask = left_pad(prompts, space.pad_id, device)
-    decoder = _Decoder(model, space, "static", cache_len, batch=len(prompts))
+    decoder = _Decoder(model, space, "static", cache_len, compile=compiled, batch=len(prompts))
     attention = mask.long()
     decoder.step(ids, attention, engine.position_ids(attention))  # prefill
     steps_ = _GraphedSteps({"model": decoder}, mask, cache_len)
@@ -91,9 +92,12 @@ def main() -> None:
     with torch.no_grad():
         for role, model in (("student", student), ("teacher", teacher)):
             if device.type == "cuda":
-                record(f"{role}_step_graphed", model_step_ms(model, space, prompts, args.cache_len, device,
-                                                             args.steps, True))
+                record(f"{role}_step_graphed_compiled", model_step_ms(model, space, prompts, args.cache_len, device,
+                                                                      args.steps, True, compiled=True))
             if not args.skip_eager:
+                if device.type == "cuda":
+                    record(f"{role}_step_graphed", model_step_ms(model, space, prompts, args.cache_len, device,
+                                                                 args.steps, True))
                 record(f"{role}_step_eager", model_step_ms(model, space, prompts, args.cache_len, device,
                                                            args.steps, False))
 
@@ -106,6 +110,10 @@ def main() -> None:
         compiled_choose = torch.compile(policy.choose, dynamic=False)
         record("solve_sample_compiled", per_step_ms(lambda: compiled_choose(s_logp, t_logp, draw, g), device,
                                                     args.steps, warmup=3))
+        if device.type == "cuda":  # as the engine runs it: captured with its sampling noise drawn beforehand
+            graphed = _GraphedChoice(torch.compile(engine._for_compile(policy, device).choose, dynamic=False),
+                                     {"student": s_logp, "teacher": t_logp}, g)
+            record("solve_sample_graphed", per_step_ms(graphed.step, device, args.steps, warmup=3))
         if not args.skip_eager:
             record("solve_sample_eager", per_step_ms(lambda: policy.choose(s_logp, t_logp, draw, g), device,
                                                      args.steps))

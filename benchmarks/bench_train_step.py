@@ -62,7 +62,7 @@ def body_params(model) -> int:
 
 def time_trb(student, teacher, vocab, prompts, args, device):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups)
+    spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups, compile=args.compile)
     phases = {"rollout": [], "teacher_forward": [], "loss_forward_backward": [], "optimizer": [], "step": []}
     tokens = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--length-groups", type=int, default=LossSpec.length_groups,
                         help="trb's training forwards in this many groups of similar length (1: one padded batch)")
     parser.add_argument("--compile", action="store_true",
-                        help="trb's rollouts with static caches and compiled decode steps (CUDA graphs on a GPU)")
+                        help="trb's rollouts with static caches and compiled decode steps (CUDA graphs on a GPU), "
+                        "and its loss with the compiled closed-form reverse KL")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--scratch", default="/tmp/trb-bench")
     args = parser.parse_args()

@@ -23,9 +23,12 @@ else
     rollout_shape="--batch-sizes 16 --new-tokens 128" scale=0.25 train_shape="--prompts 64 --new-tokens 128 --steps 3"
 fi
 
+stages=${STAGES:-decode core rollout train_step}  # a subset, e.g. STAGES="decode core"
+
 run() {  # run NAME SECONDS CMD...: appends CMD's output to OUT_DIR/NAME.txt, prints its last line
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    case " $stages " in *" $name "*) ;; *) return ;; esac
     echo "\$ $*" >>"$out/$name.txt"
     timeout "$limit" "$@" >>"$out/$name.txt" 2>&1
     local rc=$?
@@ -41,14 +44,18 @@ run() {  # run NAME SECONDS CMD...: appends CMD's output to OUT_DIR/NAME.txt, pr
 cat "$out/env.txt"
 
 # shellcheck disable=SC2086  # the shapes are word lists
-run core "${CORE_S:-170}" $py benchmarks/bench_core.py --device "$device" $core_shape --dtype bf16 --compile
+run decode "${DECODE_S:-170}" $py benchmarks/bench_decode.py --device "$device" --models $models $decode_shape \
+    ${DECODE_ARGS:-}
 # shellcheck disable=SC2086
-run decode "${DECODE_S:-170}" $py benchmarks/bench_decode.py --device "$device" --models $models $decode_shape
+run core "${CORE_S:-170}" $py benchmarks/bench_core.py --device "$device" $core_shape --dtype bf16 --compile \
+    ${CORE_ARGS:-}
 # shellcheck disable=SC2086
 run rollout "${ROLLOUT_S:-110}" $py benchmarks/bench_rollout.py --device "$device" --models $models $rollout_shape \
     --cache static --compile --repeats 2
-$py -c "from pathlib import Path; from trb.testing import random_qwen3_pair as p; p(Path('/tmp/trb-random'), \
-'0.6b', '1.7b', scale=$scale)" >>"$out/train_step.txt" 2>&1
+case " $stages " in *" train_step "*)
+    $py -c "from pathlib import Path; from trb.testing import random_qwen3_pair as p; p(Path('/tmp/trb-random'), \
+'0.6b', '1.7b', scale=$scale)" >>"$out/train_step.txt" 2>&1 ;;
+esac
 # shellcheck disable=SC2086
 run train_step "${TRAIN_S:-120}" $py benchmarks/bench_train_step.py --device "$device" $train_shape --compile \
     --student /tmp/trb-random/student --teacher /tmp/trb-random/teacher

@@ -217,3 +217,55 @@ def test_chunked_rejects_mismatched_rows():
     with pytest.raises(ValueError, match="row counts differ"):
         chunked_divergence(torch.zeros(3, 2), torch.zeros(5, 2), torch.zeros(4, 2), torch.zeros(5, 2),
                            torch.zeros(3), lambda a, b, r: a.sum(-1))
+
+
+@pytest.mark.parametrize("stops", [(7,), (7, 123, 500)])
+def test_closed_form_reverse_kl_gradient_equals_autograd_float64(stops):
+    """reverse_kl_with_grad: KL on the stop-merged shared vocabulary, its weighted logit gradient (zero on output
+    columns past the vocabulary), and the teacher's entropy, against autograd through merged_logp in float64."""
+    from trb.core import merged_logp, reverse_kl_with_grad
+
+    g = torch.Generator().manual_seed(3)
+    n, vocab, extra = 40, 600, 8  # the models' output layers have 8 rows past the shared vocabulary
+    z_s = (torch.randn(n, vocab + extra, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    z_t = torch.randn(n, vocab + extra, generator=g, dtype=torch.float64) * 2
+    weight = torch.rand(n, generator=g, dtype=torch.float64)
+    stop_ids = torch.tensor(stops)
+    s, t = merged_logp(z_s, vocab, stop_ids, 7).double(), merged_logp(z_t, vocab, stop_ids, 7).double()
+    ref_kl = torch.where(s.exp() > 0, s.exp() * (s - t), 0.0).sum(-1)
+    (ref_grad,) = torch.autograd.grad((ref_kl * weight).sum(), z_s)
+    ref_entropy = -torch.where(t > float("-inf"), t.exp() * t, 0.0).sum(-1)
+    kl, grad, entropy = reverse_kl_with_grad(z_s.detach(), z_t, weight, vocab, stop_ids)
+    assert grad.shape == z_s.shape and grad.dtype == z_s.dtype
+    torch.testing.assert_close(kl.double(), ref_kl.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-6)
+    assert grad[:, vocab:].abs().max() == 0
+
+
+def test_chunked_closed_form_equals_autograd_path():
+    from trb.core import reverse_kl_with_grad
+
+    g = torch.Generator().manual_seed(4)
+    n, d_s, d_t, vocab = 300, 32, 48, 1000
+    h_s = torch.randn(n, d_s, generator=g, requires_grad=True)
+    w_s = (torch.randn(vocab, d_s, generator=g) * 0.2).requires_grad_()
+    h_t, w_t = torch.randn(n, d_t, generator=g), torch.randn(vocab, d_t, generator=g) * 0.2
+    weight = (torch.rand(n, generator=g) > 0.2).float() / 250.0
+    stops = torch.tensor([3])
+
+    def per_token_fn(logits_s, logits_t, rows):
+        return reverse_kl(torch.log_softmax(logits_s, -1), torch.log_softmax(logits_t, -1))
+
+    def logit_grad_fn(logits_s, logits_t, rows, w):
+        kl, grad, _ = reverse_kl_with_grad(logits_s, logits_t, w, vocab, stops)
+        return kl, grad
+
+    results = []
+    for fns in ((per_token_fn, None), (None, logit_grad_fn)):
+        loss, values = chunked_divergence(h_s, w_s, h_t, w_t, weight, *fns[:1], chunk_size=64, logit_grad_fn=fns[1])
+        results.append((loss, values, *torch.autograd.grad(3.0 * loss, (h_s, w_s))))
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref.detach(), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs per_token_fn or logit_grad_fn"):
+        chunked_divergence(h_s, w_s, h_t, w_t, weight, None)

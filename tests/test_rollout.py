@@ -246,7 +246,9 @@ def test_compiled_static_decoding_equals_eager_and_hf_generate():
 
 def test_graphed_decode_buffers_equal_eager_static_decoding(monkeypatch):
     """The GPU's captured decode steps read fixed buffers (token, position, additive 4D mask of padding and
-    causality) instead of a growing 2D mask. Off CUDA the same buffers run without capture: same rollouts."""
+    causality) instead of a growing 2D mask, and the captured policy step takes its sampling noise from a buffer
+    filled by the rollout's generator. Off CUDA the same buffers run without capture: the same rollouts, token for
+    token."""
     from trb.rollout import engine
 
     student, teacher = pair()
@@ -254,14 +256,16 @@ def test_graphed_decode_buffers_equal_eager_static_decoding(monkeypatch):
     eager = [generate(TRBPolicy(eps), prompts, SPACE, 20, torch.Generator().manual_seed(4), student=student,
                       teacher=teacher, greedy=greedy, cache="static") for eps, greedy in ((0.0, True), (0.1, False))]
     monkeypatch.setattr(engine, "_use_graphs", lambda device: True)
-    calls = []
-    original_step = engine._GraphedSteps.step
+    calls, choices = [], []
+    original_step, original_choice = engine._GraphedSteps.step, engine._GraphedChoice.step
     monkeypatch.setattr(engine._GraphedSteps, "step", lambda self, *a: calls.append(1) or original_step(self, *a))
+    monkeypatch.setattr(engine._GraphedChoice, "step", lambda self: choices.append(1) or original_choice(self))
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the policy's math as is, to compare exactly
     graphed = [generate(TRBPolicy(eps), prompts, SPACE, 20, torch.Generator().manual_seed(4), student=student,
                         teacher=teacher, greedy=greedy, cache="static", compile=True)
                for eps, greedy in ((0.0, True), (0.1, False))]
     assert len(calls) >= 2 * 19  # every decode step of both rollouts went through the buffers
+    assert len(choices) >= 18  # the sampled rollout's choices too, with the race drawn into a fixed buffer
     for a, b in zip(eager, graphed):
         assert torch.equal(a.completion_ids, b.completion_ids)
         assert torch.equal(a.stopped, b.stopped)

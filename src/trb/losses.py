@@ -25,6 +25,7 @@ from transformers import PreTrainedModel
 
 from trb.core import (
     chunked_divergence,
+    reverse_kl_with_grad,
     forward_kl,
     generalized_jsd,
     merged_logp,
@@ -49,12 +50,22 @@ class LossSpec:
     chunk_size: int = 1024
     reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
     length_groups: int = 4  # training forwards run rows in this many groups of similar length (less padding)
+    compile: bool = False  # compile the closed-form reverse KL (fused kernels; pays a compilation once)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
         if self.length_groups < 1:
             raise ValueError(f"length_groups must be >= 1, got {self.length_groups}")
+
+
+_COMPILED = {}
+
+
+def _compiled_reverse_kl():
+    if "reverse_kl" not in _COMPILED:
+        _COMPILED["reverse_kl"] = torch.compile(reverse_kl_with_grad, dynamic=None)
+    return _COMPILED["reverse_kl"]
 
 
 def veto_target(b: float) -> Target:
@@ -180,6 +191,16 @@ def distill_loss(
     teacher_kl = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: KL(pi_S || pi_T)
     teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
+    logit_grad_fn = None
+    if spec.divergence == "reverse_kl" and target is None:  # closed form: loss and logit gradient in one pass
+        fused = _compiled_reverse_kl() if spec.compile else reverse_kl_with_grad
+
+        def logit_grad_fn(student_logits, teacher_logits, chunk, weight):
+            kl, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
+            teacher_kl[chunk] = kl
+            teacher_entropy[chunk] = entropy
+            return kl, grad
+
     def per_token_fn(student_logits, teacher_logits, chunk):
         s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
         t = merged_logp(teacher_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
@@ -206,6 +227,7 @@ def distill_loss(
         token_weight[rollout.completion_mask],
         per_token_fn,
         spec.chunk_size,
+        logit_grad_fn,
     )
     per_token = torch.zeros_like(token_weight, dtype=torch.float32)  # (B, T)
     per_token[rollout.completion_mask] = values

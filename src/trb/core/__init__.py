@@ -2,6 +2,7 @@
 
 from trb.core.blend import blend_logp, kl_divergence, realized_kl, solve_beta
 from trb.core.chunked import chunked_divergence
+from trb.core.fused import reverse_kl_with_grad
 from trb.core.divergences import (
     forward_kl,
     generalized_jsd,
@@ -27,6 +28,7 @@ __all__ = [
     "merged_logp",
     "realized_kl",
     "reverse_kl",
+    "reverse_kl_with_grad",
     "sample",
     "sampled_reverse_kl",
     "solve_beta",

@@ -16,12 +16,32 @@ import torch
 # per_token_fn(student_logits (n, V_s), teacher_logits (n, V_t) or None, rows: slice) -> (n,) loss per row, fp32.
 # `rows` locates the chunk in the full batch so the function can index per-row extras (tokens, behavior log-probs).
 PerTokenFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+# logit_grad_fn(student_logits (n, V_s), teacher_logits (n, V_t) or None, rows: slice, weight (n,)) ->
+# (per-row loss (n,) fp32, weight_i * d loss_i / d student_logits (n, V_s)): a closed form that replaces autograd.
+LogitGradFn = Callable[[torch.Tensor, torch.Tensor, slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b with acc fp32 and a, b possibly half precision: one GEMM accumulating into fp32 where the
+    device offers it (CUDA), so no half-precision (V x d) product and no separate fp32 addition."""
+    if a.dtype == acc.dtype and b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if acc.device.type == "cuda" and _MIXED_ADDMM:
+        try:
+            with torch.autocast("cuda", enabled=False):
+                return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        except (RuntimeError, TypeError):  # a torch without mixed-precision addmm: the two-step way from now on
+            _MIXED_ADDMM.clear()
+    return acc.add_((a @ b).to(acc.dtype))
+
+
+_MIXED_ADDMM = [True]  # emptied once torch.addmm(..., out_dtype=fp32) turns out not to be available
 
 
 class _ChunkedLinearDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, teacher_hidden, teacher_weight, token_weight, per_token_fn,
-                chunk_size):
+                chunk_size, logit_grad_fn):
         n_rows = student_hidden.shape[0]
         grad_hidden = torch.zeros_like(student_hidden, dtype=torch.float32)  # (N, d_s)
         grad_weight = torch.zeros_like(student_weight, dtype=torch.float32)  # (V_s, d_s)
@@ -37,6 +57,17 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
             if teacher_hidden is not None:
                 with torch.no_grad():
                     teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t)
+            if logit_grad_fn is not None:  # closed-form gradient: no autograd graph for the chunk
+                with torch.no_grad():
+                    hidden = student_hidden[rows].detach()  # (n, d_s)
+                    weight = student_weight.detach()  # (V_s, d_s)
+                    values, grad_logits = logit_grad_fn(hidden @ weight.T, teacher_logits, rows, token_weight[rows])
+                    if need_hidden:
+                        grad_hidden[rows] = (grad_logits @ weight).float()  # (n, d_s)
+                    if need_weight:
+                        grad_weight = _add_product(grad_weight, grad_logits.T, hidden)  # (V_s, d_s)
+                per_token[rows] = values.float()
+                continue
             with torch.set_grad_enabled(needs_grad):
                 student_logits = hidden @ weight_leaf.T  # (n, V_s)
                 values = per_token_fn(student_logits, teacher_logits, rows)  # (n,)
@@ -63,7 +94,7 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
         return (
             grad_hidden.mul_(grad_loss).to(hidden_dtype),
             grad_weight.mul_(grad_loss).to(weight_dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -73,8 +104,9 @@ def chunked_divergence(
     teacher_hidden: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
     token_weight: torch.Tensor,
-    per_token_fn: PerTokenFn,
+    per_token_fn: PerTokenFn | None,
     chunk_size: int = 1024,
+    logit_grad_fn: LogitGradFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted divergence sum with gradients for the student's hidden states and output weight.
 
@@ -84,7 +116,12 @@ def chunked_divergence(
     such as cross-entropy); token_weight: (N,) per-row weight, e.g.
     mask / global token count. Returns (loss, per_token): the scalar sum_i token_weight_i * D_i, differentiable,
     and the detached per-row divergences D (N,). Peak extra memory is O(chunk_size x V) instead of O(N x V).
+    logit_grad_fn, when given, replaces per_token_fn and autograd with a closed form that returns each chunk's
+    divergences and their weighted gradient with respect to the student's logits (e.g.
+    `trb.core.fused.reverse_kl_with_grad`).
     """
+    if per_token_fn is None and logit_grad_fn is None:
+        raise ValueError("chunked_divergence needs per_token_fn or logit_grad_fn")
     teacher_rows = student_hidden.shape[0] if teacher_hidden is None else teacher_hidden.shape[0]
     if student_hidden.shape[0] != teacher_rows or student_hidden.shape[0] != token_weight.shape[0]:
         raise ValueError(
@@ -92,5 +129,6 @@ def chunked_divergence(
             f"weights {token_weight.shape[0]}"
         )
     return _ChunkedLinearDivergence.apply(
-        student_hidden, student_weight, teacher_hidden, teacher_weight, token_weight, per_token_fn, chunk_size
+        student_hidden, student_weight, teacher_hidden, teacher_weight, token_weight, per_token_fn, chunk_size,
+        logit_grad_fn,
     )

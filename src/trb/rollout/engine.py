@@ -22,6 +22,7 @@ every 8 steps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass, fields
 
@@ -30,7 +31,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from trb.core import merged_logp, sample
 from trb.models import VocabSpace
-from trb.rollout.policies import BehaviorPolicy
+from trb.rollout.policies import BehaviorPolicy, TRBPolicy
 
 # transformers 5.x renames the forward's `past_key_values` to `cache` in some releases; the old name works on every
 # 5.x release this project supports, so keep it and silence the rename notice.
@@ -162,10 +163,9 @@ class _Decoder:
             self.cache = _static_cache(model, batch, max_len)
         else:
             self.cache = DynamicCache(config=model.config)
-        # Decode steps have fixed shapes with a static cache: one compiled graph serves them all (off GPU; on a GPU
-        # the decode steps are captured as a CUDA graph instead, see _GraphedSteps).
-        use_compile = compile and not _use_graphs(model.device)
-        self.decode_forward = torch.compile(model.forward, dynamic=False) if use_compile else model.forward
+        # Decode steps have fixed shapes with a static cache: one compiled graph serves them all (on a GPU it is
+        # then captured as a CUDA graph, see _GraphedSteps).
+        self.decode_forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, positions, keep: int = 1) -> torch.Tensor:
@@ -239,8 +239,13 @@ class _GraphedSteps:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        if token.device.type != "cuda":
-            return self._run()
+        if token.device.type != "cuda":  # no capture; fixed output buffers all the same, as on a GPU
+            fresh = self._run()
+            if self.outputs is None:
+                self.outputs = {role: value.clone() for role, value in fresh.items()}
+            for role, value in fresh.items():
+                self.outputs[role].copy_(value)
+            return self.outputs
         side = torch.cuda.Stream(token.device)
         side.wait_stream(torch.cuda.current_stream(token.device))
         with torch.cuda.stream(side):
@@ -254,6 +259,49 @@ class _GraphedSteps:
         with no_cast_cache, torch.cuda.graph(self.graph):
             self.outputs = self._run()
         return first
+
+
+class _GraphedChoice:
+    """The policy's choice at every step, captured as a CUDA graph over the decode graph's output buffers.
+
+    For policies that draw once (`single_draw`): the exponential race that `trb.core.sample` would draw is taken
+    from the rollout's generator outside the graph, into a fixed buffer, so the graph samples exactly what the
+    eager policy would. The returned Choice holds the graph's output buffers: read them before the next step.
+    """
+
+    def __init__(self, choose, logp: dict[str, torch.Tensor], generator: torch.Generator):
+        self.choose = choose
+        self.logp = logp
+        self.generator = generator
+        self.noise = torch.empty_like(next(iter(logp.values())), dtype=torch.float32)  # (b, V)
+        self.graph = None
+        self.output = None
+
+    def draw(self, logp: torch.Tensor) -> torch.Tensor:  # trb.core.sample with the race drawn beforehand
+        return (logp.float() - self.noise.log()).argmax(dim=-1)
+
+    def _run(self):
+        return self.choose(self.logp.get("student"), self.logp.get("teacher"), self.draw, self.generator)
+
+    def step(self):
+        self.noise.exponential_(generator=self.generator)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        first = self._run()
+        if self.noise.device.type == "cuda":
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self._run()
+        return first
+
+
+def _for_compile(policy: BehaviorPolicy, device: torch.device) -> BehaviorPolicy:
+    """TRB's eps as a device tensor: compiled code then does not specialize on its value, which an annealed
+    schedule changes at every optimizer step (one compilation instead of one per step)."""
+    if isinstance(policy, TRBPolicy) and not isinstance(policy.eps, torch.Tensor):
+        return dataclasses.replace(policy, eps=torch.tensor(float(policy.eps), device=device))
+    return policy
 
 
 def _graphable(model: PreTrainedModel) -> bool:
@@ -302,8 +350,8 @@ def generate(
         for role, (needed, model) in roles.items()
         if needed
     }
-    choose = torch.compile(policy.choose, dynamic=False) if compile else policy.choose
-    graphs = None
+    choose = torch.compile(_for_compile(policy, device).choose, dynamic=False) if compile else policy.choose
+    graphs = graphed_choice = None
     if compile and _use_graphs(device) and all(_graphable(dec.model) for dec in decoders.values()):
         graphs = _GraphedSteps(decoders, prompt_mask, cache_len)
 
@@ -337,7 +385,11 @@ def generate(
         return {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
 
     for t in range(max_new_tokens):
-        choice = choose(logp.get("student"), logp.get("teacher"), draw, generator)
+        if graphs is not None and logp is graphs.outputs and getattr(policy, "single_draw", False) and not greedy:
+            graphed_choice = graphed_choice or _GraphedChoice(choose, logp, generator)
+            choice = graphed_choice.step()
+        else:
+            choice = choose(logp.get("student"), logp.get("teacher"), draw, generator)
         token = choice.token  # (b,)
         tokens[active, t] = token
         mask[active, t] = True

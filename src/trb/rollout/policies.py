@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, ClassVar, Protocol
 
 import torch
 
@@ -39,6 +39,9 @@ class BehaviorPolicy(Protocol):
     name: str
     needs_student: bool
     needs_teacher: bool
+    # True when choose() draws exactly once and uses no generator of its own: the engine may then capture it in a
+    # CUDA graph with the draw's noise taken from the generator beforehand
+    single_draw: ClassVar[bool]
 
     def choose(
         self,
@@ -69,6 +72,7 @@ class StudentPolicy:
 
     temperature: float = 1.0
     name: str = "student"
+    single_draw: ClassVar[bool] = True
     needs_student: bool = True
     needs_teacher: bool = False
 
@@ -89,6 +93,7 @@ class TRBPolicy:
 
     eps: float
     name: str = "trb"
+    single_draw: ClassVar[bool] = True
     needs_student: bool = True
     needs_teacher: bool = True
 
@@ -108,6 +113,7 @@ class TeacherPolicy:
 
     temperature: float = 1.0
     name: str = "teacher"
+    single_draw: ClassVar[bool] = True
     needs_student: bool = False
     needs_teacher: bool = True
 
@@ -143,6 +149,7 @@ class SKDPolicy:
     top_k: int = 25
     teacher_temperature: float = 1.0
     name: str = "skd"
+    single_draw: ClassVar[bool] = False
     needs_student: bool = True
     needs_teacher: bool = True
 
@@ -168,6 +175,7 @@ class MixturePolicy:
 
     alpha: float = 0.2
     name: str = "mixture"
+    single_draw: ClassVar[bool] = False
     needs_student: bool = True
     needs_teacher: bool = True
 
