@@ -44,7 +44,7 @@ def model_step_ms(model, space, prompts, cache_len, device, steps, graphed: bool
     """One model's single-token decode step (forward + log-probs on the shared vocabulary) over a static cache:
     eager, captured as a CUDA graph, and/or with the forward compiled (fused kernels)."""
     ids, mask = left_pad(prompts, space.pad_id, device)
-    decoder = _Decoder(model, space, "static", cache_len, compile=compiled, batch=len(prompts))
+    decoder = _Decoder(model, space, "static", cache_len, batch=len(prompts), compile_forward=compiled)
     attention = mask.long()
     decoder.step(ids, attention, engine.position_ids(attention))  # prefill
     steps_ = _GraphedSteps({"model": decoder}, mask, cache_len)
@@ -74,7 +74,10 @@ def main() -> None:
                         help="rollout lengths whose difference times the engine's fast lock-step step")
     parser.add_argument("--eager-engine-tokens", type=int, nargs=2, default=[4, 20], metavar=("N1", "N2"))
     parser.add_argument("--skip-eager", action="store_true", help="time only the fast paths")
+    parser.add_argument("--inductor-forward", action="store_true",
+                        help="GPU: also torch.compile the forwards captured in the graphs (engine included)")
     args = parser.parse_args()
+    engine.COMPILE_FORWARD_ON_GPU = args.inductor_forward
     device = torch.device(args.device)
     student, teacher, space = build_models(args.models, device)
     engine.STATIC_CACHE_ROUND = args.cache_len  # every rollout below uses one cache of exactly this size
@@ -92,12 +95,12 @@ def main() -> None:
     with torch.no_grad():
         for role, model in (("student", student), ("teacher", teacher)):
             if device.type == "cuda":
-                record(f"{role}_step_graphed_compiled", model_step_ms(model, space, prompts, args.cache_len, device,
-                                                                      args.steps, True, compiled=True))
+                record(f"{role}_step_graphed", model_step_ms(model, space, prompts, args.cache_len, device,
+                                                             args.steps, True))
+                if args.inductor_forward:
+                    record(f"{role}_step_graphed_compiled", model_step_ms(model, space, prompts, args.cache_len,
+                                                                          device, args.steps, True, compiled=True))
             if not args.skip_eager:
-                if device.type == "cuda":
-                    record(f"{role}_step_graphed", model_step_ms(model, space, prompts, args.cache_len, device,
-                                                                 args.steps, True))
                 record(f"{role}_step_eager", model_step_ms(model, space, prompts, args.cache_len, device,
                                                            args.steps, False))
 

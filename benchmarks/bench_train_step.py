@@ -26,7 +26,7 @@ from common import device_name, emit, synchronize  # noqa: E402
 
 from trb.losses import FinalHidden, LossSpec, completion_select, distill_loss  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
-from trb.rollout import StudentPolicy, generate  # noqa: E402
+from trb.rollout import StudentPolicy, engine, generate  # noqa: E402
 from trb.tasks import SETTINGS, format_prompt  # noqa: E402
 
 
@@ -155,11 +155,14 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="trb's rollouts with static caches and compiled decode steps (CUDA graphs on a GPU), "
                         "and its loss with the compiled closed-form reverse KL")
+    parser.add_argument("--inductor-forward", action="store_true",
+                        help="with --compile on a GPU: also torch.compile the decode forwards captured in the graphs")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--scratch", default="/tmp/trb-bench")
     args = parser.parse_args()
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    engine.COMPILE_FORWARD_ON_GPU = args.inductor_forward
     tokenizer = load_tokenizer(args.student)
     student, teacher = load_causal_lm(args.student, device), load_causal_lm(args.teacher, device)
     teacher.requires_grad_(False)
@@ -191,6 +194,7 @@ def main() -> None:
         "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
         "precision": args.precision, "length_groups": args.length_groups, "compile": args.compile,
+        "inductor_forward": args.inductor_forward,
         "sequences": len(prompts),
         "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
         "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one go, as BENCHMARKS.md reports them: core math (beta solve, 8,192-token loss), lock-step
-# decode steps, rollouts (speculative vs lock-step), one training step against TRL. Each benchmark's full output goes
+# Every GPU check in one go, as BENCHMARKS.md reports them: the GPU tests (`pytest -m gpu`), lock-step decode steps,
+# core math (beta solve, 8,192-token loss), rollouts (speculative vs lock-step), one training step against TRL. Each benchmark's full output goes
 # to OUT_DIR/<name>.txt, a summary to stdout. Run from the repository root on a CUDA machine:
 #
 #     benchmarks/gpu_suite.sh OUT_DIR
@@ -23,7 +23,7 @@ else
     rollout_shape="--batch-sizes 16 --new-tokens 128" scale=0.25 train_shape="--prompts 64 --new-tokens 128 --steps 3"
 fi
 
-stages=${STAGES:-decode core rollout train_step}  # a subset, e.g. STAGES="decode core"
+stages=${STAGES:-tests decode core rollout train_step}  # a subset, e.g. STAGES="decode core"
 
 run() {  # run NAME SECONDS CMD...: appends CMD's output to OUT_DIR/NAME.txt, prints its last line
     local name=$1 limit=$2 start=$SECONDS
@@ -43,6 +43,7 @@ run() {  # run NAME SECONDS CMD...: appends CMD's output to OUT_DIR/NAME.txt, pr
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
+run tests "${TESTS_S:-120}" $py -m pytest -q -m gpu -p no:cacheprovider tests
 # shellcheck disable=SC2086  # the shapes are word lists
 run decode "${DECODE_S:-170}" $py benchmarks/bench_decode.py --device "$device" --models $models $decode_shape \
     ${DECODE_ARGS:-}

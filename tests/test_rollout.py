@@ -273,3 +273,21 @@ def test_graphed_decode_buffers_equal_eager_static_decoding(monkeypatch):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0)
     # the static caches were kept on the models and reused by the later rollouts
     assert len(student._trb_static_caches) == 1 and len(teacher._trb_static_caches) == 1
+
+
+@pytest.mark.gpu
+def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
+    """On a GPU (`pytest -m gpu`): compiled decoding captures both models' decode steps and the TRB step as CUDA
+    graphs. The log-probs it records for the sampled tokens equal a fresh forward pass over the finished
+    sequences, every position stays inside the trust region, and a second rollout reuses the static caches."""
+    device = torch.device("cuda")
+    student, teacher = (m.to(device) for m in pair())
+    for seed in (0, 1):
+        rollout = generate(TRBPolicy(0.05), PROMPTS * 4, SPACE, 24, torch.Generator(device).manual_seed(seed),
+                           student=student, teacher=teacher, cache="static", compile=True)
+        with torch.no_grad():
+            for model, recorded in ((student, rollout.student_logp), (teacher, rollout.teacher_logp)):
+                torch.testing.assert_close(recorded, fresh_token_logp(model, rollout, SPACE), atol=1e-4, rtol=0)
+        assert float(rollout.realized_kl.max()) <= 0.05
+        assert rollout.completion_mask.sum() > len(PROMPTS) * 4
+    assert len(student._trb_static_caches) == 1

@@ -191,15 +191,16 @@ def distill_loss(
     teacher_kl = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: KL(pi_S || pi_T)
     teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
-    logit_grad_fn = None
-    if spec.divergence == "reverse_kl" and target is None:  # closed form: loss and logit gradient in one pass
-        fused = _compiled_reverse_kl() if spec.compile else reverse_kl_with_grad
+    fused = _compiled_reverse_kl() if spec.compile else reverse_kl_with_grad
 
-        def logit_grad_fn(student_logits, teacher_logits, chunk, weight):
-            kl, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
-            teacher_kl[chunk] = kl
-            teacher_entropy[chunk] = entropy
-            return kl, grad
+    def fused_fn(student_logits, teacher_logits, chunk, weight):
+        kl, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
+        teacher_kl[chunk] = kl
+        teacher_entropy[chunk] = entropy
+        return kl, grad
+
+    # the exact OPD loss has a closed-form logit gradient: loss and gradient in one pass, no autograd
+    logit_grad_fn = fused_fn if spec.divergence == "reverse_kl" and target is None else None
 
     def per_token_fn(student_logits, teacher_logits, chunk):
         s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)

@@ -12,8 +12,11 @@ Two cache modes:
   (fixed shapes, for compiled decoding).
 
 With compile=True the single-token decode steps have fixed shapes. On a GPU both models' decode steps are captured
-once as one CUDA graph and replayed (no per-kernel launch cost, no compilation wait); on a CPU each model's forward
-goes through torch.compile. The policy's math (beta solve, blend, sampling) is compiled in both cases.
+once as one CUDA graph and replayed (no per-kernel launch cost, no compilation wait), and so is the policy's step;
+on a CPU each model's forward goes through torch.compile. The policy's math (beta solve, blend, sampling) is
+compiled in both cases. On a GPU the captured forwards are the models' own (eager) kernels: measured at Qwen3-1.7B
+and -8B shapes (BENCHMARKS.md), inductor-compiled forwards inside the graph ran slower (teacher step 27.0 ms
+against 13.5 ms), so they are opt-in (COMPILE_FORWARD_ON_GPU).
 
 The only host synchronization per step is the stop check (how many sequences just ended); compiled decoding does it
 every 8 steps.
@@ -136,6 +139,7 @@ def rollout_from_tokens(
 
 
 STATIC_CACHE_ROUND = 64  # static caches come in multiples of this many slots, so nearby prompt widths share one
+COMPILE_FORWARD_ON_GPU = False  # compiled decoding on a GPU: also torch.compile the forwards captured in the graph
 
 
 def _static_cache(model: PreTrainedModel, batch: int, cache_len: int) -> StaticCache:
@@ -155,7 +159,7 @@ class _Decoder:
     """One model's incremental decoding state: its cache and the next-token log-probs on the shared vocabulary."""
 
     def __init__(self, model: PreTrainedModel, vocab: VocabSpace, cache: str, max_len: int, compile: bool = False,
-                 batch: int = 0):
+                 batch: int = 0, compile_forward: bool | None = None):
         self.model = model
         self.vocab = vocab
         self.stop_ids = vocab.stop_tensor(model.device)
@@ -163,9 +167,11 @@ class _Decoder:
             self.cache = _static_cache(model, batch, max_len)
         else:
             self.cache = DynamicCache(config=model.config)
-        # Decode steps have fixed shapes with a static cache: one compiled graph serves them all (on a GPU it is
-        # then captured as a CUDA graph, see _GraphedSteps).
-        self.decode_forward = torch.compile(model.forward, dynamic=False) if compile else model.forward
+        # Decode steps have fixed shapes with a static cache: one compiled graph serves them all. On a GPU the
+        # steps are captured as a CUDA graph (_GraphedSteps), over the eager forward unless asked otherwise.
+        if compile_forward is None:
+            compile_forward = compile and (not _use_graphs(model.device) or COMPILE_FORWARD_ON_GPU)
+        self.decode_forward = torch.compile(model.forward, dynamic=False) if compile_forward else model.forward
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, positions, keep: int = 1) -> torch.Tensor:
