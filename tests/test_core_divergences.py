@@ -180,14 +180,20 @@ def direct_loss(h_s, w_s, h_t, w_t, weight, per_token_fn):
     return (values * weight).sum(), values
 
 
-@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd", "topk", "sampled"])
-def test_chunked_equals_direct_in_value_and_gradient(kind):
-    g = torch.Generator().manual_seed(9)
-    n, d_s, d_t, vocab = 300, 32, 48, 1000
+def chunk_inputs(seed, n=300, d_s=32, d_t=48, vocab=1000):
+    """Hidden states and output weights of a student (with gradients) and a teacher, and per-row weights."""
+    g = torch.Generator().manual_seed(seed)
     h_s = torch.randn(n, d_s, generator=g, requires_grad=True)
     w_s = (torch.randn(vocab, d_s, generator=g) * 0.2).requires_grad_()
     h_t, w_t = torch.randn(n, d_t, generator=g), torch.randn(vocab, d_t, generator=g) * 0.2
     weight = (torch.rand(n, generator=g) > 0.2).float() / 250.0
+    return h_s, w_s, h_t, w_t, weight, g
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward", "jsd", "topk", "sampled"])
+def test_chunked_equals_direct_in_value_and_gradient(kind):
+    n, vocab = 300, 1000
+    h_s, w_s, h_t, w_t, weight, g = chunk_inputs(9, n=n, vocab=vocab)
     tokens = torch.randint(0, vocab, (n,), generator=g)
 
     def per_token_fn(logits_s, logits_t, rows):
@@ -246,12 +252,8 @@ def test_closed_form_reverse_kl_gradient_equals_autograd_float64(stops):
 def test_chunked_closed_form_equals_autograd_path():
     from trb.core import reverse_kl_with_grad
 
-    g = torch.Generator().manual_seed(4)
-    n, d_s, d_t, vocab = 300, 32, 48, 1000
-    h_s = torch.randn(n, d_s, generator=g, requires_grad=True)
-    w_s = (torch.randn(vocab, d_s, generator=g) * 0.2).requires_grad_()
-    h_t, w_t = torch.randn(n, d_t, generator=g), torch.randn(vocab, d_t, generator=g) * 0.2
-    weight = (torch.rand(n, generator=g) > 0.2).float() / 250.0
+    vocab = 1000
+    h_s, w_s, h_t, w_t, weight, _ = chunk_inputs(4, vocab=vocab)
     stops = torch.tensor([3])
 
     def per_token_fn(logits_s, logits_t, rows):

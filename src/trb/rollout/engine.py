@@ -144,11 +144,12 @@ COMPILE_FORWARD_ON_GPU = False  # compiled decoding on a GPU: also torch.compile
 
 def _static_cache(model: PreTrainedModel, batch: int, cache_len: int) -> StaticCache:
     """The model's StaticCache for (batch, cache_len), emptied. It is kept on the model and reused: compiled decode
-    steps and captured CUDA graphs refer to its tensors, so a fresh cache per rollout would mean recompiling or
-    recapturing every time."""
+    steps refer to its tensors, so a fresh cache per rollout would mean recompiling every time. Only the latest shape
+    is kept (an 8B teacher's cache at 64 x 1,024 slots is 9.7 GB)."""
     store = vars(model).setdefault("_trb_static_caches", {})
     cache = store.get((batch, cache_len))
     if cache is None:
+        store.clear()
         cache = store[(batch, cache_len)] = StaticCache(config=model.config, max_cache_len=cache_len)
     else:
         cache.reset()
