@@ -157,6 +157,8 @@ def main() -> None:
                         "and its loss with the compiled closed-form reverse KL")
     parser.add_argument("--inductor-forward", action="store_true",
                         help="with --compile on a GPU: also torch.compile the decode forwards captured in the graphs")
+    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the frozen teacher's weights (models.teacher_dtype); both trainers use this teacher")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--scratch", default="/tmp/trb-bench")
     args = parser.parse_args()
@@ -164,7 +166,8 @@ def main() -> None:
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     engine.COMPILE_FORWARD_ON_GPU = args.inductor_forward
     tokenizer = load_tokenizer(args.student)
-    student, teacher = load_causal_lm(args.student, device), load_causal_lm(args.teacher, device)
+    student = load_causal_lm(args.student, device)
+    teacher = load_causal_lm(args.teacher, device, dtype=args.teacher_dtype)  # TRL gets this same teacher
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, load_tokenizer(args.teacher), student, teacher)
     texts = [format_prompt(tokenizer, p.question) for p in SETTINGS[args.setting]("test", args.prompts, 0)]
@@ -194,7 +197,7 @@ def main() -> None:
         "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
         "precision": args.precision, "length_groups": args.length_groups, "compile": args.compile,
-        "inductor_forward": args.inductor_forward,
+        "inductor_forward": args.inductor_forward, "teacher_dtype": args.teacher_dtype,
         "sequences": len(prompts),
         "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
         "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
