@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=0.02)
     parser.add_argument("--gamma", type=int, default=4, help="draft length of speculative TRB")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
-    parser.add_argument("--compile", action="store_true", help="compiled decode steps (needs --cache static)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled decode steps (needs --cache static; speculative TRB then runs with fixed shapes)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -86,7 +87,7 @@ def main() -> None:
         def speculative():
             rollout, stats = generate_speculative(args.eps, prompts, space, args.new_tokens,
                                                   torch.Generator(device=device).manual_seed(0), student, teacher,
-                                                  gamma=args.gamma)
+                                                  gamma=args.gamma, compile=args.compile)
             counted["trb_speculative"] = int(rollout.completion_mask.sum())
             counted["acceptance"] = stats.acceptance
 

@@ -34,14 +34,15 @@ def per_position_codes(rollout, positions):
     return [ids[:, t] for t in positions] + [ids[:, 0] * (VOCAB + 1) + ids[:, 1]]
 
 
-@pytest.mark.parametrize("eps", [0.02, 0.5])
-def test_speculative_matches_lockstep_distribution(eps):
+@pytest.mark.parametrize("eps, compile", [(0.02, False), (0.5, False), (0.5, True)])
+def test_speculative_matches_lockstep_distribution(eps, compile):
+    """compile=True: fixed shapes (static caches, fixed mask buffers: the path captured as CUDA graphs on a GPU)."""
     student, teacher = pair()
     prompts = [[3, 4, 5]] * 8_000
     lock = generate(TRBPolicy(eps), prompts, SPACE, 5, torch.Generator().manual_seed(0), student=student,
                     teacher=teacher)
     spec, stats = generate_speculative(eps, prompts, SPACE, 5, torch.Generator().manual_seed(1), student, teacher,
-                                       gamma=3)
+                                       gamma=3, compile=compile)
     plain = generate(StudentPolicy(), prompts, SPACE, 5, torch.Generator().manual_seed(2), student=student)
     for a, b in zip(per_position_codes(lock, range(5)), per_position_codes(spec, range(5))):
         assert homogeneous(a, b) > 1e-3
@@ -52,12 +53,13 @@ def test_speculative_matches_lockstep_distribution(eps):
     assert stats.acceptance >= 1 - (eps / 2) ** 0.5 - 0.02, "Pinsker: acceptance >= 1 - sqrt(eps / 2)"
 
 
-def test_speculative_records_equal_a_fresh_forward_and_stay_in_budget():
+@pytest.mark.parametrize("compile", [False, True])
+def test_speculative_records_equal_a_fresh_forward_and_stay_in_budget(compile):
     student, teacher = pair()
     prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 8
     for gamma in (1, 4):
         rollout, stats = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(gamma), student,
-                                              teacher, gamma=gamma)
+                                              teacher, gamma=gamma, compile=compile)
         assert stats.teacher_forwards == stats.rounds + 1, "one teacher forward per round (plus the prefill)"
         if gamma == 4:
             assert stats.rounds < rollout.lengths.max(), "rounds emit several tokens each"
@@ -90,3 +92,18 @@ def test_training_with_speculative_rollouts(tiny_pair, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert 0 < records[0]["rollout/spec_acceptance"] <= 1 and records[0]["rollout/realized_kl_max"] <= 0.1 + 1e-6
     assert "rollout/spec_acceptance" not in records[1], "after the horizon rollouts are plain student samples"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_speculative_records_equal_a_fresh_forward():
+    """On a GPU (`pytest -m gpu`): fixed-shape speculative TRB captures the student's steps and the teacher's
+    window as CUDA graphs; what it records still equals a fresh forward over the finished sequences."""
+    device = torch.device("cuda")
+    student, teacher = (m.to(device) for m in pair())
+    prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 8
+    rollout, stats = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator(device).manual_seed(0), student,
+                                          teacher, gamma=4, compile=True)
+    with torch.no_grad():
+        torch.testing.assert_close(rollout.student_logp, token_logp(student, rollout, SPACE), atol=1e-4, rtol=0)
+        torch.testing.assert_close(rollout.teacher_logp, token_logp(teacher, rollout, SPACE), atol=1e-4, rtol=0)
+    assert stats.rounds < rollout.lengths.max() and float(rollout.realized_kl.max()) <= 0.3 + 1e-6

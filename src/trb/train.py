@@ -365,7 +365,8 @@ class Trainer:
             with s.autocast:
                 if cfg.speculative_gamma and isinstance(policy, TRBPolicy):
                     rollout, stats = generate_speculative(policy.eps, prompts, s.vocab, cfg.max_new_tokens, generator,
-                                                          s.student, s.teacher, cfg.speculative_gamma)
+                                                          s.student, s.teacher, cfg.speculative_gamma,
+                                                          compile=cfg.compile)
                     self.speculative.tested += stats.tested
                     self.speculative.accepted += stats.accepted
                     out.append(rollout)

@@ -217,8 +217,7 @@ class _GraphedSteps:
         self.token = torch.zeros((batch, 1), dtype=torch.long, device=device)  # (b, 1)
         self.position = torch.zeros((batch, 1), dtype=torch.long, device=device)  # (b, 1)
         self.masks = {}  # dtype -> (b, 1, 1, S)
-        autocast = torch.is_autocast_enabled(device.type)
-        self.autocast = (device.type, torch.get_autocast_dtype(device.type)) if autocast else None
+        self.autocast = _autocast_now(device)
         for dec in decoders.values():
             dtype = self._dtype(dec)
             if dtype not in self.masks:
@@ -253,19 +252,31 @@ class _GraphedSteps:
             for role, value in fresh.items():
                 self.outputs[role].copy_(value)
             return self.outputs
-        side = torch.cuda.Stream(token.device)
-        side.wait_stream(torch.cuda.current_stream(token.device))
-        with torch.cuda.stream(side):
-            first = self._run()
-        torch.cuda.current_stream(token.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # Under autocast the captured steps cast weights themselves: autocast's cache of cast weights would be
-        # freed when the caller's autocast region ends, while the graph still reads it.
-        no_cast_cache = (torch.autocast(self.autocast[0], dtype=self.autocast[1], cache_enabled=False)
-                         if self.autocast else contextlib.nullcontext())
-        with no_cast_cache, torch.cuda.graph(self.graph):
-            self.outputs = self._run()
+        first, self.graph, self.outputs = _capture(self._run, self.autocast)
         return first
+
+
+def _autocast_now(device: torch.device) -> tuple[str, torch.dtype] | None:
+    return (device.type, torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else None
+
+
+def _capture(fn, autocast: tuple[str, torch.dtype] | None):
+    """Run fn once eagerly on a side stream (warm-up, and the real result of this step), then capture it as a CUDA
+    graph. Returns (first result, graph, the graph's output buffers)."""
+    current = torch.cuda.current_stream()
+    side = torch.cuda.Stream()
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        first = fn()
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # Under autocast the captured steps cast weights themselves: autocast's cache of cast weights would be freed
+    # when the caller's autocast region ends, while the graph still reads it.
+    no_cast_cache = (torch.autocast(autocast[0], dtype=autocast[1], cache_enabled=False) if autocast
+                     else contextlib.nullcontext())
+    with no_cast_cache, torch.cuda.graph(graph):
+        outputs = fn()
+    return first, graph, outputs
 
 
 class _GraphedChoice:

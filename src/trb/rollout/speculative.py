@@ -11,6 +11,10 @@ is an exact sample of mu_beta given its prefix: the rollouts have the lock-step 
 Batching: rows accept different numbers of drafts. Instead of cropping caches row by row, rejected drafts stay in the
 caches as masked slots (attention mask 0) and positions count valid tokens only, so every row advances by exactly the
 tokens it accepted.
+
+With compile=True the shapes are fixed: static caches with room for the worst case (one token per round), every row
+decoding until all are done, the student's single-token steps and the teacher's window forward reading fixed token,
+position and additive-mask buffers; on a GPU both are captured as CUDA graphs (as lock-step decoding is).
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ from transformers import PreTrainedModel
 
 from trb.core import blend_logp, kl_divergence, sample, solve_beta
 from trb.models import VocabSpace
-from trb.rollout.engine import Rollout, _Decoder, left_pad, position_ids
+from trb.rollout.engine import (
+    STATIC_CACHE_ROUND,
+    Rollout,
+    _autocast_now,
+    _capture,
+    _Decoder,
+    _GraphedSteps,
+    left_pad,
+    position_ids,
+)
 
 
 @dataclass
@@ -52,6 +65,44 @@ def choose_gamma(acceptance: float, student_cost: float, teacher_cost: float, ma
     return max(range(1, max_gamma + 1), key=tokens_per_cost)
 
 
+class _GraphedWindow:
+    """The teacher's forward over one round's window of w tokens (the pending token and the drafts), over fixed
+    buffers: tokens and positions (b, w) and an additive mask (b, 1, w, S) that opens each row's accepted slots and,
+    for window token i, the window's slots up to i. Captured as a CUDA graph on a GPU after one eager run."""
+
+    def __init__(self, decoder: _Decoder, batch: int, width: int, cache_len: int, device: torch.device):
+        self.decoder = decoder
+        self.autocast = _autocast_now(device)
+        dtype = self.autocast[1] if self.autocast else decoder.model.dtype
+        self.low = torch.finfo(dtype).min
+        self.tokens = torch.zeros((batch, width), dtype=torch.long, device=device)  # (b, w)
+        self.positions = torch.zeros((batch, width), dtype=torch.long, device=device)  # (b, w)
+        self.mask = torch.full((batch, 1, width, cache_len), self.low, dtype=dtype, device=device)  # (b, 1, w, S)
+        self.slots = torch.arange(cache_len, device=device)  # (S,)
+        self.graph = None
+        self.output = None
+
+    def _run(self) -> torch.Tensor:
+        return self.decoder.step(self.tokens, self.mask, self.positions, keep=self.tokens.shape[1])
+
+    def step(self, tokens, positions, valid: torch.Tensor, base: int) -> torch.Tensor:
+        """tokens, positions: (b, w); valid: (b, S) slots holding accepted tokens; the window starts at slot base.
+        Returns the teacher's log-probs after each window token, (b, w, V)."""
+        width = tokens.shape[1]
+        self.tokens.copy_(tokens)
+        self.positions.copy_(positions)
+        window = (self.slots[None] >= base) & (self.slots[None] <= base + torch.arange(width, device=tokens.device)[:, None])
+        allowed = valid[:, None, :] | window[None]  # (b, w, S)
+        self.mask.copy_(torch.where(allowed, 0.0, self.low)[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            return self.output
+        if tokens.device.type != "cuda":
+            return self._run()
+        first, self.graph, self.output = _capture(self._run, self.autocast)
+        return first
+
+
 def _mu(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: float):
     beta = solve_beta(student_logp, teacher_logp, eps)  # (...)
     mu = blend_logp(student_logp, teacher_logp, beta)  # (..., V)
@@ -68,15 +119,23 @@ def generate_speculative(
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     gamma: int = 4,
+    compile: bool = False,
 ) -> tuple[Rollout, SpeculativeStats]:
-    """TRB rollouts (budget eps) by exact speculative sampling; same record format as `generate`."""
+    """TRB rollouts (budget eps) by exact speculative sampling; same record format as `generate`. compile=True:
+    fixed shapes (static caches, fixed buffers, CUDA graphs on a GPU); the rollouts have the same distribution."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
     device = student.device
     stats = SpeculativeStats()
     prompt_ids, prompt_mask = left_pad(prompts, vocab.pad_id, device)  # (B, P)
-    batch = prompt_ids.shape[0]
-    s_dec, t_dec = _Decoder(student, vocab, "dynamic", 0), _Decoder(teacher, vocab, "dynamic", 0)
+    batch, width = prompt_ids.shape
+    if compile:  # the worst case is one token per round, each round taking gamma + 1 slots
+        cache_len = width + max(max_new_tokens - 1, 1) * (gamma + 1)
+        cache_len = -(-cache_len // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
+        s_dec = _Decoder(student, vocab, "static", cache_len, batch=batch)
+        t_dec = _Decoder(teacher, vocab, "static", cache_len, batch=batch)
+    else:
+        s_dec, t_dec = _Decoder(student, vocab, "dynamic", 0), _Decoder(teacher, vocab, "dynamic", 0)
 
     tokens = torch.full((batch, max_new_tokens), vocab.pad_id, dtype=torch.long, device=device)  # (B, T)
     names = ("behavior_logp", "student_logp", "teacher_logp", "beta", "realized_kl")
@@ -109,25 +168,36 @@ def generate_speculative(
     count += 1
     stopped |= pending == vocab.eos_id
     next_position = position_ids(attention)[:, -1] + 1  # (b,) position of the pending token
+    if compile:  # fixed buffers: the student's single-token steps, the teacher's window, the accepted slots
+        student_steps = _GraphedSteps({"student": s_dec}, prompt_mask, cache_len)
+        teacher_window = _GraphedWindow(t_dec, batch, gamma + 1, cache_len, device)
+        valid = torch.zeros((batch, cache_len), dtype=torch.bool, device=device)  # (b, S) slots of accepted tokens
+        valid[:, :width] = prompt_mask
 
     while True:
         finished = stopped[active] | (count[active] >= max_new_tokens)  # (b,)
         if bool(finished.all()):
             break
-        if finished.any():  # finished rows leave both caches
+        if finished.any() and not compile:  # finished rows leave both caches
             keep = (~finished).nonzero()[:, 0]
             s_dec.keep(keep)
             t_dec.keep(keep)
             active, pending, attention, next_position = active[keep], pending[keep], attention[keep], next_position[keep]
+            finished = finished[keep]
+        live = ~finished  # (b,) with fixed shapes, finished rows keep decoding and emit nothing
         b = len(active)
         stats.rounds += 1
 
         # Draft: feed the pending token, then gamma draws from the student, each fed back.
         fed = [pending]  # tokens fed this round: pending, x_1 .. x_gamma
         student_dists = []  # pi_S after each fed token: s_1 .. s_{gamma+1}
+        base = student_steps.slot if compile else 0  # the round's first cache slot (fixed shapes)
         for i in range(gamma + 1):
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, S + 1)
-            s_logp = s_dec.step(fed[-1][:, None], attention, (next_position + i)[:, None])  # (b, V)
+            if compile:  # the step's output buffer is overwritten by the next step: keep a copy
+                s_logp = student_steps.step(fed[-1], (next_position + i)[:, None])["student"].clone()  # (b, V)
+            else:
+                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, S + 1)
+                s_logp = s_dec.step(fed[-1][:, None], attention, (next_position + i)[:, None])  # (b, V)
             stats.student_forwards += 1
             student_dists.append(s_logp)
             if i < gamma:
@@ -137,7 +207,10 @@ def generate_speculative(
         # Score: one teacher forward over the pending token and every draft.
         window = torch.stack(fed, dim=1)  # (b, gamma + 1)
         positions = next_position[:, None] + torch.arange(gamma + 1, device=device)  # (b, gamma + 1)
-        t_all = t_dec.step(window, attention, positions, keep=gamma + 1)  # (b, gamma + 1, V)
+        if compile:
+            t_all = teacher_window.step(window, positions, valid, base)  # (b, gamma + 1, V)
+        else:
+            t_all = t_dec.step(window, attention, positions, keep=gamma + 1)  # (b, gamma + 1, V)
         stats.teacher_forwards += 1
 
         mu_all, beta_all = _mu(s_all, t_all, eps)  # (b, gamma + 1, V), (b, gamma + 1)
@@ -145,9 +218,9 @@ def generate_speculative(
         mu_draft = pick(mu_all[:, :gamma], drafts)  # (b, gamma)
         accept = torch.rand((b, gamma), generator=generator, device=device).log() < (mu_draft - s_draft)
         n = torch.cumprod(accept.long(), dim=1).sum(1)  # (b,) leading accepted drafts
-        stats.drafted += b * gamma
-        stats.tested += int((n + (n < gamma).long()).sum())
-        stats.accepted += int(n.sum())
+        stats.drafted += int(live.sum()) * gamma
+        stats.tested += int(((n + (n < gamma).long()) * live).sum())
+        stats.accepted += int((n * live).sum())
 
         # The token at position n: residual max(0, mu - pi_S) after a rejection, mu itself after full acceptance.
         rows = torch.arange(b, device=device)
@@ -160,22 +233,27 @@ def generate_speculative(
         # Emit x_1 .. x_n and the corrected token; records use the blend at each token's own position.
         round_tokens = torch.cat([drafts, corrected[:, None]], dim=1)  # (b, gamma + 1)
         round_tokens[rows, n] = corrected
-        valid = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1)
         kl_all = kl_divergence(mu_all, s_all)  # (b, gamma + 1)
         values = {"token": round_tokens, "behavior_logp": pick(mu_all, round_tokens),
                   "student_logp": pick(s_all, round_tokens), "teacher_logp": pick(t_all, round_tokens),
                   "beta": beta_all, "realized_kl": kl_all}
         # A stop token ends the row: nothing after the first stop is emitted.
-        is_stop = (round_tokens == vocab.eos_id) & valid
-        valid &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0
-        emit(active, values, valid)
-        emitted = valid.sum(1)  # (b,)
+        valid_slots = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1) pending, x_1..x_n
+        valid_emit = valid_slots & live[:, None]
+        is_stop = (round_tokens == vocab.eos_id) & valid_emit
+        valid_emit &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0
+        emit(active, values, valid_emit)
+        emitted = valid_emit.sum(1)  # (b,)
         stopped[active] |= is_stop.any(1) & (count[active] + emitted <= max_new_tokens)
         count[active] += emitted
 
         # Rejected drafts stay in the caches as masked slots; the pending token and accepted drafts are valid.
-        slot = torch.arange(gamma + 1, device=device)[None]  # (1, gamma + 1) slots of pending, x_1 .. x_gamma
-        attention[:, -(gamma + 1):] = (slot <= n[:, None]).long()
+        if compile:
+            valid[:, base : base + gamma + 1] = valid_slots
+            for mask in student_steps.masks.values():  # the student opened every drafted slot: close the rejected
+                mask[:, 0, 0, base : base + gamma + 1] = torch.where(valid_slots, 0.0, torch.finfo(mask.dtype).min)
+        else:
+            attention[:, -(gamma + 1):] = valid_slots.long()
         next_position = next_position + n + 1
         pending = corrected
 
