@@ -16,6 +16,7 @@ Divergences (one switch, METHOD.md section 1):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,13 +60,9 @@ class LossSpec:
             raise ValueError(f"length_groups must be >= 1, got {self.length_groups}")
 
 
-_COMPILED = {}
-
-
+@functools.cache
 def _compiled_reverse_kl():
-    if "reverse_kl" not in _COMPILED:
-        _COMPILED["reverse_kl"] = torch.compile(reverse_kl_with_grad, dynamic=None)
-    return _COMPILED["reverse_kl"]
+    return torch.compile(reverse_kl_with_grad, dynamic=None)
 
 
 def veto_target(b: float) -> Target:
@@ -191,9 +188,8 @@ def distill_loss(
     teacher_kl = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: KL(pi_S || pi_T)
     teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
-    fused = _compiled_reverse_kl() if spec.compile else reverse_kl_with_grad
-
     def fused_fn(student_logits, teacher_logits, chunk, weight):
+        fused = _compiled_reverse_kl() if spec.compile else reverse_kl_with_grad
         kl, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
         teacher_kl[chunk] = kl
         teacher_entropy[chunk] = entropy

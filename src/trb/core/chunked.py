@@ -59,11 +59,10 @@ class _ChunkedLinearDivergence(torch.autograd.Function):
                     teacher_logits = teacher_hidden[rows] @ teacher_weight.T  # (n, V_t)
             if logit_grad_fn is not None:  # closed-form gradient: no autograd graph for the chunk
                 with torch.no_grad():
-                    hidden = student_hidden[rows].detach()  # (n, d_s)
-                    weight = student_weight.detach()  # (V_s, d_s)
-                    values, grad_logits = logit_grad_fn(hidden @ weight.T, teacher_logits, rows, token_weight[rows])
+                    logits = hidden @ weight_leaf.T  # (n, V_s)
+                    values, grad_logits = logit_grad_fn(logits, teacher_logits, rows, token_weight[rows])
                     if need_hidden:
-                        grad_hidden[rows] = (grad_logits @ weight).float()  # (n, d_s)
+                        grad_hidden[rows] = (grad_logits @ weight_leaf).float()  # (n, d_s)
                     if need_weight:
                         grad_weight = _add_product(grad_weight, grad_logits.T, hidden)  # (V_s, d_s)
                 per_token[rows] = values.float()

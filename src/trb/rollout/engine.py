@@ -235,6 +235,11 @@ class _GraphedSteps:
         return {role: dec.step(self.token, self.masks[self._dtype(dec)], self.position)
                 for role, dec in self.decoders.items()}
 
+    def set_slots(self, start: int, open_: torch.Tensor) -> None:
+        """Open (True) or close (False) each row's slots start .. start + k - 1; open_: (b, k) bool."""
+        for mask in self.masks.values():
+            mask[:, 0, 0, start : start + open_.shape[1]] = torch.where(open_, 0.0, torch.finfo(mask.dtype).min)
+
     def step(self, token: torch.Tensor, position: torch.Tensor) -> dict[str, torch.Tensor]:
         """token: (b,), position: (b, 1). Returns each role's next-token log-probs (b, V)."""
         self.token.copy_(token[:, None])

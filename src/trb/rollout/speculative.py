@@ -250,8 +250,7 @@ def generate_speculative(
         # Rejected drafts stay in the caches as masked slots; the pending token and accepted drafts are valid.
         if compile:
             valid[:, base : base + gamma + 1] = valid_slots
-            for mask in student_steps.masks.values():  # the student opened every drafted slot: close the rejected
-                mask[:, 0, 0, base : base + gamma + 1] = torch.where(valid_slots, 0.0, torch.finfo(mask.dtype).min)
+            student_steps.set_slots(base, valid_slots)  # the student opened every drafted slot: close the rejected
         else:
             attention[:, -(gamma + 1):] = valid_slots.long()
         next_position = next_position + n + 1
