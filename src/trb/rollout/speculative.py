@@ -159,6 +159,7 @@ def generate_speculative(
     s_logp = s_dec.step(prompt_ids, attention, position_ids(attention))  # (b, V)
     t_logp = t_dec.step(prompt_ids, attention, position_ids(attention))  # (b, V)
     stats.student_forwards, stats.teacher_forwards = 1, 1
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # drafted, tested, accepted
     mu, beta = _mu(s_logp, t_logp, eps)
     pending = sample(mu, generator)  # (b,) emitted, not yet fed to either model
     pick = lambda logp, tok: logp.gather(-1, tok[..., None])[..., 0]  # noqa: E731
@@ -218,9 +219,8 @@ def generate_speculative(
         mu_draft = pick(mu_all[:, :gamma], drafts)  # (b, gamma)
         accept = torch.rand((b, gamma), generator=generator, device=device).log() < (mu_draft - s_draft)
         n = torch.cumprod(accept.long(), dim=1).sum(1)  # (b,) leading accepted drafts
-        stats.drafted += int(live.sum()) * gamma
-        stats.tested += int(((n + (n < gamma).long()) * live).sum())
-        stats.accepted += int((n * live).sum())
+        # counted on the device (drafted, tested, accepted) and read once at the end: no host sync per round
+        counts += torch.stack([live.sum() * gamma, ((n + (n < gamma).long()) * live).sum(), (n * live).sum()])
 
         # The token at position n: residual max(0, mu - pi_S) after a rejection, mu itself after full acceptance.
         rows = torch.arange(b, device=device)
@@ -256,6 +256,7 @@ def generate_speculative(
         next_position = next_position + n + 1
         pending = corrected
 
+    stats.drafted, stats.tested, stats.accepted = counts.tolist()
     count = count.clamp_max(max_new_tokens)
     mask = torch.arange(max_new_tokens, device=device)[None] < count[:, None]  # (B, T)
     tokens = torch.where(mask, tokens, vocab.pad_id)
