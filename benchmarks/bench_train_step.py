@@ -62,7 +62,8 @@ def body_params(model) -> int:
 
 def time_trb(student, teacher, vocab, prompts, args, device):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups, compile=args.compile)
+    spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups,
+                    compile=args.compile or args.compile_loss)
     phases = {"rollout": [], "teacher_forward": [], "loss_forward_backward": [], "optimizer": [], "step": []}
     tokens = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -73,13 +74,14 @@ def time_trb(student, teacher, vocab, prompts, args, device):
         with autocast:
             rollout = generate(StudentPolicy(), prompts, vocab, args.new_tokens,
                                torch.Generator(device=device).manual_seed(step), student=student,
-                               cache="static" if args.compile else "dynamic", compile=args.compile)
+                               cache=engine.compiled_cache(device) if args.compile else "dynamic",
+                               compile=args.compile)
         synchronize(device)
         t1 = time.perf_counter()
         ids, mask, pos = rollout.sequences()
         with torch.no_grad(), autocast:
             # timed alone: the teacher's share of the loss phase
-            FinalHidden(teacher, args.length_groups)(ids, mask, pos, completion_select(rollout))
+            FinalHidden(teacher, args.length_groups, spec.compile)(ids, mask, pos, completion_select(rollout))
         synchronize(device)
         t2 = time.perf_counter()
         student.train()
@@ -155,6 +157,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="trb's rollouts with static caches and compiled decode steps (CUDA graphs on a GPU), "
                         "and its loss with the compiled closed-form reverse KL")
+    parser.add_argument("--compile-loss", action="store_true",
+                        help="only the loss compiled (loss.compile: training forwards and closed form); eager rollouts")
     parser.add_argument("--inductor-forward", action="store_true",
                         help="with --compile on a GPU: also torch.compile the decode forwards captured in the graphs")
     parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -197,6 +201,7 @@ def main() -> None:
         "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
         "precision": args.precision, "length_groups": args.length_groups, "compile": args.compile,
+        "compile_loss": args.compile or args.compile_loss, "lean_decode": engine.LEAN_DECODE,
         "inductor_forward": args.inductor_forward, "teacher_dtype": args.teacher_dtype,
         "sequences": len(prompts),
         "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,

@@ -240,8 +240,29 @@ def test_compiled_static_decoding_equals_eager_and_hf_generate():
                         teacher=teacher, cache="static", compile=c) for c in (False, True)]
     assert torch.equal(sampled[0].completion_ids, sampled[1].completion_ids)
     torch.testing.assert_close(sampled[0].beta, sampled[1].beta, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="needs cache='static'"):
-        generate(TRBPolicy(0.0), PROMPTS, SPACE, 4, torch.Generator(), student=student, teacher=teacher, compile=True)
+    with pytest.raises(ValueError, match="cache must be"):
+        generate(TRBPolicy(0.0), PROMPTS, SPACE, 4, torch.Generator(), student=student, teacher=teacher,
+                 cache="paged", compile=True)
+
+
+@pytest.mark.parametrize("policy", [
+    StudentPolicy(),
+    pytest.param(TRBPolicy(0.1), marks=pytest.mark.slow),  # two more compilations: minutes on a CPU
+])
+def test_compiled_dynamic_decoding_samples_what_eager_decoding_samples(policy):
+    """compile=True with a dynamic cache (the CPU's compiled decoding): the lean single-token step and the policy
+    compiled with dynamic shapes, finished rows leaving the batch, the race drawn outside the compiled policy. The
+    same tokens as eager decoding, and records equal to a fresh forward."""
+    student, teacher = pair()
+    rollouts = [generate(policy, PROMPTS * 3, SPACE, 16, torch.Generator().manual_seed(5), student=student,
+                         teacher=teacher, compile=c) for c in (False, True)]
+    assert torch.equal(rollouts[0].completion_ids, rollouts[1].completion_ids)
+    assert rollouts[1].stopped.any() and not rollouts[1].stopped.all(), "rows leave the batch mid-rollout"
+    torch.testing.assert_close(rollouts[0].behavior_logp, rollouts[1].behavior_logp, atol=1e-5, rtol=1e-5)
+    for role, model in (("student", student), ("teacher", teacher)):
+        recorded = getattr(rollouts[1], f"{role}_logp")
+        if recorded is not None:
+            torch.testing.assert_close(recorded, fresh_token_logp(model, rollouts[1], SPACE), atol=1e-5, rtol=0)
 
 
 def test_graphed_decode_buffers_equal_eager_static_decoding(monkeypatch):

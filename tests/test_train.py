@@ -186,22 +186,34 @@ def test_choosing_another_method_resets_its_parameters(tmp_path):
 
 
 def test_length_groups_change_no_loss_or_gradient(tiny_pair, loaded_pair):
-    """Running the training forwards in groups of similar length (less padding) gives the loss, the per-token
-    values and the gradients of one padded rectangle."""
-    from trb.losses import LossSpec, completion_select, distill_loss, length_groups
+    """Running the training forwards in groups of similar length, each row's tokens moved to the front (no padding
+    inside a row, no attention mask), gives the hidden states of one padded rectangle under its mask, and the same
+    loss, per-token values and gradients for any number of groups."""
+    from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss
 
     tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 12, 1, 0)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
     rollout = generate(TRBPolicy(0.1), prompts, vocab, 30, torch.Generator().manual_seed(3), student=student,
                        teacher=teacher)
-    _, mask, _ = rollout.sequences()
-    spans = length_groups(mask, 4)
+    ids, mask, positions = rollout.sequences()
+    spans = aligned_groups(mask, 4)
     assert sorted(torch.cat([rows for rows, _ in spans]).tolist()) == list(range(len(prompts)))
-    assert sum(len(rows) * (cols.stop - cols.start) for rows, cols in spans) < mask.numel(), "grouping cuts padding"
-    for rows, cols in spans:  # every attended position of a row stays inside its group's columns
-        assert mask[rows][:, cols].sum() == mask[rows].sum()
-    assert int(completion_select(rollout).sum()) == int(rollout.completion_mask.sum())
+    assert mask.sum() <= sum(columns.numel() for _, columns in spans) < mask.numel(), "grouping cuts padding"
+    for rows, columns in spans:  # a row's aligned tokens are its attended tokens, in order
+        for row, cols in zip(rows.tolist(), columns):
+            n = int(mask[row].sum())
+            assert torch.equal(ids[row, cols[:n]], ids[row][mask[row]])
+    gapped = mask.clone()
+    gapped[0, mask[0].nonzero()[1, 0]] = False
+    assert aligned_groups(gapped, 4) is None  # not contiguous: the caller keeps the mask
+    select = completion_select(rollout)
+    assert int(select.sum()) == int(rollout.completion_mask.sum())
+    with torch.no_grad():
+        reference = student.base_model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        for groups in (1, 4):
+            torch.testing.assert_close(FinalHidden(student, groups)(ids, mask, positions, select), reference[select],
+                                       atol=1e-5, rtol=0)
     weight = rollout.completion_mask.float() / rollout.completion_mask.sum()
     results = {}
     for groups in (1, 4):
@@ -212,8 +224,8 @@ def test_length_groups_change_no_loss_or_gradient(tiny_pair, loaded_pair):
         results[groups] = (loss.item(), per_token, diagnostics["teacher_entropy"],
                            [p.grad.clone() for p in student.parameters()])
     assert results[1][0] == pytest.approx(results[4][0], abs=1e-6)
-    for a, b in zip(results[1][1:3], results[4][1:3]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for a, b in zip(results[1][1:3], results[4][1:3]):  # fp32 rounding of the same sums in other shapes
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     for a, b in zip(results[1][3], results[4][3]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
@@ -228,3 +240,51 @@ def test_bf16_autocast_trains_on_cpu_close_to_fp32(tiny_pair, tmp_path):
         assert math.isfinite(record["loss"]) and record["loss"] > 0
         losses[mode] = record["loss"]
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.05)
+
+
+def test_least_padding_split_is_optimal():
+    """The dynamic program's runs against every way of cutting small sorted batches into runs of two rows or more."""
+    import itertools
+
+    from trb.losses import least_padding_split
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        n, groups = (int(x) for x in torch.randint(1, 9, (2,), generator=generator))
+        lengths = torch.randint(1, 60, (n,), generator=generator).sort().values
+        bounds = least_padding_split(lengths, groups)
+        least = min(2, n)
+        k = max(1, min(groups, n // least))
+        assert bounds[0] == 0 and bounds[-1] == n and len(bounds) == k + 1
+        assert all(b - a >= least for a, b in zip(bounds, bounds[1:]))
+
+        def padded(cuts):
+            return sum((b - a) * int(lengths[b - 1]) for a, b in zip(cuts, cuts[1:]))
+
+        best = min(padded(cuts) for cuts in ([0, *c, n] for c in itertools.combinations(range(1, n), k - 1))
+                   if all(b - a >= least for a, b in zip(cuts, cuts[1:])))
+        assert padded(bounds) == best
+
+
+def test_compiled_loss_equals_eager_loss(loaded_pair):
+    """loss.compile: the training forwards (dynamic shapes, in length groups of any size) and the closed-form reverse
+    KL through torch.compile give the eager loss, per-token values and gradients, for two rollouts of other shapes."""
+    from trb.losses import LossSpec, distill_loss
+
+    tokenizer, student, teacher, vocab = loaded_pair
+    problems, _ = problem_splits("arith", 10, 1, 0)
+    prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
+    for seed, new_tokens in ((3, 24), (4, 17)):
+        rollout = generate(TRBPolicy(0.1), prompts, vocab, new_tokens, torch.Generator().manual_seed(seed),
+                           student=student, teacher=teacher)
+        weight = rollout.completion_mask.float() / rollout.completion_mask.sum()
+        results = []
+        for compile in (False, True):
+            student.zero_grad()
+            loss, per_token, _ = distill_loss(student, teacher, rollout, vocab, LossSpec(compile=compile), weight)
+            loss.backward()
+            results.append((loss.item(), per_token, [p.grad.clone() for p in student.parameters()]))
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+        torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-5)
+        for a, b in zip(results[0][2], results[1][2]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

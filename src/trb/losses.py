@@ -34,7 +34,7 @@ from trb.core import (
     sampled_reverse_kl,
     topk_reverse_kl,
 )
-from trb.models import VocabSpace
+from trb.models import VocabSpace, plain_forward
 from trb.rollout import Rollout
 
 DIVERGENCES = ("reverse_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
@@ -51,7 +51,9 @@ class LossSpec:
     chunk_size: int = 1024
     reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
     length_groups: int = 4  # training forwards run rows in this many groups of similar length (less padding)
-    compile: bool = False  # compile the closed-form reverse KL (fused kernels; pays a compilation once)
+    # torch.compile the training forwards (final hidden states, dynamic shapes) and the closed-form reverse KL; pays
+    # one compilation per model and grad mode (about a minute for the miniature's student on a 2-core CPU)
+    compile: bool = False
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -79,20 +81,57 @@ def completion_select(rollout: Rollout) -> torch.Tensor:
     return select
 
 
-def length_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, slice]]:
-    """Split the rows of a padded batch into up to `groups` groups of similar length: (rows, columns) per group,
-    the columns spanning every attended position of the group's rows. Rows are ordered by where their last attended
-    token sits, so a group of short completions skips the columns only long ones need."""
+def aligned_groups(attention_mask: torch.Tensor, groups: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Rows of a padded batch in up to `groups` groups of similar length, each row's attended tokens moved to the
+    front: (rows (b,), columns (b, w)) per group, where w is the group's longest row and columns[i, j] is the column
+    that row i's j-th attended token comes from (past the row's length: its last column, padding that no attended
+    token sees under a causal mask). None when some row's attended tokens are not contiguous.
+
+    Rollouts are left-padded prompts followed by right-padded completions, so each row's tokens are contiguous; moved
+    to the front, they need no attention mask at all (causal attention never looks past a token), and the group
+    processes only its longest row's length instead of the batch's full width."""
     attended = attention_mask.bool()  # (B, L)
     width = attended.shape[1]
     columns = torch.arange(width, device=attended.device)  # (L,)
     first = torch.where(attended, columns, width).amin(1)  # (B,)
+    lengths = attended.sum(1)  # (B,)
     last = torch.where(attended, columns, -1).amax(1)  # (B,)
-    order = last.argsort(stable=True)  # (B,)
+    if bool(((last - first + 1) != lengths).any()) or bool((lengths == 0).any()):
+        return None
+    order = lengths.argsort(stable=True)  # (B,)
+    bounds = least_padding_split(lengths[order].cpu(), groups)
     spans = []
-    for rows in order.tensor_split(min(groups, len(order))):
-        spans.append((rows, slice(int(first[rows].min()), int(last[rows].max()) + 1)))
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        rows = order[start:end]  # (b,)
+        w = int(lengths[rows].max())
+        spans.append((rows, (first[rows, None] + columns[:w]).clamp_max(last[rows, None])))  # (b, w)
     return spans
+
+
+def least_padding_split(lengths: torch.Tensor, groups: int) -> list[int]:
+    """Boundaries 0 = e_0 < e_1 < ... < e_k = B cutting ascending lengths (B,) into at most `groups` runs of at least
+    two rows (a lone row would be a batch of one, which compiled forwards treat as a shape of its own) with the least
+    padded size, sum over runs of (rows in the run) x (its longest length): dynamic programming over the end of the
+    last run, O(k B^2); batches past 1,024 rows are cut into runs of equal counts instead."""
+    n = len(lengths)
+    least = min(2, n)  # rows per run
+    k = max(1, min(groups, n // least))
+    if n > 1024:
+        return [n * g // k for g in range(k + 1)]
+    ends = torch.arange(n + 1)
+    size = ends[:, None] - ends[None, :]  # (n + 1, n + 1): rows in the run (i, j]
+    longest = torch.cat([lengths.new_zeros(1), lengths]).double()  # (n + 1,): the longest row of a run ending at j
+    cost = torch.full((n + 1,), float("inf"), dtype=torch.float64)  # least padded size of the first j rows
+    cost[0] = 0.0
+    choices = []
+    for _ in range(k):
+        total = torch.where(size >= least, cost[None, :] + size * longest[:, None], float("inf"))  # (n + 1, n + 1)
+        cost, choice = total.min(1)
+        choices.append(choice)
+    bounds = [n]
+    for choice in reversed(choices):
+        bounds.append(int(choice[bounds[-1]]))
+    return bounds[::-1]
 
 
 class FinalHidden(nn.Module):
@@ -100,33 +139,51 @@ class FinalHidden(nn.Module):
     data-parallel wrappers see the forward that produces them; the output layer is applied in chunks by the loss.
 
     With `select` (a (B, L) bool mask) the forward returns only the selected positions' states, (N, d) in row-major
-    order, and runs the rows in `groups` groups of similar length, each cut to its own span of columns: rollouts
-    vary in length, and the padding of one rectangle costs as much compute as real tokens. Positions come from the
-    full attention mask, so cutting padding columns changes no result."""
+    order, and runs the rows in `groups` groups of similar length with each row's tokens moved to the front
+    (`aligned_groups`): rollouts vary in length, and the padding of one rectangle costs as much compute as real
+    tokens; aligned rows also need no attention mask. Positions are taken to count attended tokens
+    (`trb.rollout.position_ids`), so no result changes. With `compile` the base model runs through torch.compile
+    (`compiled_base`)."""
 
-    def __init__(self, model: PreTrainedModel, groups: int = 1):
+    def __init__(self, model: PreTrainedModel, groups: int = 1, compile: bool = False):
         super().__init__()
         self.model = model
         self.groups = groups
+        self.compile = compile
 
     def _states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        base = compiled_base(self.model) if self.compile else self.model.base_model
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         return out.last_hidden_state  # (b, l, d)
 
     def forward(self, input_ids, attention_mask, position_ids, select=None) -> torch.Tensor:
         if select is None:
             return self._states(input_ids, attention_mask, position_ids)  # (B, L, d)
-        spans = length_groups(attention_mask, self.groups)
-        if len(spans) == 1:
+        spans = aligned_groups(attention_mask, self.groups)
+        if spans is None:  # tokens with gaps: one padded rectangle under the mask
             return self._states(input_ids, attention_mask, position_ids)[select]  # (N, d)
         flat = torch.arange(select.numel(), device=select.device).view(select.shape)  # (B, L) row-major index
         parts, where = [], []
-        for rows, cols in spans:
-            states = self._states(input_ids[rows, cols], attention_mask[rows, cols], position_ids[rows, cols])
-            chosen = select[rows, cols]  # (b, l)
+        for rows, columns in spans:
+            b, w = columns.shape
+            steps = torch.arange(w, device=columns.device)  # (w,)
+            states = self._states(input_ids[rows].gather(1, columns), None, steps.expand(b, w))  # (b, w, d)
+            chosen = select[rows].gather(1, columns) & (columns - columns[:, :1] == steps)  # (b, w)
             parts.append(states[chosen])  # (n_g, d)
-            where.append(flat[rows, cols][chosen])  # (n_g,)
+            where.append(flat[rows].gather(1, columns)[chosen])  # (n_g,)
         return torch.cat(parts)[torch.cat(where).argsort()]  # (N, d) back in row-major order
+
+
+def compiled_base(model: PreTrainedModel) -> nn.Module:
+    """torch.compile of the model's base (the decoder without the output layer), kept on the model: dynamic shapes,
+    so one compilation serves every batch size and length. Models whose forward is not plainly their own (FSDP2
+    hooks, offloading) keep the eager forward."""
+    if not plain_forward(model):
+        return model.base_model
+    store = vars(model)  # not a registered submodule: no second copy of the weights in state_dict or parameters()
+    if "_trb_compiled_base" not in store:
+        store["_trb_compiled_base"] = torch.compile(model.base_model, dynamic=True)
+    return store["_trb_compiled_base"]
 
 
 def output_weight(model: PreTrainedModel, vocab: VocabSpace) -> torch.Tensor:
@@ -170,7 +227,7 @@ def distill_loss(
     """
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
     select = completion_select(rollout)  # (B, L)
-    hidden_fn = student_hidden_fn or FinalHidden(student, spec.length_groups)
+    hidden_fn = student_hidden_fn or FinalHidden(student, spec.length_groups, spec.compile)
     student_hidden = hidden_fn(input_ids, attention_mask, positions, select)  # (N, d_s)
     # Reuse the teacher's log-probs recorded while decoding where the loss needs nothing else: the sampled-token
     # estimator needs log pi_T(y); the top-k loss needs log pi_T on the student's top-k (recorded with record_topk).
@@ -181,7 +238,8 @@ def distill_loss(
     ):
         return _loss_from_records(student, student_hidden, rollout, vocab, spec, token_weight)
     with torch.no_grad():
-        teacher_hidden = FinalHidden(teacher, spec.length_groups)(input_ids, attention_mask, positions, select)
+        teacher_hidden = FinalHidden(teacher, spec.length_groups, spec.compile)(input_ids, attention_mask, positions,
+                                                                               select)
     tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
     behavior = rollout.behavior_logp[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)

@@ -188,6 +188,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     return tokenizer
 
 
+def plain_forward(model: PreTrainedModel) -> bool:
+    """Whether the model's forward is its modules' own code over plain weights: no forward hooks or replaced forwards
+    (FSDP2, offloading), no sharded or quantized parameters. Fast paths that bypass or trace the forward need this."""
+    for module in model.modules():
+        if module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module):
+            return False
+    return all(type(p) is torch.nn.Parameter for p in model.parameters())
+
+
 def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]) -> PreTrainedModel:
     """Inject LoRA adapters (PEFT) into `targets` in place; only the adapters stay trainable."""
     try:

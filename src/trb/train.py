@@ -36,7 +36,7 @@ from trb.evaluate import evaluate, merge_results
 from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
 from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
-from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, generate, rollout_from_tokens
+from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.tasks import format_prompt, problem_splits, tokenize_prompts
 
@@ -342,8 +342,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
         self.speculative = SpeculativeStats()
-        self.hidden = distributed.wrap(FinalHidden(s.student, cfg.loss.length_groups), s.student, cfg.distributed,
-                                       s.world)
+        hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile)
+        self.hidden = distributed.wrap(hidden, s.student, cfg.distributed, s.world)
         self.optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -374,7 +374,7 @@ class Trainer:
                     reuse = cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.reuse_teacher
                     out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
                                         record_topk=cfg.loss.top_k if reuse else 0, compile=cfg.compile,
-                                        cache="static" if cfg.compile else "dynamic", **models))
+                                        cache=compiled_cache(s.device) if cfg.compile else "dynamic", **models))
         return out
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:

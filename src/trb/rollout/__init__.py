@@ -1,6 +1,6 @@
 """The rollout engine and the behavior policies of every method the project compares."""
 
-from trb.rollout.engine import Rollout, generate, left_pad, position_ids, rollout_from_tokens
+from trb.rollout.engine import Rollout, compiled_cache, generate, left_pad, position_ids, rollout_from_tokens
 from trb.rollout.policies import (
     BehaviorPolicy,
     Choice,
@@ -21,6 +21,7 @@ __all__ = [
     "StudentPolicy",
     "TRBPolicy",
     "TeacherPolicy",
+    "compiled_cache",
     "generate",
     "left_pad",
     "position_ids",

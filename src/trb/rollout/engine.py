@@ -5,8 +5,9 @@ token at a time over the same sequences. Prompts are left-padded; position ids c
 same rule as Hugging Face `generate` and as the training forward pass, so sampled and trained inputs agree).
 
 Two cache modes:
-- "dynamic" (default): Hugging Face DynamicCache. When sequences finish, the batch is compacted: finished rows
-  leave both caches, so they cost no further student or teacher work.
+- "dynamic" (default): caches that grow with the sequences: `trb.rollout.lean` for Llama-family models (preallocated,
+  written in place), Hugging Face DynamicCache otherwise. When sequences finish, the batch is compacted: once
+  finished rows make up COMPACT_AT of the batch they leave both caches and cost no further student or teacher work.
 - "static": preallocated StaticCache of prompt + max_new_tokens slots (rounded up to a multiple of 64) for each
   model, kept on the model and reused by later rollouts of the same shape; finished rows keep running as padding
   (fixed shapes, for compiled decoding).
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass, fields
 
@@ -34,6 +36,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from trb.core import merged_logp, sample
 from trb.models import VocabSpace
+from trb.rollout import lean
 from trb.rollout.policies import BehaviorPolicy, TRBPolicy
 
 # transformers 5.x renames the forward's `past_key_values` to `cache` in some releases; the old name works on every
@@ -140,6 +143,10 @@ def rollout_from_tokens(
 
 STATIC_CACHE_ROUND = 64  # static caches come in multiples of this many slots, so nearby prompt widths share one
 COMPILE_FORWARD_ON_GPU = False  # compiled decoding on a GPU: also torch.compile the forwards captured in the graph
+# With a dynamic cache, finished rows leave the caches once they are this fraction of the rows decoding; until then
+# they decode as padding. Every compaction copies every cache, so it pays to drop rows in bunches.
+COMPACT_AT = 1 / 8
+LEAN_DECODE = True  # dynamic-cache decoding of Llama-family models through trb.rollout.lean (False: their own forward)
 
 
 def _static_cache(model: PreTrainedModel, batch: int, cache_len: int) -> StaticCache:
@@ -164,34 +171,52 @@ class _Decoder:
         self.model = model
         self.vocab = vocab
         self.stop_ids = vocab.stop_tensor(model.device)
+        self.lean = None
         if cache == "static":
             self.cache = _static_cache(model, batch, max_len)
+        elif LEAN_DECODE and lean.supports(model):
+            self.cache = self.lean = lean.LeanCache(model, capacity=max_len, compile=compile)
         else:
             self.cache = DynamicCache(config=model.config)
         # Decode steps have fixed shapes with a static cache: one compiled graph serves them all. On a GPU the
-        # steps are captured as a CUDA graph (_GraphedSteps), over the eager forward unless asked otherwise.
+        # steps are captured as a CUDA graph (_GraphedSteps), over the eager forward unless asked otherwise. With a
+        # dynamic cache only the lean forward compiles (its own single-token step, dynamic shapes).
         if compile_forward is None:
-            compile_forward = compile and (not _use_graphs(model.device) or COMPILE_FORWARD_ON_GPU)
+            compile_forward = (compile and cache == "static"
+                               and (not _use_graphs(model.device) or COMPILE_FORWARD_ON_GPU))
         self.decode_forward = torch.compile(model.forward, dynamic=False) if compile_forward else model.forward
 
     @torch.no_grad()
     def step(self, input_ids, attention_mask, positions, keep: int = 1) -> torch.Tensor:
         """Feed (b, L) tokens; return the next-token log-probs after each of the last `keep` of them, (b, keep, V)
         (or (b, V) for keep = 1). Single-token steps go through the compiled forward when there is one."""
-        forward = self.decode_forward if input_ids.shape[1] == 1 else self.model
-        out = forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        )
-        logp = merged_logp(out.logits[:, -keep:], self.vocab.size, self.stop_ids, self.vocab.eos_id)  # (b, keep, V)
+        if self.lean is not None:
+            logits = self.lean.step(input_ids, attention_mask, positions, keep)  # (b, keep, V)
+        else:
+            forward = self.decode_forward if input_ids.shape[1] == 1 else self.model
+            logits = forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=keep,
+            ).logits[:, -keep:]
+        logp = merged_logp(logits, self.vocab.size, self.stop_ids, self.vocab.eos_id)  # (b, keep, V)
         return logp[:, -1] if keep == 1 else logp
 
     def keep(self, rows: torch.Tensor) -> None:
-        self.cache.batch_select_indices(rows)
+        if self.lean is not None:
+            self.lean.keep(rows)
+        else:
+            self.cache.batch_select_indices(rows)
+
+
+def compiled_cache(device: torch.device) -> str:
+    """The cache compiled decoding uses on this device: static on a GPU (fixed shapes, captured as CUDA graphs), dynamic
+    on a CPU (the lean forward compiled with dynamic shapes; finished rows leave the batch). On a CPU compiled static
+    decoding ran slower than eager (BENCHMARKS.md)."""
+    return "static" if _use_graphs(device) else "dynamic"
 
 
 def _use_graphs(device: torch.device) -> bool:
@@ -261,6 +286,11 @@ class _GraphedSteps:
         return first
 
 
+def race_draw(logp: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """trb.core.sample with the race drawn beforehand: noise (b, V) ~ Exp(1) from the rollout's generator."""
+    return (logp.float() - noise.log()).argmax(dim=-1)
+
+
 def _autocast_now(device: torch.device) -> tuple[str, torch.dtype] | None:
     return (device.type, torch.get_autocast_dtype(device.type)) if torch.is_autocast_enabled(device.type) else None
 
@@ -300,8 +330,8 @@ class _GraphedChoice:
         self.graph = None
         self.output = None
 
-    def draw(self, logp: torch.Tensor) -> torch.Tensor:  # trb.core.sample with the race drawn beforehand
-        return (logp.float() - self.noise.log()).argmax(dim=-1)
+    def draw(self, logp: torch.Tensor) -> torch.Tensor:
+        return race_draw(logp, self.noise)
 
     def _run(self):
         return self.choose(self.logp.get("student"), self.logp.get("teacher"), self.draw, self.generator)
@@ -351,13 +381,12 @@ def generate(
     prompts: ragged token-id lists. The student runs if the policy needs it, the teacher likewise; both must then
     be given. generator drives every random draw (same seed, same rollout). greedy replaces sampling by argmax.
     record_topk = k > 0 (when both models run) also records the teacher's log-probs on the student's top-k.
-    compile = True (static cache only) compiles each model's decode step and the policy's math; decode steps then
-    see fixed shapes (a full-length attention mask) and the stop check runs every 8 steps.
+    compile = True compiles the policy's math and the decode steps: with a static cache each model's forward, over
+    fixed shapes (a full-length attention mask; CUDA graphs on a GPU; the stop check runs every 8 steps); with a
+    dynamic cache the lean single-token step of Llama-family models (`trb.rollout.lean`), dynamic shapes.
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
-    if compile and cache != "static":
-        raise ValueError("compile=True needs cache='static' (fixed shapes)")
     roles = {"student": (policy.needs_student, student), "teacher": (policy.needs_teacher, teacher)}
     for role, (needed, model) in roles.items():
         if needed and model is None:
@@ -373,9 +402,10 @@ def generate(
         for role, (needed, model) in roles.items()
         if needed
     }
-    choose = torch.compile(_for_compile(policy, device).choose, dynamic=False) if compile else policy.choose
+    choose = (torch.compile(_for_compile(policy, device).choose, dynamic=cache == "dynamic") if compile
+              else policy.choose)
     graphs = graphed_choice = None
-    if compile and _use_graphs(device) and all(_graphable(dec.model) for dec in decoders.values()):
+    if compile and cache == "static" and _use_graphs(device) and all(_graphable(dec.model) for dec in decoders.values()):
         graphs = _GraphedSteps(decoders, prompt_mask, cache_len)
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
@@ -399,7 +429,7 @@ def generate(
     positions = position_ids(attention)  # (b, P)
     logp = {role: dec.step(prompt_ids, attention, positions) for role, dec in decoders.items()}  # each (b, V)
     next_position = positions[:, -1:] + 1  # (b, 1)
-    if compile:  # fixed-shape mask for every decode step: prompt mask, then ones (the causal mask hides the future)
+    if compile and cache == "static":  # fixed-shape mask: prompt mask, then ones (causality hides the future)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1]).expand(-1, cache_len - width)], dim=1)
 
     def decode(token: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -411,6 +441,11 @@ def generate(
         if graphs is not None and logp is graphs.outputs and getattr(policy, "single_draw", False) and not greedy:
             graphed_choice = graphed_choice or _GraphedChoice(choose, logp, generator)
             choice = graphed_choice.step()
+        elif compile and getattr(policy, "single_draw", False) and not greedy:
+            # the race drawn outside the compiled step (a generator draw breaks the graph), as the graphs do
+            noise = torch.empty_like(next(iter(logp.values())), dtype=torch.float32).exponential_(generator=generator)
+            choice = choose(logp.get("student"), logp.get("teacher"), functools.partial(race_draw, noise=noise),
+                            generator)
         else:
             choice = choose(logp.get("student"), logp.get("teacher"), draw, generator)
         token = choice.token  # (b,)
@@ -430,19 +465,19 @@ def generate(
         stopped[active] = finished
         if t == max_new_tokens - 1:
             break
-        if compile and t % 8:  # compiled decoding checks for the end less often (a host sync)
+        if compile and cache == "static" and t % 8:  # fixed shapes: check for the end less often (a host sync)
             logp = decode(token)
             next_position = next_position + 1
             continue
         n_finished = int(finished.sum())  # the one host sync per step
         if n_finished == len(active):
             break
-        if n_finished and cache == "dynamic":
+        if cache == "dynamic" and n_finished and n_finished >= len(active) * COMPACT_AT:
             keep = (~finished).nonzero()[:, 0]  # (b',)
             for dec in decoders.values():
                 dec.keep(keep)
             active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
-        if not compile:
+        if not (compile and cache == "static"):
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, P + t + 1)
         logp = decode(token)
         next_position = next_position + 1

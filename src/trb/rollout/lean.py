@@ -1,0 +1,213 @@
+"""A lean incremental forward for Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3 with full attention).
+
+Decoding one token at a time is dominated by per-operation overhead at small and medium widths: the Hugging Face
+forward grows its KV cache by concatenation (every step copies the whole cache), builds a 4D mask, and computes
+each RMSNorm in seven operations. This module runs the same layers from the same weights with a preallocated cache
+written in place (doubling when full, compacted when rows finish), the caller's 2D attention mask handed to SDPA as
+is, and one fused `rms_norm` per norm. Results equal the Hugging Face forward up to float rounding (tests compare
+them); models it does not recognize keep the Hugging Face forward (`supports`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from trb.models import plain_forward
+
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model: PreTrainedModel) -> bool:
+    """Whether `LeanCache.step` reproduces this model's forward: a Llama-family decoder with full attention in every
+    layer, plain linear layers (no adapters, no quantization) and a forward of its own (no hooks, no sharding)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in FAMILY or getattr(config, "quantization_config", None):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return False
+    try:
+        linears = [model.get_output_embeddings()]
+        for layer in model.base_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    except AttributeError:
+        return False
+    return all(type(m) is torch.nn.Linear for m in linears) and plain_forward(model)
+
+
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm: normalize in fp32, cast back, scale by the weight."""
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (b, h, w, D) at cos/sin (b, 1, w, D), the half-split convention of the family."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _qkv(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int,
+         qk_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's rotated queries (b, H, w, D), keys and values (b, H_kv, w, D) for hidden states (b, w, d)."""
+    attn = layer.self_attn
+    batch, width = hidden.shape[:2]
+    x = _rms_norm(layer.input_layernorm, hidden)  # (b, w, d)
+    q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias).view(batch, width, -1, head_dim)
+    k = F.linear(x, attn.k_proj.weight, attn.k_proj.bias).view(batch, width, -1, head_dim)
+    v = F.linear(x, attn.v_proj.weight, attn.v_proj.bias).view(batch, width, -1, head_dim)
+    if qk_norm:
+        q, k = _rms_norm(attn.q_norm, q), _rms_norm(attn.k_norm, k)
+    return _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+
+def _finish_layer(layer: torch.nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The residual stream after a layer: attention output (b, H, w, D) projected and added, then the MLP."""
+    attn, mlp = layer.self_attn, layer.mlp
+    batch, width = hidden.shape[:2]
+    attended = attended.transpose(1, 2).reshape(batch, width, -1)  # (b, w, H * D)
+    hidden = hidden + F.linear(attended, attn.o_proj.weight, attn.o_proj.bias)
+    x = _rms_norm(layer.post_attention_layernorm, hidden)
+    gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = F.linear(x, mlp.up_proj.weight, mlp.up_proj.bias)
+    return hidden + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    head = model.get_output_embeddings()
+    return F.linear(_rms_norm(model.base_model.norm, hidden), head.weight, head.bias)
+
+
+def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: bool, input_ids: torch.Tensor,
+               positions: torch.Tensor, past_mask: torch.Tensor, keys: list[torch.Tensor],
+               values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One token per row without touching the cache, for torch.compile (no mutation: the caller writes the new keys
+    and values). input_ids, positions: (b, 1); past_mask (b, S) over the filled slots; keys/values[i] (b, H_kv, S, D).
+    The softmax runs over the past slots and the token's own slot together. Returns logits (b, V) and each layer's
+    new key and value (b, H_kv, 1, D)."""
+    base = model.base_model
+    batch = input_ids.shape[0]
+    hidden = base.embed_tokens(input_ids)  # (b, 1, d)
+    cos, sin = base.rotary_emb(hidden, positions)  # each (b, 1, D)
+    cos, sin = cos[:, None], sin[:, None]  # (b, 1, 1, D)
+    closed = ~past_mask[:, None, None, :]  # (b, 1, 1, S)
+    new_keys, new_values = [], []
+    for i, layer in enumerate(base.layers):
+        q, k, v = _qkv(layer, hidden, cos, sin, head_dim, qk_norm)  # (b, H, 1, D), (b, H_kv, 1, D) x 2
+        kv_heads = k.shape[1]
+        q = q.reshape(batch, kv_heads, -1, head_dim)  # (b, H_kv, g, D): a KV head's queries together
+        past = torch.matmul(q, keys[i].transpose(-1, -2)).float() * scaling  # (b, H_kv, g, S)
+        past = past.masked_fill(closed, float("-inf"))
+        own = (q * k).sum(-1, keepdim=True).float() * scaling  # (b, H_kv, g, 1)
+        top = torch.maximum(past.amax(-1, keepdim=True), own)
+        past, own = torch.exp(past - top), torch.exp(own - top)
+        total = past.sum(-1, keepdim=True) + own
+        attended = (torch.matmul(past.to(v.dtype), values[i]) + own.to(v.dtype) * v) / total.to(v.dtype)
+        hidden = _finish_layer(layer, hidden, attended.reshape(batch, -1, 1, head_dim))
+        new_keys.append(k)
+        new_values.append(v)
+    return _logits(model, hidden)[:, 0], new_keys, new_values
+
+
+@functools.cache
+def _compiled_one_token():
+    return torch.compile(_one_token, dynamic=True)
+
+
+class LeanCache:
+    """One model's KV cache for incremental decoding and its forward over it.
+
+    Keys and values of layer i live in preallocated (b, H_kv, capacity, D) buffers; `length` slots are filled. A
+    step writes its w new slots in place and attends over the filled prefix. Slots follow the caller's 2D attention
+    mask: slot j is attended where mask[:, j] is True (and, among the step's own tokens, causally).
+
+    With compile=True single-token steps run `_one_token` through torch.compile (dynamic shapes: one compilation
+    per model serves every batch size and length), which fuses the many small operations of a decode step; on a
+    CPU this is what makes compiled decoding pay (BENCHMARKS.md)."""
+
+    def __init__(self, model: PreTrainedModel, capacity: int = 0, compile: bool = False):
+        self.model = model
+        self.base = model.base_model
+        self.layers = list(self.base.layers)
+        attn = self.layers[0].self_attn
+        self.kv_heads = model.config.num_key_value_heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.capacity = capacity
+        self.compile = compile
+        self.length = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def _reserve(self, batch: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        need = self.length + width
+        if self.keys and need <= self.keys[0].shape[2]:
+            return
+        capacity = max(need, self.capacity, 2 * (self.keys[0].shape[2] if self.keys else 0))
+        shape = (batch, self.kv_heads, capacity, self.head_dim)
+        for store in (self.keys, self.values):
+            for i in range(len(self.layers)):
+                grown = torch.empty(shape, dtype=dtype, device=device)
+                if i < len(store):
+                    grown[:, :, : self.length] = store[i][:, :, : self.length]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (b',), in this order: finished sequences leave the cache."""
+        for store in (self.keys, self.values):
+            for i, buffer in enumerate(store):
+                store[i] = buffer[rows]
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+             keep: int = 1) -> torch.Tensor:
+        """Feed (b, w) tokens at positions (b, w); attention_mask (b, length + w) marks the slots to attend, these
+        tokens' own included. Returns the output layer's logits after each of the last `keep` tokens, (b, keep, V)."""
+        batch, width = input_ids.shape
+        device = input_ids.device
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.base.embed_tokens.weight.dtype)
+        self._reserve(batch, width, dtype, device)
+        start, end = self.length, self.length + width
+        if width == 1 and self.compile and start > 0:
+            # fresh (non-view) small inputs: compiled code guards on whether an input is a view
+            logits, keys, values = _compiled_one_token()(
+                self.model, self.head_dim, self.scaling, self.qk_norm, input_ids.clone(), positions.clone(),
+                attention_mask[:, :start].bool().clone(), [k[:, :, :start] for k in self.keys],
+                [v[:, :, :start] for v in self.values])
+            for store, new in ((self.keys, keys), (self.values, values)):
+                for buffer, slot in zip(store, new):
+                    buffer[:, :, start:end] = slot
+            self.length = end
+            return logits[:, None]  # (b, 1, V)
+        hidden = self.base.embed_tokens(input_ids)  # (b, w, d)
+        cos, sin = self.base.rotary_emb(hidden, positions)  # each (b, w, D)
+        cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
+        mask = attention_mask[:, None, None, :end].bool()  # (b, 1, 1, S)
+        if width > 1:  # the step's own tokens: causal among themselves; each attends at least to itself
+            causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()  # (w, w)
+            own = torch.eye(width, dtype=torch.bool, device=device)  # (w, w) keeps padded rows finite
+            mask = torch.cat([mask[..., :start].expand(-1, -1, width, -1),
+                              (mask[..., start:] & causal) | own], dim=-1)  # (b, 1, w, S)
+        for i, layer in enumerate(self.layers):
+            q, k, v = _qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)
+            self.keys[i][:, :, start:end] = k
+            self.values[i][:, :, start:end] = v
+            attended = F.scaled_dot_product_attention(
+                q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=mask, scale=self.scaling,
+                enable_gqa=q.shape[1] != self.kv_heads,
+            )  # (b, H, w, D)
+            hidden = _finish_layer(layer, hidden, attended)
+        self.length = end
+        return _logits(self.model, hidden[:, -keep:])  # (b, keep, V)
