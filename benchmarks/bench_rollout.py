@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize, time_ms  # noqa: E402
 
 from trb.models import VocabSpace, tiny_causal_lm  # noqa: E402
-from trb.rollout import StudentPolicy, TRBPolicy, generate  # noqa: E402
+from trb.rollout import StudentPolicy, TRBPolicy, engine, generate  # noqa: E402
 from trb.rollout.speculative import generate_speculative  # noqa: E402
 
 
@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--gamma", type=int, default=4, help="draft length of speculative TRB")
     parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
     parser.add_argument("--compile", action="store_true",
-                        help="compiled decode steps (needs --cache static; speculative TRB then runs with fixed shapes)")
+                        help="compiled decode steps: with --cache static fixed shapes (CUDA graphs on a GPU), and "
+                        "speculative TRB with fixed shapes too; with --cache dynamic the lean single-token step, "
+                        "dynamic shapes (a CPU's compiled decoding; speculative TRB stays eager)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -87,7 +89,7 @@ def main() -> None:
         def speculative():
             rollout, stats = generate_speculative(args.eps, prompts, space, args.new_tokens,
                                                   torch.Generator(device=device).manual_seed(0), student, teacher,
-                                                  gamma=args.gamma, compile=args.compile)
+                                                  gamma=args.gamma, compile=args.compile and args.cache == "static")
             counted["trb_speculative"] = int(rollout.completion_mask.sum())
             counted["acceptance"] = stats.acceptance
 
@@ -104,8 +106,8 @@ def main() -> None:
         synchronize(device)
         print(row, file=sys.stderr)
     emit({"benchmark": "rollout", "device": device_name(device), "torch": torch.__version__, "models": args.models,
-          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache, "compile": args.compile, "eps": args.eps,
-          "rows": rows})
+          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache, "compile": args.compile,
+          "lean_decode": engine.LEAN_DECODE, "eps": args.eps, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
     n = 2048 if device.type == "cpu" else 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     x = torch.empty((256 if device.type == "cuda" else 16) * 2**20, device=device)  # 1 GiB / 64 MiB, past the caches
+    y = torch.empty_like(x)  # copied into, not allocated per copy (fresh pages would be timed too)
     best_flops, best_bw = 0.0, 0.0
     for _ in range(3):
         synchronize(device)
@@ -43,7 +44,7 @@ def measure_peaks(device: torch.device, dtype: torch.dtype) -> tuple[float, floa
         synchronize(device)
         best_flops = max(best_flops, 2 * n**3 / (time.perf_counter() - t))
         t = time.perf_counter()
-        x.clone()
+        y.copy_(x)
         synchronize(device)
         best_bw = max(best_bw, 2 * x.numel() * 4 / (time.perf_counter() - t))
     return best_flops, best_bw
@@ -98,7 +99,10 @@ def time_trb(student, teacher, vocab, prompts, args, device):
         t4 = time.perf_counter()
         if step == 0:
             continue  # warm-up
-        tokens.append((int(rollout.completion_mask.sum()), int(mask.sum())))
+        lengths, prompt_lengths = rollout.completion_mask.sum(1), rollout.prompt_mask.sum(1)  # (B,)
+        # cache slots the decode steps read: token t of a row attends to its prompt and t earlier tokens
+        slots = int((lengths * prompt_lengths + lengths * (lengths - 1) // 2).sum())
+        tokens.append((int(rollout.completion_mask.sum()), int(mask.sum()), int(lengths.max()), slots))
         teacher_ms = (t2 - t1) * 1e3
         phases["rollout"].append((t1 - t0) * 1e3)
         phases["teacher_forward"].append(teacher_ms)
@@ -177,17 +181,20 @@ def main() -> None:
     texts = [format_prompt(tokenizer, p.question) for p in SETTINGS[args.setting]("test", args.prompts, 0)]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    trb_ms, (completion_tokens, all_tokens) = time_trb(student, teacher, vocab, prompts, args, device)
+    trb_ms, (completion_tokens, all_tokens, decode_steps, cache_slots) = time_trb(student, teacher, vocab, prompts, args, device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     flops_per_s, bytes_per_s = measure_peaks(device, dtype)
     n_s, n_t = params(student), params(teacher)
     body_s, body_t = body_params(student), body_params(teacher)
     out_s, out_t = student.get_output_embeddings().weight.numel(), teacher.get_output_embeddings().weight.numel()
-    decode_steps = args.new_tokens
+    config = student.config
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * student.base_model.layers[0].self_attn.head_dim \
+        * dtype.itemsize  # one cache slot: key and value of every layer
     floor = {  # FLOPs at the measured matmul rate; weight and optimizer traffic at the measured copy rate
-        # every decode step reads the student's weights (fp32) once; every token costs body + output-layer FLOPs
+        # every decode step reads the student's weights (fp32) once and every token its cache slots; every token
+        # costs body + output-layer FLOPs
         "rollout": max(2 * (body_s + out_s) * completion_tokens / flops_per_s,
-                       decode_steps * n_s * 4 / bytes_per_s) * 1e3,
+                       (decode_steps * n_s * 4 + cache_slots * kv_bytes) / bytes_per_s) * 1e3,
         "teacher_forward": 2 * body_t * all_tokens / flops_per_s * 1e3,  # hidden states only, as timed
         # student body forward + backward on every token; output layers at completion positions only: the
         # student's forward + backward, the teacher's forward
@@ -204,7 +211,7 @@ def main() -> None:
         "compile_loss": args.compile or args.compile_loss, "lean_decode": engine.LEAN_DECODE,
         "inductor_forward": args.inductor_forward, "teacher_dtype": args.teacher_dtype,
         "sequences": len(prompts),
-        "new_tokens": args.new_tokens, "completion_tokens": completion_tokens,
+        "new_tokens": args.new_tokens, "decode_steps": decode_steps, "completion_tokens": completion_tokens,
         "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
         "copy_gbytes_per_s": round(bytes_per_s / 1e9, 1),
         "trb_ms": {k: round(v, 1) for k, v in trb_ms.items()},

@@ -85,8 +85,9 @@ class TrainConfig:
     rollout_batch: int = 64  # sequences decoded together
     speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
     autocast: str = "auto"  # bf16 mixed precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (also CPUs with AMX) | fp32
-    # static KV caches and compiled decode steps (CUDA graphs on GPU); pays a compile once. With speculative_gamma the
-    # static caches hold the worst case, (max_new_tokens - 1) x (gamma + 1) slots past the prompt
+    # compiled decoding (trb.rollout.compiled_cache): on a GPU static KV caches and CUDA graphs, on a CPU the lean
+    # single-token step with dynamic shapes; pays a compilation once. With speculative_gamma the steps have fixed
+    # shapes: static caches holding the worst case, (max_new_tokens - 1) x (gamma + 1) slots past the prompt
     compile: bool = False
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128
