@@ -90,8 +90,8 @@ def _logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
 def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: bool, input_ids: torch.Tensor,
                positions: torch.Tensor, past_mask: torch.Tensor, keys: list[torch.Tensor],
                values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """One token per row without touching the cache, for torch.compile (no mutation: the caller writes the new keys
-    and values). input_ids, positions: (b, 1); past_mask (b, S) over the filled slots; keys/values[i] (b, H_kv, S, D).
+    """One token per row without touching the cache, so that torch.compile sees no mutation (the caller writes the
+    new keys and values). input_ids, positions: (b, 1); past_mask (b, S) over the filled slots; keys/values[i] (b, H_kv, S, D).
     The softmax runs over the past slots and the token's own slot together. Returns logits (b, V) and each layer's
     new key and value (b, H_kv, 1, D)."""
     base = model.base_model
@@ -105,9 +105,10 @@ def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: b
         q, k, v = _qkv(layer, hidden, cos, sin, head_dim, qk_norm)  # (b, H, 1, D), (b, H_kv, 1, D) x 2
         kv_heads = k.shape[1]
         q = q.reshape(batch, kv_heads, -1, head_dim)  # (b, H_kv, g, D): a KV head's queries together
-        past = torch.matmul(q, keys[i].transpose(-1, -2)).float() * scaling  # (b, H_kv, g, S)
+        exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
+        past = torch.matmul(q, keys[i].transpose(-1, -2)).to(exact) * scaling  # (b, H_kv, g, S)
         past = past.masked_fill(closed, float("-inf"))
-        own = (q * k).sum(-1, keepdim=True).float() * scaling  # (b, H_kv, g, 1)
+        own = (q * k).sum(-1, keepdim=True).to(exact) * scaling  # (b, H_kv, g, 1)
         top = torch.maximum(past.amax(-1, keepdim=True), own)
         past, own = torch.exp(past - top), torch.exp(own - top)
         total = past.sum(-1, keepdim=True) + own
@@ -130,9 +131,10 @@ class LeanCache:
     step writes its w new slots in place and attends over the filled prefix. Slots follow the caller's 2D attention
     mask: slot j is attended where mask[:, j] is True (and, among the step's own tokens, causally).
 
-    With compile=True single-token steps run `_one_token` through torch.compile (dynamic shapes: one compilation
-    per model serves every batch size and length), which fuses the many small operations of a decode step; on a
-    CPU this is what makes compiled decoding pay (BENCHMARKS.md)."""
+    Single-token steps run `_one_token` (grouped-query attention as batched matmuls, no cache mutation inside),
+    through torch.compile with compile=True (dynamic shapes: one compilation per model serves every batch size and
+    length), which fuses the many small operations of a decode step; on a CPU this is what makes compiled decoding
+    pay (BENCHMARKS.md). Prompts and multi-token windows write the cache first and attend with SDPA."""
 
     def __init__(self, model: PreTrainedModel, capacity: int = 0, compile: bool = False):
         self.model = model
@@ -181,9 +183,10 @@ class LeanCache:
                  else self.base.embed_tokens.weight.dtype)
         self._reserve(batch, width, dtype, device)
         start, end = self.length, self.length + width
-        if width == 1 and self.compile and start > 0:
+        if width == 1 and start > 0:
             # fresh (non-view) small inputs: compiled code guards on whether an input is a view
-            logits, keys, values = _compiled_one_token()(
+            one_token = _compiled_one_token() if self.compile else _one_token
+            logits, keys, values = one_token(
                 self.model, self.head_dim, self.scaling, self.qk_norm, input_ids.clone(), positions.clone(),
                 attention_mask[:, :start].bool().clone(), [k[:, :, :start] for k in self.keys],
                 [v[:, :, :start] for v in self.values])
@@ -205,10 +208,12 @@ class LeanCache:
             q, k, v = _qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
-            attended = F.scaled_dot_product_attention(
-                q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attn_mask=mask, scale=self.scaling,
-                enable_gqa=q.shape[1] != self.kv_heads,
-            )  # (b, H, w, D)
+            keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]  # (b, H_kv, S, D)
+            group = q.shape[1] // self.kv_heads
+            if group > 1 and device.type == "cuda":  # SDPA's own GQA with a mask runs its slow math kernel on CUDA
+                keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                      enable_gqa=q.shape[1] != keys.shape[1])  # (b, H, w, D)
             hidden = _finish_layer(layer, hidden, attended)
         self.length = end
         return _logits(self.model, hidden[:, -keep:])  # (b, keep, V)
