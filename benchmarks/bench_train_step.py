@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize  # noqa: E402
 
-from trb.losses import FinalHidden, LossSpec, completion_select, distill_loss  # noqa: E402
+from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
 from trb.rollout import StudentPolicy, engine, generate  # noqa: E402
 from trb.tasks import SETTINGS, format_prompt  # noqa: E402
@@ -102,7 +102,10 @@ def time_trb(student, teacher, vocab, prompts, args, device):
         lengths, prompt_lengths = rollout.completion_mask.sum(1), rollout.prompt_mask.sum(1)  # (B,)
         # cache slots the decode steps read: token t of a row attends to its prompt and t earlier tokens
         slots = int((lengths * prompt_lengths + lengths * (lengths - 1) // 2).sum())
-        tokens.append((int(rollout.completion_mask.sum()), int(mask.sum()), int(lengths.max()), slots))
+        groups = aligned_groups(mask, args.length_groups)  # what the training forwards process
+        processed = mask.numel() if groups is None else sum(columns.numel() for _, columns in groups)
+        tokens.append((int(rollout.completion_mask.sum()), int(mask.sum()), int(lengths.max()), slots,
+                       {"padded_rectangle": mask.numel(), "processed_in_groups": processed}))
         teacher_ms = (t2 - t1) * 1e3
         phases["rollout"].append((t1 - t0) * 1e3)
         phases["teacher_forward"].append(teacher_ms)
@@ -181,7 +184,7 @@ def main() -> None:
     texts = [format_prompt(tokenizer, p.question) for p in SETTINGS[args.setting]("test", args.prompts, 0)]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    trb_ms, (completion_tokens, all_tokens, decode_steps, cache_slots) = time_trb(student, teacher, vocab, prompts, args, device)
+    trb_ms, (completion_tokens, all_tokens, decode_steps, cache_slots, forward_tokens) = time_trb(student, teacher, vocab, prompts, args, device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     flops_per_s, bytes_per_s = measure_peaks(device, dtype)
     n_s, n_t = params(student), params(teacher)
@@ -212,7 +215,7 @@ def main() -> None:
         "inductor_forward": args.inductor_forward, "teacher_dtype": args.teacher_dtype,
         "sequences": len(prompts),
         "new_tokens": args.new_tokens, "decode_steps": decode_steps, "completion_tokens": completion_tokens,
-        "sequence_tokens": all_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
+        "sequence_tokens": all_tokens, "forward_tokens": forward_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),
         "copy_gbytes_per_s": round(bytes_per_s / 1e9, 1),
         "trb_ms": {k: round(v, 1) for k, v in trb_ms.items()},
         "floor_ms": {k: round(v, 2) for k, v in floor.items()},

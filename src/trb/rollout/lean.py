@@ -4,8 +4,8 @@ Decoding one token at a time is dominated by per-operation overhead at small and
 forward grows its KV cache by concatenation (every step copies the whole cache), builds a 4D mask, and computes
 each RMSNorm in seven operations. This module runs the same layers from the same weights with a preallocated cache
 written in place (doubling when full, compacted when rows finish), the caller's 2D attention mask handed to SDPA as
-is, and one `rms_norm` call per norm; on the miniature's student at batch 64 a rollout took 270 ms instead of 345 on
-one CPU thread (BENCHMARKS.md). Results equal the Hugging Face forward up to float rounding (tests compare them in
+is, and one `rms_norm` call per norm; the rollouts of benchmarks/bench_train_step.py (the miniature's student, batch
+64, one CPU thread) took 318 ms instead of 414-490 (BENCHMARKS.md). Results equal the Hugging Face forward up to float rounding (tests compare them in
 float64); models it does not recognize keep the Hugging Face forward (`supports`).
 """
 
