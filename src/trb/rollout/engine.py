@@ -12,15 +12,16 @@ Two cache modes:
   model, kept on the model and reused by later rollouts of the same shape; finished rows keep running as padding
   (fixed shapes, for compiled decoding).
 
-With compile=True the single-token decode steps have fixed shapes. On a GPU both models' decode steps are captured
-once as one CUDA graph and replayed (no per-kernel launch cost, no compilation wait), and so is the policy's step;
-on a CPU each model's forward goes through torch.compile. The policy's math (beta solve, blend, sampling) is
-compiled in both cases. On a GPU the captured forwards are the models' own (eager) kernels: measured at Qwen3-1.7B
-and -8B shapes (BENCHMARKS.md), inductor-compiled forwards inside the graph ran slower (teacher step 27.0 ms
-against 13.5 ms), so they are opt-in (COMPILE_FORWARD_ON_GPU).
+With compile=True and a static cache the single-token decode steps have fixed shapes. On a GPU both models' decode
+steps are captured once as one CUDA graph and replayed (no per-kernel launch cost, no compilation wait), and so is
+the policy's step; on a CPU each model's forward goes through torch.compile. The captured forwards are the models'
+own (eager) kernels: measured at Qwen3-1.7B and -8B shapes (BENCHMARKS.md), inductor-compiled forwards inside the
+graph ran slower (teacher step 27.0 ms against 13.5 ms), so they are opt-in (COMPILE_FORWARD_ON_GPU). With
+compile=True and a dynamic cache (what `compiled_cache` picks on a CPU) the lean single-token step goes through
+torch.compile with dynamic shapes. The policy's math (beta solve, blend, sampling) is compiled in every case.
 
-The only host synchronization per step is the stop check (how many sequences just ended); compiled decoding does it
-every 8 steps.
+The only host synchronization per step is the stop check (how many sequences just ended); compiled decoding with
+fixed shapes does it every 8 steps.
 """
 
 from __future__ import annotations
