@@ -106,8 +106,8 @@ def main() -> None:
         synchronize(device)
         print(row, file=sys.stderr)
     emit({"benchmark": "rollout", "device": device_name(device), "torch": torch.__version__, "models": args.models,
-          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache, "compile": args.compile,
-          "lean_decode": engine.LEAN_DECODE, "eps": args.eps, "rows": rows})
+          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache,
+          "compile": args.compile, "lean_decode": engine.LEAN_DECODE, "eps": args.eps, "rows": rows})
 
 
 if __name__ == "__main__":

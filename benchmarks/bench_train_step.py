@@ -184,15 +184,16 @@ def main() -> None:
     texts = [format_prompt(tokenizer, p.question) for p in SETTINGS[args.setting]("test", args.prompts, 0)]
     prompts = tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    trb_ms, (completion_tokens, all_tokens, decode_steps, cache_slots, forward_tokens) = time_trb(student, teacher, vocab, prompts, args, device)
+    trb_ms, (completion_tokens, all_tokens, decode_steps, cache_slots, forward_tokens) = time_trb(
+        student, teacher, vocab, prompts, args, device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     flops_per_s, bytes_per_s = measure_peaks(device, dtype)
     n_s, n_t = params(student), params(teacher)
     body_s, body_t = body_params(student), body_params(teacher)
     out_s, out_t = student.get_output_embeddings().weight.numel(), teacher.get_output_embeddings().weight.numel()
     config = student.config
-    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * student.base_model.layers[0].self_attn.head_dim \
-        * dtype.itemsize  # one cache slot: key and value of every layer
+    head_dim = student.base_model.layers[0].self_attn.head_dim
+    kv_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize  # one cache slot
     floor = {  # FLOPs at the measured matmul rate; weight and optimizer traffic at the measured copy rate
         # every decode step reads the student's weights (fp32) once and every token its cache slots; every token
         # costs body + output-layer FLOPs

@@ -52,7 +52,7 @@ class LossSpec:
     reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
     length_groups: int = 4  # training forwards run rows in this many groups of similar length (less padding)
     # torch.compile the training forwards (final hidden states, dynamic shapes) and the closed-form reverse KL; pays
-    # one compilation per model and grad mode (about a minute for the miniature's student on a 2-core CPU)
+    # one compilation per model and grad mode, in the first training step
     compile: bool = False
 
     def __post_init__(self):

@@ -403,10 +403,12 @@ def generate(
         for role, (needed, model) in roles.items()
         if needed
     }
-    choose = (torch.compile(_for_compile(policy, device).choose, dynamic=cache == "dynamic") if compile
+    fixed = compile and cache == "static"  # fixed-shape decode steps
+    predraw = compile and getattr(policy, "single_draw", False) and not greedy  # the race drawn outside compiled code
+    choose = (torch.compile(_for_compile(policy, device).choose, dynamic=not fixed) if compile
               else policy.choose)
     graphs = graphed_choice = None
-    if compile and cache == "static" and _use_graphs(device) and all(_graphable(dec.model) for dec in decoders.values()):
+    if fixed and _use_graphs(device) and all(_graphable(dec.model) for dec in decoders.values()):
         graphs = _GraphedSteps(decoders, prompt_mask, cache_len)
 
     def draw(logp: torch.Tensor) -> torch.Tensor:
@@ -430,7 +432,7 @@ def generate(
     positions = position_ids(attention)  # (b, P)
     logp = {role: dec.step(prompt_ids, attention, positions) for role, dec in decoders.items()}  # each (b, V)
     next_position = positions[:, -1:] + 1  # (b, 1)
-    if compile and cache == "static":  # fixed-shape mask: prompt mask, then ones (causality hides the future)
+    if fixed:  # fixed-shape mask: prompt mask, then ones (causality hides the future)
         attention = torch.cat([attention, torch.ones_like(attention[:, :1]).expand(-1, cache_len - width)], dim=1)
 
     def decode(token: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -439,11 +441,10 @@ def generate(
         return {role: dec.step(token[:, None], attention, next_position) for role, dec in decoders.items()}
 
     for t in range(max_new_tokens):
-        if graphs is not None and logp is graphs.outputs and getattr(policy, "single_draw", False) and not greedy:
+        if predraw and graphs is not None and logp is graphs.outputs:
             graphed_choice = graphed_choice or _GraphedChoice(choose, logp, generator)
             choice = graphed_choice.step()
-        elif compile and getattr(policy, "single_draw", False) and not greedy:
-            # the race drawn outside the compiled step (a generator draw breaks the graph), as the graphs do
+        elif predraw:  # a generator draw inside compiled code would break its graph
             noise = torch.empty_like(next(iter(logp.values())), dtype=torch.float32).exponential_(generator=generator)
             choice = choose(logp.get("student"), logp.get("teacher"), functools.partial(race_draw, noise=noise),
                             generator)
@@ -466,7 +467,7 @@ def generate(
         stopped[active] = finished
         if t == max_new_tokens - 1:
             break
-        if compile and cache == "static" and t % 8:  # fixed shapes: check for the end less often (a host sync)
+        if fixed and t % 8:  # fixed shapes: check for the end less often (a host sync)
             logp = decode(token)
             next_position = next_position + 1
             continue
@@ -478,12 +479,13 @@ def generate(
             for dec in decoders.values():
                 dec.keep(keep)
             active, token, attention, next_position = active[keep], token[keep], attention[keep], next_position[keep]
-        if not (compile and cache == "static"):
+        if not fixed:
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, P + t + 1)
         logp = decode(token)
         next_position = next_position + 1
 
-    # With a static cache finished rows keep decoding as padding; drop whatever they produced after their stop.
+    # Finished rows that stayed in the batch (static caches; dynamic ones until COMPACT_AT) decoded as padding: drop
+    # whatever they produced after their stop.
     is_stop = (tokens == vocab.eos_id) & mask  # (B, T)
     mask &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0
     tokens = torch.where(mask, tokens, vocab.pad_id)

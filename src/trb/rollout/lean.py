@@ -3,10 +3,10 @@
 Decoding one token at a time is dominated by per-operation overhead at small and medium widths: the Hugging Face
 forward grows its KV cache by concatenation (every step copies the whole cache), builds a 4D mask, and computes
 each RMSNorm in seven operations. This module runs the same layers from the same weights with a preallocated cache
-written in place (doubling when full, compacted when rows finish), the caller's 2D attention mask handed to SDPA as
-is, and one `rms_norm` call per norm; the rollouts of benchmarks/bench_train_step.py (the miniature's student, batch
-64, one CPU thread) took 318 ms instead of 414-490 (BENCHMARKS.md). Results equal the Hugging Face forward up to float rounding (tests compare them in
-float64); models it does not recognize keep the Hugging Face forward (`supports`).
+written in place (doubling when full, compacted when rows finish), the caller's 2D attention mask used as is, and
+one `rms_norm` call per norm; the rollouts of benchmarks/bench_train_step.py (the miniature's student, batch 64, one
+CPU thread) took 318 ms instead of 414-490 (BENCHMARKS.md). Results equal the Hugging Face forward up to float
+rounding (tests compare them in float64); models it does not recognize keep the Hugging Face forward (`supports`).
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: b
                positions: torch.Tensor, past_mask: torch.Tensor, keys: list[torch.Tensor],
                values: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """One token per row without touching the cache, so that torch.compile sees no mutation (the caller writes the
-    new keys and values). input_ids, positions: (b, 1); past_mask (b, S) over the filled slots; keys/values[i] (b, H_kv, S, D).
-    The softmax runs over the past slots and the token's own slot together. Returns logits (b, V) and each layer's
-    new key and value (b, H_kv, 1, D)."""
+    new keys and values). input_ids, positions: (b, 1); past_mask (b, S) over the filled slots; keys/values[i]
+    (b, H_kv, S, D). The softmax runs over the past slots and the token's own slot together. Returns logits (b, V)
+    and each layer's new key and value (b, H_kv, 1, D)."""
     base = model.base_model
     batch = input_ids.shape[0]
     hidden = base.embed_tokens(input_ids)  # (b, 1, d)
@@ -184,12 +184,13 @@ class LeanCache:
         self._reserve(batch, width, dtype, device)
         start, end = self.length, self.length + width
         if width == 1 and start > 0:
-            # fresh (non-view) small inputs: compiled code guards on whether an input is a view
+            small = input_ids, positions, attention_mask[:, :start].bool()
+            if self.compile:  # fresh (non-view) copies: compiled code guards on whether an input is a view
+                small = tuple(x.clone() for x in small)
             one_token = _compiled_one_token() if self.compile else _one_token
-            logits, keys, values = one_token(
-                self.model, self.head_dim, self.scaling, self.qk_norm, input_ids.clone(), positions.clone(),
-                attention_mask[:, :start].bool().clone(), [k[:, :, :start] for k in self.keys],
-                [v[:, :, :start] for v in self.values])
+            logits, keys, values = one_token(self.model, self.head_dim, self.scaling, self.qk_norm, *small,
+                                             [k[:, :, :start] for k in self.keys],
+                                             [v[:, :, :start] for v in self.values])
             for store, new in ((self.keys, keys), (self.values, values)):
                 for buffer, slot in zip(store, new):
                     buffer[:, :, start:end] = slot

@@ -39,8 +39,8 @@ class BehaviorPolicy(Protocol):
     name: str
     needs_student: bool
     needs_teacher: bool
-    # True when choose() draws exactly once and uses no generator of its own: the engine may then capture it in a
-    # CUDA graph with the draw's noise taken from the generator beforehand
+    # True when choose() draws exactly once and uses no generator of its own: compiled decoding may then take the
+    # draw's noise from the generator beforehand (and, on a GPU, capture choose() in a CUDA graph)
     single_draw: ClassVar[bool]
 
     def choose(
