@@ -141,3 +141,60 @@ def test_compiled_single_token_step_equals_hugging_face():
         expected = full[:, j] if j < 10 else full[rows, j]
         valid = mask[:, j] if j < 10 else mask[rows, j]
         torch.testing.assert_close(logits[valid], expected[valid], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("architecture", FAMILIES)
+def test_final_hidden_equals_hugging_face_forward_and_gradients(architecture):
+    """The lean training forward: Hugging Face's final hidden states and parameter gradients (float64), with the
+    last layer run only at the kept positions."""
+    model = family_model(architecture).train()
+    assert lean.trains(model)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 64, (3, 7), generator=generator)
+    positions = torch.arange(7).expand(3, 7)
+    keep = torch.tensor([20, 2, 9, 10, 15])  # flat indices into (3 * 7), in no particular order
+    projection = torch.randn(len(keep), model.config.hidden_size, generator=generator, dtype=torch.float64)
+    results = []
+    for forward in ("lean", "hugging face"):
+        model.zero_grad()
+        if forward == "lean":
+            states = lean.final_hidden(model, ids, positions, keep)  # (n, d)
+        else:
+            states = model.base_model(input_ids=ids, position_ids=positions).last_hidden_state.flatten(0, 1)[keep]
+        (states * projection).sum().backward()
+        results.append((states.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
+                                          if p.grad is not None}))
+    (lean_states, lean_grads), (hf_states, hf_grads) = results
+    torch.testing.assert_close(lean_states, hf_states, rtol=0, atol=1e-10)
+    assert lean_grads.keys() == hf_grads.keys()
+    for name in hf_grads:
+        torch.testing.assert_close(lean_grads[name], hf_grads[name], rtol=0, atol=1e-10, msg=name)
+
+
+def test_lean_trains_only_what_it_reproduces():
+    model = family_model("llama").train()
+    assert lean.trains(model)
+    model.config.attention_dropout = 0.1
+    assert not lean.trains(model)  # dropout while training: Hugging Face's forward applies it
+    assert lean.trains(model.eval())
+    model.config.attention_dropout = 0.0
+    model.train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    assert not lean.trains(model)
+
+
+def test_final_hidden_equals_the_hugging_face_path_of_the_loss(monkeypatch):
+    """FinalHidden with selected positions in length groups: the lean forward and the Hugging Face forward agree."""
+    from trb.losses import FinalHidden, completion_select
+
+    student, teacher = pair()
+    rollout = generate(StudentPolicy(), PROMPTS, SPACE, 10, torch.Generator().manual_seed(5), student=student)
+    ids, mask, positions = rollout.sequences()
+    select = completion_select(rollout)
+    states = []
+    for flag in (True, False):
+        monkeypatch.setattr("trb.losses.LEAN_FORWARD", flag)
+        with torch.no_grad():
+            states.append(FinalHidden(teacher, 2)(ids, mask, positions, select))
+    torch.testing.assert_close(states[0], states[1], rtol=0, atol=1e-5)

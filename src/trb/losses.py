@@ -35,7 +35,10 @@ from trb.core import (
     topk_reverse_kl,
 )
 from trb.models import VocabSpace, plain_forward
-from trb.rollout import Rollout
+from trb.rollout import Rollout, lean
+
+# training forwards of Llama-family models through trb.rollout.lean.final_hidden (False: the Hugging Face forward)
+LEAN_FORWARD = True
 
 DIVERGENCES = ("reverse_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
 
@@ -50,7 +53,7 @@ class LossSpec:
     jsd_beta: float = 0.5
     chunk_size: int = 1024
     reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
-    length_groups: int = 4  # training forwards run rows in this many groups of similar length (less padding)
+    length_groups: int = 8  # training forwards run rows in this many groups of similar length (less padding)
     # torch.compile the training forwards (final hidden states, dynamic shapes) and the closed-form reverse KL; pays
     # one compilation per model and grad mode, in the first training step
     compile: bool = False
@@ -142,8 +145,10 @@ class FinalHidden(nn.Module):
     order, and runs the rows in `groups` groups of similar length with each row's tokens moved to the front
     (`aligned_groups`): rollouts vary in length, and the padding of one rectangle costs as much compute as real
     tokens; aligned rows also need no attention mask. Positions are taken to count attended tokens
-    (`trb.rollout.position_ids`), so no result changes. With `compile` the base model runs through torch.compile
-    (`compiled_base`)."""
+    (`trb.rollout.position_ids`), so no result changes. Llama-family models then run `trb.rollout.lean.final_hidden`
+    (when `lean.trains` says it reproduces them, and LEAN_FORWARD is on), whose last layer skips the positions nobody
+    reads; others the Hugging Face base model. With `compile` the forward runs through torch.compile (dynamic
+    shapes)."""
 
     def __init__(self, model: PreTrainedModel, groups: int = 1, compile: bool = False):
         super().__init__()
@@ -162,14 +167,20 @@ class FinalHidden(nn.Module):
         spans = aligned_groups(attention_mask, self.groups)
         if spans is None:  # tokens with gaps: one padded rectangle under the mask
             return self._states(input_ids, attention_mask, position_ids)[select]  # (N, d)
+        lean_forward = None
+        if LEAN_FORWARD and lean.trains(self.model):
+            lean_forward = lean.compiled_final_hidden() if self.compile else lean.final_hidden
         flat = torch.arange(select.numel(), device=select.device).view(select.shape)  # (B, L) row-major index
         parts, where = [], []
         for rows, columns in spans:
             b, w = columns.shape
             steps = torch.arange(w, device=columns.device)  # (w,)
-            states = self._states(input_ids[rows].gather(1, columns), None, steps.expand(b, w))  # (b, w, d)
+            ids = input_ids[rows].gather(1, columns)  # (b, w)
             chosen = select[rows].gather(1, columns) & (columns - columns[:, :1] == steps)  # (b, w)
-            parts.append(states[chosen])  # (n_g, d)
+            if lean_forward is not None:
+                parts.append(lean_forward(self.model, ids, steps.expand(b, w), chosen.flatten().nonzero()[:, 0]))
+            else:
+                parts.append(self._states(ids, None, steps.expand(b, w))[chosen])  # (n_g, d)
             where.append(flat[rows].gather(1, columns)[chosen])  # (n_g,)
         return torch.cat(parts)[torch.cat(where).argsort()]  # (N, d) back in row-major order
 

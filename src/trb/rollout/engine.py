@@ -17,8 +17,8 @@ steps are captured once as one CUDA graph and replayed (no per-kernel launch cos
 the policy's step; on a CPU each model's forward goes through torch.compile. The captured forwards are the models'
 own (eager) kernels: measured at Qwen3-1.7B and -8B shapes (BENCHMARKS.md), inductor-compiled forwards inside the
 graph ran slower (teacher step 27.0 ms against 13.5 ms), so they are opt-in (COMPILE_FORWARD_ON_GPU). With
-compile=True and a dynamic cache (what `compiled_cache` picks on a CPU) the lean single-token step goes through
-torch.compile with dynamic shapes. The policy's math (beta solve, blend, sampling) is compiled in every case.
+compile=True and a dynamic cache (what `compiled_cache` picks on a CPU) the lean forward's prompt pass and
+single-token step go through torch.compile with dynamic shapes. The policy's math (beta solve, blend, sampling) is compiled in every case.
 
 The only host synchronization per step is the stop check (how many sequences just ended); compiled decoding with
 fixed shapes does it every 8 steps.
@@ -384,7 +384,8 @@ def generate(
     record_topk = k > 0 (when both models run) also records the teacher's log-probs on the student's top-k.
     compile = True compiles the policy's math and the decode steps: with a static cache each model's forward, over
     fixed shapes (a full-length attention mask; CUDA graphs on a GPU; the stop check runs every 8 steps); with a
-    dynamic cache the lean single-token step of Llama-family models (`trb.rollout.lean`), dynamic shapes.
+    dynamic cache the lean prompt pass and single-token step of Llama-family models (`trb.rollout.lean`), dynamic
+    shapes.
     """
     if cache not in ("dynamic", "static"):
         raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")

@@ -71,10 +71,9 @@ def _qkv(layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 def _finish_layer(layer: torch.nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The residual stream after a layer: attention output (b, H, w, D) projected and added, then the MLP."""
+    """The residual stream after a layer: attention output (..., H * D), heads concatenated, projected and added to
+    hidden (..., d), then the MLP."""
     attn, mlp = layer.self_attn, layer.mlp
-    batch, width = hidden.shape[:2]
-    attended = attended.transpose(1, 2).reshape(batch, width, -1)  # (b, w, H * D)
     hidden = hidden + F.linear(attended, attn.o_proj.weight, attn.o_proj.bias)
     x = _rms_norm(layer.post_attention_layernorm, hidden)
     gate = F.linear(x, mlp.gate_proj.weight, mlp.gate_proj.bias)
@@ -113,15 +112,109 @@ def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: b
         past, own = torch.exp(past - top), torch.exp(own - top)
         total = past.sum(-1, keepdim=True) + own
         attended = (torch.matmul(past.to(v.dtype), values[i]) + own.to(v.dtype) * v) / total.to(v.dtype)
-        hidden = _finish_layer(layer, hidden, attended.reshape(batch, -1, 1, head_dim))
+        hidden = _finish_layer(layer, hidden, attended.reshape(batch, 1, -1))  # heads (H_kv, g) in order
         new_keys.append(k)
         new_values.append(v)
     return _logits(model, hidden)[:, 0], new_keys, new_values
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+            group: int) -> torch.Tensor:
+    """SDPA of queries (b, H, w, D) over keys and values (b, H_kv, S, D) where mask (b, 1, w, S) is True (causal
+    when None), heads concatenated: (b, w, H * D). group = H / H_kv, from the config (a plain int, also under dynamic
+    shapes)."""
+    if group > 1 and q.device.type == "cuda":  # SDPA's own GQA with a mask runs its slow math kernel on CUDA
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        group = 1
+    attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scaling,
+                                              enable_gqa=group > 1)  # (b, H, w, D)
+    return attended.transpose(1, 2).flatten(2)  # (b, w, H * D)
+
+
+def _window_mask(attention_mask: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """(b, 1, w, start + w) bool: w new tokens after `start` filled slots attend to the slots attention_mask (b, >=
+    start + w) marks, among themselves causally, and each always to itself (which keeps padded rows finite)."""
+    mask = attention_mask[:, None, None, : start + width].bool()  # (b, 1, 1, S)
+    if width == 1:
+        return mask
+    causal = torch.ones((width, width), dtype=torch.bool, device=mask.device).tril()  # (w, w)
+    own = torch.eye(width, dtype=torch.bool, device=mask.device)  # (w, w)
+    return torch.cat([mask[..., :start].expand(-1, -1, width, -1), (mask[..., start:] & causal) | own], dim=-1)
+
+
+def _prefill(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: bool, input_ids: torch.Tensor,
+             positions: torch.Tensor, attention_mask: torch.Tensor,
+             keep: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Prompts (b, w) into an empty cache, without touching it (the caller writes the returned keys and values), so
+    that torch.compile sees no mutation. positions (b, w); attention_mask (b, w). Returns the logits after the last
+    `keep` tokens (b, keep, V) and each layer's keys and values (b, H_kv, w, D)."""
+    base = model.base_model
+    hidden = base.embed_tokens(input_ids)  # (b, w, d)
+    cos, sin = base.rotary_emb(hidden, positions)  # each (b, w, D)
+    cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
+    mask = _window_mask(attention_mask, 0, input_ids.shape[1])  # (b, 1, w, w)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    keys, values = [], []
+    for layer in base.layers:
+        q, k, v = _qkv(layer, hidden, cos, sin, head_dim, qk_norm)
+        hidden = _finish_layer(layer, hidden, _attend(q, k, v, mask, scaling, group))
+        keys.append(k)
+        values.append(v)
+    return _logits(model, hidden[:, -keep:]), keys, values
+
+
 @functools.cache
 def _compiled_one_token():
     return torch.compile(_one_token, dynamic=True)
+
+
+@functools.cache
+def _compiled_prefill():
+    return torch.compile(_prefill, dynamic=True)
+
+
+def trains(model: PreTrainedModel) -> bool:
+    """Whether `final_hidden` reproduces this model's forward in its current mode: what `supports` asks, and while
+    training no attention dropout and no activation checkpointing (the Hugging Face forward applies them)."""
+    if not supports(model):
+        return False
+    if not model.training:
+        return True
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return not checkpointing and not getattr(model.config, "attention_dropout", 0.0)
+
+
+def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, positions: torch.Tensor,
+                 keep: torch.Tensor) -> torch.Tensor:
+    """The final hidden states (after the last norm) at `keep` of rows whose tokens are all real: a training forward
+    (differentiable) of the base model with plain causal attention, no mask and no cache.
+
+    input_ids, positions: (b, w); keep: (n,) indices into the flattened (b * w) positions. Returns (n, d). Every
+    layer runs on every token except the last layer's output projection, MLP and the final norm, which run only at
+    `keep` (no later position reads them): in a rollout's loss, the prompt tokens' and padding's share of that work."""
+    base = model.base_model
+    config = model.config
+    attn = base.layers[0].self_attn
+    head_dim, scaling, qk_norm = attn.head_dim, attn.scaling, hasattr(attn, "q_norm")
+    group = config.num_attention_heads // config.num_key_value_heads
+    hidden = base.embed_tokens(input_ids)  # (b, w, d)
+    cos, sin = base.rotary_emb(hidden, positions)  # each (b, w, D)
+    cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
+    last = len(base.layers) - 1
+    for i, layer in enumerate(base.layers):
+        q, k, v = _qkv(layer, hidden, cos, sin, head_dim, qk_norm)
+        attended = _attend(q, k, v, None, scaling, group)  # (b, w, H * D)
+        if i == last:
+            hidden, attended = hidden.flatten(0, 1)[keep], attended.flatten(0, 1)[keep]  # (n, d), (n, H * D)
+        hidden = _finish_layer(layer, hidden, attended)
+    return _rms_norm(base.norm, hidden)  # (n, d)
+
+
+@functools.cache
+def compiled_final_hidden():
+    return torch.compile(final_hidden, dynamic=True)
 
 
 class LeanCache:
@@ -134,7 +227,8 @@ class LeanCache:
     Single-token steps run `_one_token` (grouped-query attention as batched matmuls, no cache mutation inside),
     through torch.compile with compile=True (dynamic shapes: one compilation per model serves every batch size and
     length), which fuses the many small operations of a decode step; on a CPU this is what makes compiled decoding
-    pay (BENCHMARKS.md). Prompts and multi-token windows write the cache first and attend with SDPA."""
+    pay (BENCHMARKS.md). Prompts into an empty cache run `_prefill` (SDPA, compiled likewise with compile=True); later
+    multi-token windows (speculative drafts) write the cache first and attend over it with SDPA, eagerly."""
 
     def __init__(self, model: PreTrainedModel, capacity: int = 0, compile: bool = False):
         self.model = model
@@ -142,6 +236,7 @@ class LeanCache:
         self.layers = list(self.base.layers)
         attn = self.layers[0].self_attn
         self.kv_heads = model.config.num_key_value_heads
+        self.group = model.config.num_attention_heads // self.kv_heads
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.qk_norm = hasattr(attn, "q_norm")
@@ -166,11 +261,21 @@ class LeanCache:
                 else:
                     store.append(grown)
 
+    def _write(self, start: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Each layer's new keys and values (b, H_kv, w, D) into slots start ... start + w."""
+        for store, new in ((self.keys, keys), (self.values, values)):
+            for buffer, slots in zip(store, new):
+                buffer[:, :, start : start + slots.shape[2]] = slots
+        self.length = start + keys[0].shape[2]
+
     def keep(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (b',), in this order: finished sequences leave the cache."""
+        """Keep only these batch rows (b',), in this order: finished sequences leave the cache. Only the filled slots
+        are copied, into buffers of the same capacity."""
         for store in (self.keys, self.values):
             for i, buffer in enumerate(store):
-                store[i] = buffer[rows]
+                kept = buffer.new_empty((len(rows), *buffer.shape[1:]))  # (b', H_kv, capacity, D)
+                torch.index_select(buffer[:, :, : self.length], 0, rows, out=kept[:, :, : self.length])
+                store[i] = kept
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
@@ -191,30 +296,24 @@ class LeanCache:
             logits, keys, values = one_token(self.model, self.head_dim, self.scaling, self.qk_norm, *small,
                                              [k[:, :, :start] for k in self.keys],
                                              [v[:, :, :start] for v in self.values])
-            for store, new in ((self.keys, keys), (self.values, values)):
-                for buffer, slot in zip(store, new):
-                    buffer[:, :, start:end] = slot
-            self.length = end
+            self._write(start, keys, values)
             return logits[:, None]  # (b, 1, V)
+        if start == 0:
+            prefill = _compiled_prefill() if self.compile else _prefill
+            logits, keys, values = prefill(self.model, self.head_dim, self.scaling, self.qk_norm, input_ids, positions,
+                                           attention_mask, keep)
+            self._write(start, keys, values)
+            return logits  # (b, keep, V)
         hidden = self.base.embed_tokens(input_ids)  # (b, w, d)
         cos, sin = self.base.rotary_emb(hidden, positions)  # each (b, w, D)
         cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
-        mask = attention_mask[:, None, None, :end].bool()  # (b, 1, 1, S)
-        if width > 1:  # the step's own tokens: causal among themselves; each attends at least to itself
-            causal = torch.ones((width, width), dtype=torch.bool, device=device).tril()  # (w, w)
-            own = torch.eye(width, dtype=torch.bool, device=device)  # (w, w) keeps padded rows finite
-            mask = torch.cat([mask[..., :start].expand(-1, -1, width, -1),
-                              (mask[..., start:] & causal) | own], dim=-1)  # (b, 1, w, S)
+        mask = _window_mask(attention_mask, start, width)  # (b, 1, w, S)
         for i, layer in enumerate(self.layers):
             q, k, v = _qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)
             self.keys[i][:, :, start:end] = k
             self.values[i][:, :, start:end] = v
-            keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]  # (b, H_kv, S, D)
-            group = q.shape[1] // self.kv_heads
-            if group > 1 and device.type == "cuda":  # SDPA's own GQA with a mask runs its slow math kernel on CUDA
-                keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                      enable_gqa=q.shape[1] != keys.shape[1])  # (b, H, w, D)
-            hidden = _finish_layer(layer, hidden, attended)
+            attended = _attend(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], mask, self.scaling,
+                               self.group)
+            hidden = _finish_layer(layer, hidden, attended)  # (b, w, d)
         self.length = end
         return _logits(self.model, hidden[:, -keep:])  # (b, keep, V)
