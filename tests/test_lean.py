@@ -151,7 +151,7 @@ def test_final_hidden_equals_hugging_face_forward_and_gradients(architecture):
     assert lean.trains(model)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(2, 64, (3, 7), generator=generator)
-    positions = torch.arange(7).expand(3, 7)
+    positions = torch.arange(7)[None]  # shared by the rows, as FinalHidden passes them
     keep = torch.tensor([20, 2, 9, 10, 15])  # flat indices into (3 * 7), in no particular order
     projection = torch.randn(len(keep), model.config.hidden_size, generator=generator, dtype=torch.float64)
     results = []
@@ -160,7 +160,8 @@ def test_final_hidden_equals_hugging_face_forward_and_gradients(architecture):
         if forward == "lean":
             states = lean.final_hidden(model, ids, positions, keep)  # (n, d)
         else:
-            states = model.base_model(input_ids=ids, position_ids=positions).last_hidden_state.flatten(0, 1)[keep]
+            out = model.base_model(input_ids=ids, position_ids=positions.expand(3, 7))
+            states = out.last_hidden_state.flatten(0, 1)[keep]
         (states * projection).sum().backward()
         results.append((states.detach(), {name: p.grad.clone() for name, p in model.named_parameters()
                                           if p.grad is not None}))

@@ -178,7 +178,8 @@ class FinalHidden(nn.Module):
             ids = input_ids[rows].gather(1, columns)  # (b, w)
             chosen = select[rows].gather(1, columns) & (columns - columns[:, :1] == steps)  # (b, w)
             if lean_forward is not None:
-                parts.append(lean_forward(self.model, ids, steps.expand(b, w), chosen.flatten().nonzero()[:, 0]))
+                # every aligned row sits at positions 0 ... w - 1: one row of rotary angles serves all
+                parts.append(lean_forward(self.model, ids, steps[None], chosen.flatten().nonzero()[:, 0]))
             else:
                 parts.append(self._states(ids, None, steps.expand(b, w))[chosen])  # (n_g, d)
             where.append(flat[rows].gather(1, columns)[chosen])  # (n_g,)

@@ -191,17 +191,18 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, positions: tor
     """The final hidden states (after the last norm) at `keep` of rows whose tokens are all real: a training forward
     (differentiable) of the base model with plain causal attention, no mask and no cache.
 
-    input_ids, positions: (b, w); keep: (n,) indices into the flattened (b * w) positions. Returns (n, d). Every
-    layer runs on every token except the last layer's output projection, MLP and the final norm, which run only at
-    `keep` (no later position reads them): in a rollout's loss, the prompt tokens' and padding's share of that work."""
+    input_ids: (b, w); positions: (b, w), or (1, w) shared by every row; keep: (n,) indices into the flattened
+    (b * w) positions. Returns (n, d). Every layer runs on every token except the last layer's output projection,
+    MLP and the final norm, which run only at `keep` (no later position reads them): in a rollout's loss, the prompt
+    tokens' and padding's share of that work."""
     base = model.base_model
     config = model.config
     attn = base.layers[0].self_attn
     head_dim, scaling, qk_norm = attn.head_dim, attn.scaling, hasattr(attn, "q_norm")
     group = config.num_attention_heads // config.num_key_value_heads
     hidden = base.embed_tokens(input_ids)  # (b, w, d)
-    cos, sin = base.rotary_emb(hidden, positions)  # each (b, w, D)
-    cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
+    cos, sin = base.rotary_emb(hidden, positions)  # each (b or 1, w, D)
+    cos, sin = cos[:, None], sin[:, None]  # (b or 1, 1, w, D)
     last = len(base.layers) - 1
     for i, layer in enumerate(base.layers):
         q, k, v = _qkv(layer, hidden, cos, sin, head_dim, qk_norm)
