@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize  # noqa: E402
 
+from trb import losses  # noqa: E402
 from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
 from trb.rollout import StudentPolicy, engine, generate  # noqa: E402
@@ -166,6 +167,9 @@ def main() -> None:
                         "and its loss with the compiled closed-form reverse KL")
     parser.add_argument("--compile-loss", action="store_true",
                         help="only the loss compiled (loss.compile: training forwards and closed form); eager rollouts")
+    parser.add_argument("--hf-forward", action="store_true",
+                        help="trb's training forwards through the Hugging Face base model instead of the lean forward "
+                        "(losses.LEAN_FORWARD = False)")
     parser.add_argument("--inductor-forward", action="store_true",
                         help="with --compile on a GPU: also torch.compile the decode forwards captured in the graphs")
     parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -176,6 +180,7 @@ def main() -> None:
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     engine.COMPILE_FORWARD_ON_GPU = args.inductor_forward
+    losses.LEAN_FORWARD = not args.hf_forward
     tokenizer = load_tokenizer(args.student)
     student = load_causal_lm(args.student, device)
     teacher = load_causal_lm(args.teacher, device, dtype=args.teacher_dtype)  # TRL gets this same teacher
@@ -213,6 +218,7 @@ def main() -> None:
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
         "precision": args.precision, "length_groups": args.length_groups, "compile": args.compile,
         "compile_loss": args.compile or args.compile_loss, "lean_decode": engine.LEAN_DECODE,
+        "lean_forward": losses.LEAN_FORWARD,
         "inductor_forward": args.inductor_forward, "teacher_dtype": args.teacher_dtype,
         "sequences": len(prompts),
         "new_tokens": args.new_tokens, "decode_steps": decode_steps, "completion_tokens": completion_tokens,

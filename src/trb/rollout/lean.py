@@ -123,7 +123,7 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
     """SDPA of queries (b, H, w, D) over keys and values (b, H_kv, S, D) where mask (b, 1, w, S) is True (causal
     when None), heads concatenated: (b, w, H * D). group = H / H_kv, from the config (a plain int, also under dynamic
     shapes)."""
-    if group > 1 and q.device.type == "cuda":  # SDPA's own GQA with a mask runs its slow math kernel on CUDA
+    if group > 1 and mask is not None and q.device.type == "cuda":  # SDPA's GQA with a mask: its slow math kernel
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
         group = 1
     attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None, scale=scaling,
