@@ -199,3 +199,25 @@ def test_final_hidden_equals_the_hugging_face_path_of_the_loss(monkeypatch):
         with torch.no_grad():
             states.append(FinalHidden(teacher, 2)(ids, mask, positions, select))
     torch.testing.assert_close(states[0], states[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_lean_forwards_on_cuda_equal_hugging_face():
+    """On a GPU (`pytest -m gpu`): the lean decode steps (SDPA under a mask, KV heads repeated) and the lean training
+    forward (causal SDPA with grouped-query heads) agree with Hugging Face's forward in fp32."""
+    device = torch.device("cuda")
+    model = family_model("qwen3", torch.float32).to(device).train()
+    ids = torch.randint(2, 64, (3, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(9, device=device)[None]
+    keep = torch.tensor([3, 10, 26], device=device)
+    states = lean.final_hidden(model, ids, positions, keep)
+    reference = model.base_model(input_ids=ids, position_ids=positions.expand(3, 9)).last_hidden_state
+    torch.testing.assert_close(states, reference.flatten(0, 1)[keep], atol=1e-4, rtol=1e-4)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[0, :2] = False
+    with torch.no_grad():
+        cache = lean.LeanCache(model.eval())
+        cache.step(ids[:, :6], mask[:, :6], position_ids(mask[:, :6]))
+        window = cache.step(ids[:, 6:], mask, position_ids(mask)[:, 6:], keep=3)  # (b, 3, V)
+        full = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids(mask)).logits
+    torch.testing.assert_close(window, full[:, 6:], atol=1e-4, rtol=1e-4)

@@ -1,12 +1,18 @@
-"""A lean incremental forward for Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3 with full attention).
+"""A lean forward for Llama-family causal LMs (Llama, Mistral, Qwen2, Qwen3 with full attention): incremental
+decoding, and the training forward of the loss.
 
 Decoding one token at a time is dominated by per-operation overhead at small and medium widths: the Hugging Face
 forward grows its KV cache by concatenation (every step copies the whole cache), builds a 4D mask, and computes
-each RMSNorm in seven operations. This module runs the same layers from the same weights with a preallocated cache
+each RMSNorm in seven operations. `LeanCache` runs the same layers from the same weights with a preallocated cache
 written in place (doubling when full, compacted when rows finish), the caller's 2D attention mask used as is, and
 one `rms_norm` call per norm; the rollouts of benchmarks/bench_train_step.py (the miniature's student, batch 64, one
-CPU thread) took 318 ms instead of 414-490 (BENCHMARKS.md). Results equal the Hugging Face forward up to float
-rounding (tests compare them in float64); models it does not recognize keep the Hugging Face forward (`supports`).
+CPU thread) took 318 ms instead of 414-490 when it came (BENCHMARKS.md has today's figures).
+
+`final_hidden` is the training forward the loss uses for aligned rows (no padding inside a row, no mask): the last
+layer's output projection and MLP run only at the positions the loss reads.
+
+Results equal the Hugging Face forward up to float rounding (tests compare them in float64, gradients included);
+models it does not recognize keep the Hugging Face forward (`supports`, `trains`).
 """
 
 from __future__ import annotations
