@@ -18,7 +18,8 @@ the policy's step; on a CPU each model's forward goes through torch.compile. The
 own (eager) kernels: measured at Qwen3-1.7B and -8B shapes (BENCHMARKS.md), inductor-compiled forwards inside the
 graph ran slower (teacher step 27.0 ms against 13.5 ms), so they are opt-in (COMPILE_FORWARD_ON_GPU). With
 compile=True and a dynamic cache (what `compiled_cache` picks on a CPU) the lean forward's prompt pass and
-single-token step go through torch.compile with dynamic shapes. The policy's math (beta solve, blend, sampling) is compiled in every case.
+single-token step go through torch.compile with dynamic shapes. The policy's math (beta solve, blend, sampling) is
+compiled in every case.
 
 The only host synchronization per step is the stop check (how many sequences just ended); compiled decoding with
 fixed shapes does it every 8 steps.
