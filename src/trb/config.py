@@ -86,7 +86,7 @@ class TrainConfig:
     speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
     autocast: str = "auto"  # bf16 mixed precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (also CPUs with AMX) | fp32
     # compiled decoding (trb.rollout.compiled_cache): on a GPU static KV caches and CUDA graphs, on a CPU the lean
-    # single-token step with dynamic shapes; pays a compilation once. With speculative_gamma the steps have fixed
+    # prompt pass and single-token step with dynamic shapes; pays a compilation once. With speculative_gamma the steps have fixed
     # shapes: static caches holding the worst case, (max_new_tokens - 1) x (gamma + 1) slots past the prompt
     compile: bool = False
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it

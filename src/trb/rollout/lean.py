@@ -5,8 +5,7 @@ Decoding one token at a time is dominated by per-operation overhead at small and
 forward grows its KV cache by concatenation (every step copies the whole cache), builds a 4D mask, and computes
 each RMSNorm in seven operations. `LeanCache` runs the same layers from the same weights with a preallocated cache
 written in place (doubling when full, compacted when rows finish), the caller's 2D attention mask used as is, and
-one `rms_norm` call per norm; the rollouts of benchmarks/bench_train_step.py (the miniature's student, batch 64, one
-CPU thread) took 318 ms instead of 414-490 when it came (BENCHMARKS.md has today's figures).
+one `rms_norm` call per norm (BENCHMARKS.md: what that buys in the miniature's rollouts).
 
 `final_hidden` is the training forward the loss uses for aligned rows (no padding inside a row, no mask): the last
 layer's output projection and MLP run only at the positions the loss reads.
@@ -55,6 +54,15 @@ def _rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * F.rms_norm(x.float(), norm.weight.shape, None, norm.variance_epsilon).to(x.dtype)
 
 
+def _embed(model: PreTrainedModel, input_ids: torch.Tensor,
+           positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings (b, w, d) and the rotary cos, sin (b or 1, 1, w, D) at positions (b or 1, w)."""
+    base = model.base_model
+    hidden = base.embed_tokens(input_ids)  # (b, w, d)
+    cos, sin = base.rotary_emb(hidden, positions)  # each (b or 1, w, D)
+    return hidden, cos[:, None], sin[:, None]
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (b, h, w, D) at cos/sin (b, 1, w, D), the half-split convention of the family."""
     half = x.shape[-1] // 2
@@ -101,9 +109,7 @@ def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: b
     and each layer's new key and value (b, H_kv, 1, D)."""
     base = model.base_model
     batch = input_ids.shape[0]
-    hidden = base.embed_tokens(input_ids)  # (b, 1, d)
-    cos, sin = base.rotary_emb(hidden, positions)  # each (b, 1, D)
-    cos, sin = cos[:, None], sin[:, None]  # (b, 1, 1, D)
+    hidden, cos, sin = _embed(model, input_ids, positions)  # (b, 1, d), each (b, 1, 1, D)
     closed = ~past_mask[:, None, None, :]  # (b, 1, 1, S)
     new_keys, new_values = [], []
     for i, layer in enumerate(base.layers):
@@ -155,9 +161,7 @@ def _prefill(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: boo
     that torch.compile sees no mutation. positions (b, w); attention_mask (b, w). Returns the logits after the last
     `keep` tokens (b, keep, V) and each layer's keys and values (b, H_kv, w, D)."""
     base = model.base_model
-    hidden = base.embed_tokens(input_ids)  # (b, w, d)
-    cos, sin = base.rotary_emb(hidden, positions)  # each (b, w, D)
-    cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
+    hidden, cos, sin = _embed(model, input_ids, positions)  # (b, w, d), each (b, 1, w, D)
     mask = _window_mask(attention_mask, 0, input_ids.shape[1])  # (b, 1, w, w)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     keys, values = [], []
@@ -206,9 +210,7 @@ def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor, positions: tor
     attn = base.layers[0].self_attn
     head_dim, scaling, qk_norm = attn.head_dim, attn.scaling, hasattr(attn, "q_norm")
     group = config.num_attention_heads // config.num_key_value_heads
-    hidden = base.embed_tokens(input_ids)  # (b, w, d)
-    cos, sin = base.rotary_emb(hidden, positions)  # each (b or 1, w, D)
-    cos, sin = cos[:, None], sin[:, None]  # (b or 1, 1, w, D)
+    hidden, cos, sin = _embed(model, input_ids, positions)  # (b, w, d), each (b or 1, 1, w, D)
     last = len(base.layers) - 1
     for i, layer in enumerate(base.layers):
         q, k, v = _qkv(layer, hidden, cos, sin, head_dim, qk_norm)
@@ -311,9 +313,7 @@ class LeanCache:
                                            attention_mask, keep)
             self._write(start, keys, values)
             return logits  # (b, keep, V)
-        hidden = self.base.embed_tokens(input_ids)  # (b, w, d)
-        cos, sin = self.base.rotary_emb(hidden, positions)  # each (b, w, D)
-        cos, sin = cos[:, None], sin[:, None]  # (b, 1, w, D)
+        hidden, cos, sin = _embed(self.model, input_ids, positions)  # (b, w, d), each (b, 1, w, D)
         mask = _window_mask(attention_mask, start, width)  # (b, 1, w, S)
         for i, layer in enumerate(self.layers):
             q, k, v = _qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)
