@@ -6,23 +6,51 @@ A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding
   groups, scheduler state, the next step to run, the data position, the number of metric lines written, and the
   method's state). Both are full, unsharded state dicts, so a run resumes on any number of ranks.
 
+- manifest.json, written last: every other file's size and SHA-256.
+
 It is written into a hidden `.partial` folder, flushed to disk, and renamed into place; `checkpoints/latest`
 (a one-line text file, itself replaced atomically) then points to it. A crash at any moment leaves either the old
-or the new checkpoint complete and `latest` naming a complete one. Randomness needs no saved state: every generator
+or the new checkpoint complete and `latest` naming a complete one. Resume verifies a checkpoint against its
+manifest before loading it and falls back to the newest intact one (damage on disk, a file edited or removed by
+hand); `latest` is only followed to a step folder of the same run. Randomness needs no saved state: every generator
 is seeded from (seed, step, rank, stream), so a resumed run draws exactly what the uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from trb.errors import TrbError
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+STEP_FOLDER = re.compile(r"step_\d{8}")
+
+
+class CheckpointError(TrbError):
+    """A checkpoint that cannot be written, or a run whose checkpoints are all damaged."""
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digests(paths: list[Path]) -> list[str]:
+    """SHA-256 of each file, several files at once (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(paths)))) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -87,13 +115,22 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     partial = root / f".step_{step:08d}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=model_state)
-    tokenizer.save_pretrained(partial)
-    tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
-    save_file(tensors, str(partial / "optimizer.safetensors"))
-    record = {**state, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict()}
-    (partial / "state.json").write_text(json.dumps(record, indent=1))
-    _fsync_tree(partial)
+    try:
+        model.save_pretrained(partial, state_dict=model_state)
+        tokenizer.save_pretrained(partial)
+        tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
+        save_file(tensors, str(partial / "optimizer.safetensors"))
+        record = {**state, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict()}
+        (partial / "state.json").write_text(json.dumps(record, indent=1))
+        files = sorted(p for p in partial.iterdir() if p.is_file())
+        manifest = {p.name: {"size": p.stat().st_size, "sha256": digest} for p, digest in zip(files, _digests(files))}
+        (partial / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))  # last: it vouches for the rest
+        _fsync_tree(partial)
+    except (OSError, SafetensorError) as error:  # disk full, quota, I/O error: drop the partial copy
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}; the earlier checkpoints are intact: free "
+                              "space and resume with resume=true") from None
     if final.exists():  # re-saving a step (after a resume): move the old copy aside first
         stale = root / f".step_{step:08d}.stale"
         shutil.rmtree(stale, ignore_errors=True)
@@ -111,15 +148,59 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The folder `latest` names, else the newest complete step folder, else None."""
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint folder, checked against its manifest (sizes, then SHA-256); None if intact."""
+    try:
+        expected = json.loads((folder / MANIFEST).read_text())["files"]
+        items = [(name, int(entry["size"]), str(entry["sha256"])) for name, entry in expected.items()]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    for name, size, _ in items:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+    for (name, _, digest), actual in zip(items, _digests([folder / name for name, _, _ in items])):
+        if actual != digest:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def _candidates(root: Path, warn: Callable[[str], None]) -> list[Path]:
+    """The checkpoint `latest` names (only a step folder directly under root), then every step folder, newest
+    first."""
+    out = []
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.json").is_file():
-            return candidate
-    complete = [p for p in sorted(root.glob("step_*")) if (p / "state.json").is_file()]
-    return complete[-1] if complete else None
+        name = pointer.read_text(errors="replace").strip()
+        if STEP_FOLDER.fullmatch(name):
+            out.append(root / name)
+        else:
+            warn(f"{pointer} names {name[:80]!r}, not a checkpoint of this run; ignoring it")
+    steps = sorted((p for p in root.glob("step_*") if STEP_FOLDER.fullmatch(p.name) and p.is_dir()), reverse=True)
+    return list(dict.fromkeys(out + steps))
+
+
+def latest_checkpoint(root: Path, warn: Callable[[str], None] = lambda message: None) -> Path | None:
+    """The newest intact checkpoint under root, or None if there is none. A damaged one (see `damage`) is skipped
+    with a warning naming the file; if every checkpoint is damaged, CheckpointError."""
+    damaged = []
+    for folder in _candidates(root, warn):
+        if not folder.is_dir():
+            continue
+        problem = damage(folder)
+        if problem is None:
+            for name, why in damaged:
+                warn(f"checkpoint {name} is damaged ({why}); resuming from {folder.name}")
+            return folder
+        damaged.append((folder.name, problem))
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(f"{n}: {w}" for n, w in damaged) +
+                              "; restore one or start a new run in another out_dir")
+    return None
 
 
 def _with_tied_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

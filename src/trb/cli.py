@@ -8,9 +8,10 @@
     trb probe --student DIR --teacher DIR ...  the continuation probe
     trb inspect RUN                            an HTML page of logged rollouts, shaded by beta
 
-User errors (bad config, data, paths, incompatible models, non-finite training) print one line `trb: error: ...`
-and exit with code 2, without a traceback unless --debug is given. A training run stopped by SIGTERM/SIGINT saves a
-checkpoint and exits with code 75; rerun with resume=true.
+User errors (bad config, data, paths, incompatible models, non-finite training, a run folder in use, a full disk)
+print one line `trb: error: ...` and exit with code 2, without a traceback unless --debug is given. A training run
+stopped by SIGTERM/SIGINT, at any moment from start to exit, saves any new state and exits with code 75; rerun with
+resume=true.
 """
 
 from __future__ import annotations
@@ -33,14 +34,24 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from trb.config import load_config
-    from trb.train import dry_run, train
+    from trb.stopping import Stopped, StopSignals
 
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        print(json.dumps(dry_run(cfg, log=lambda message: None)))
-        return 0
-    summary = train(cfg, log=lambda message: print(message, file=sys.stderr))
+    signals = StopSignals().install()  # before the heavy imports: a signal at any moment gets a clean exit
+    try:
+        from trb.config import load_config
+        from trb.train import dry_run, train
+
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(json.dumps(dry_run(cfg, log=lambda message: None, signals=signals)))
+            return 0
+        summary = train(cfg, log=lambda message: print(message, file=sys.stderr), signals=signals)
+    except Stopped as stop:
+        print(f"trb: stopped by signal {stop} before training started; no checkpoint was written: rerun the same "
+              "command (with resume=auto if the run folder was created)", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        signals.uninstall()
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else EXIT_PREEMPTED
 

@@ -71,6 +71,16 @@ class DataConfig:
         _require(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
         _require(self.num_test > 0, f"data.num_test must be > 0, got {self.num_test}")
         _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens must be > 0, got {self.max_prompt_tokens}")
+        if self.fields is not None:
+            roles = ("question", "solution", "answer")
+            for role, column in self.fields.items():
+                close = difflib.get_close_matches(role, roles, n=1)
+                _require(role in roles, f"data.fields.{role} is not a field; the fields are {', '.join(roles)}"
+                         + (f"; did you mean 'data.fields.{close[0]}'?" if close else ""))
+                _require(bool(column.strip()), f"data.fields.{role} must name a column, got {column!r}")
+            _require("question" in self.fields, "data.fields must map 'question' to a column")
+            _require(bool(self.fields.keys() & {"solution", "answer"}),
+                     "data.fields must map 'solution' and/or 'answer' to a column, besides 'question'")
 
 
 @dataclass(frozen=True)
@@ -107,7 +117,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun each rank uses cuda:LOCAL_RANK)
     distributed: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard)
     out_dir: str = "runs/train"
-    resume: bool = False
+    resume: bool | str = False  # true: continue the run in out_dir (which must hold one); auto: resume or start fresh
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "rollout_batch", "micro_batch", "max_new_tokens",
@@ -124,6 +134,7 @@ class TrainConfig:
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         _require(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         _require(self.autocast in ("auto", "bf16", "fp32"), f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
+        _require(self.resume in (True, False, "auto"), f"resume must be true, false or auto, got {self.resume!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,10 @@ class LossSpec:
             raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
         if self.length_groups < 1:
             raise ValueError(f"length_groups must be >= 1, got {self.length_groups}")
+        if self.top_k < 1:  # the upper bound, the vocabulary, is checked once the models are loaded
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}; the smallest valid value is 1")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (tokens per loss chunk), got {self.chunk_size}; try 1024")
 
 
 @functools.cache

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from trb.errors import TrbError
@@ -166,20 +167,42 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def load_causal_lm(path: str, device: torch.device, dtype: str = "float32", trust_remote_code: bool = False):
-    """A local Hugging Face causal LM in dtype on device, eval mode. trust_remote_code stays off unless asked."""
+    """A local Hugging Face causal LM in dtype on device, eval mode. trust_remote_code stays off unless asked.
+    Weights that do not fill the model its config.json describes (a tensor missing, a truncated file, a vocabulary
+    size that differs from the weights') are refused rather than completed with random values."""
     folder = resolve_checkpoint(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, attn_implementation="sdpa",
+            output_loading_info=True,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"cannot load model from {path!r}: {first_line}") from None
+    if info.get("mismatched_keys"):
+        name, *shapes = list(info["mismatched_keys"])[0]
+        raise ModelLoadError(
+            f"model {path!r}: weight {name} has shape {list(shapes[0])} but its config.json implies "
+            f"{list(shapes[1])} (vocab_size or another size in config.json differs from the weights); use the "
+            "config.json the weights were saved with"
+        )
+    if info.get("missing_keys"):
+        missing = sorted(info["missing_keys"])
+        raise ModelLoadError(
+            f"model {path!r}: its weight files lack {len(missing)} tensors its config.json needs ({missing[0]}, ...); "
+            "the weights are incomplete or belong to another model"
+        )
     return model.to(device).eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     folder = resolve_checkpoint(path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"model path {path!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the "
+                             "tokenizer into the checkpoint folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:

@@ -11,6 +11,7 @@ Every random draw comes from a generator seeded by (seed, step, stream), so a re
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -18,27 +19,31 @@ import os
 import platform
 import signal
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import yaml
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trb import distributed
 from trb.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-from trb.config import ConfigError, TrainConfig, as_dict, load_config, save_config
+from trb.config import ConfigError, TrainConfig, as_dict, load_config
 from trb.core import linear_ramp
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
 from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
-from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
+from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model,
+                        resolve_checkpoint, vocab_space)
 from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
-from trb.tasks import format_prompt, problem_splits, tokenize_prompts
+from trb.stopping import Stopped, StopSignals
+from trb.tasks import SETTINGS, format_prompt, problem_splits, tokenize_prompts
 
 
 class NumericalError(TrbError):
@@ -72,11 +77,96 @@ def step_prompts(step: int, per_step: int, num_prompts: int, seed: int) -> list[
     return out
 
 
+class RunBusy(TrbError):
+    """The run folder is locked by another live process."""
+
+
+class RunIOError(TrbError):
+    """A run file could not be written (disk full, quota, permissions); the message names the file."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace path's content with text all at once (a temporary file renamed over it); on an I/O error one line
+    naming the file, and the old content stays."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise RunIOError(f"cannot write {path}: {error.strerror or error}; free space or fix permissions, then "
+                         "resume with resume=true") from None
+
+
+# Config keys a resumed run may change: it may be extended (steps), moved (out_dir), and move between devices and
+# data-parallel strategies (checkpoints hold full state dicts). Model and data paths are compared by content instead.
+MAY_CHANGE = ("resume", "steps", "device", "distributed", "out_dir")
+BY_CONTENT = ("models.student", "models.teacher", "data.source", "data.test_source")
+
+
+def _hash_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def input_digests(cfg: TrainConfig, known: dict | None = None) -> dict:
+    """The content of a run's inputs: SHA-256 of the data files and of every file of both model folders (a file
+    whose size and modification time match `known`, the record of an earlier start, keeps its recorded digest)."""
+    known = known or {}
+    models = {}
+    for role in ("student", "teacher"):
+        folder = resolve_checkpoint(getattr(cfg.models, role))
+        before = known.get("models", {}).get(role, {})
+        files = {}
+        for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            stat = path.stat()
+            old = before.get(path.name, {})
+            same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns
+            files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                "sha256": old["sha256"] if same else _hash_file(path)}
+        models[role] = files
+    data = {}
+    for key in ("source", "test_source"):
+        source = getattr(cfg.data, key)
+        is_file = source is not None and source not in SETTINGS and Path(source).is_file()
+        data[key] = {"path": source, "sha256": _hash_file(Path(source)) if is_file else None}
+    return {"models": models, "data": data}
+
+
+def identity_differences(saved_cfg: dict, saved_inputs: dict | None, cfg: TrainConfig, inputs: dict) -> list[str]:
+    """Why cfg cannot continue the run recorded by (saved_cfg, saved_inputs): empty if it can."""
+    content_known = saved_inputs is not None
+    keys = _config_differences(saved_cfg, as_dict(cfg), skip=MAY_CHANGE + (BY_CONTENT if content_known else ()))
+    out = [f"the config differs at {', '.join(keys)}"] if keys else []
+    if not content_known:  # a run folder that records no content: paths were compared above
+        return out
+    for key, entry in inputs["data"].items():
+        before = saved_inputs["data"][key]
+        if entry["sha256"] != before["sha256"] or (entry["sha256"] is None and entry["path"] != before["path"]):
+            out.append(f"data.{key} {entry['path']!r} is not the data the run started with"
+                       + (" (its content changed)" if entry["path"] == before["path"] else ""))
+    for role, files in inputs["models"].items():
+        before = saved_inputs["models"][role]
+        changed = sorted(name for name in files.keys() | before.keys()
+                         if files.get(name, {}).get("sha256") != before.get(name, {}).get("sha256"))
+        if changed:
+            out.append(f"the {role} model {getattr(cfg.models, role)!r} differs from the run's in "
+                       f"{', '.join(changed[:3])}")
+    return out
+
+
+LOCK = ".lock"
+INPUTS = "inputs.json"
+
+
 @dataclass
 class RunDir:
-    """The run folder: config.yaml, metrics.jsonl, tb/ (TensorBoard), eval/, checkpoints/."""
+    """The run folder: config.yaml, inputs.json (what the run was started from), metrics.jsonl, tb/ (TensorBoard),
+    eval/, checkpoints/, and .lock, which the process running the run holds locked (flock) until it exits."""
 
     path: Path
+    lock_fd: int | None = None
 
     @property
     def checkpoints(self) -> Path:
@@ -88,8 +178,9 @@ class RunDir:
 
     @staticmethod
     def check(cfg: TrainConfig) -> None:
-        """Refuse, before any work and without touching anything, a folder that holds another run (or the same run
-        with a different config), that is not empty, or that cannot be created or written."""
+        """Refuse, before any work and without touching anything, a folder that holds another run, holds no run when
+        resume=true, is not empty, or cannot be created or written. Whether a run can be resumed with this config is
+        checked against its content once the folder is locked (`setup`)."""
         path = Path(cfg.out_dir)
         existing = path / "config.yaml"
         if path.exists() and not path.is_dir():
@@ -100,13 +191,10 @@ class RunDir:
                     f"out_dir {str(path)!r} already holds a run; pass resume=true to continue it or choose another "
                     "out_dir"
                 )
-            differences = _config_differences(as_dict(load_config(existing)), as_dict(cfg))
-            if differences:
-                raise ConfigError(
-                    f"resume=true but the config differs from the run in {str(path)!r} at {', '.join(differences)}; "
-                    "resume with the same config or choose another out_dir"
-                )
-        elif path.exists() and any(path.iterdir()):
+        elif cfg.resume is True:
+            raise ConfigError(f"resume=true but out_dir {str(path)!r} holds no run (no config.yaml); check the path, "
+                              "or pass resume=auto to resume a run if there is one and start one if not")
+        elif path.exists() and any(p.name != LOCK for p in path.iterdir()):
             raise ConfigError(f"out_dir {str(path)!r} is not empty and holds no run; choose an empty or new folder")
         ancestor = next(p for p in (path, *path.absolute().parents) if p.exists())
         if not ancestor.is_dir():
@@ -116,47 +204,96 @@ class RunDir:
             raise ConfigError(f"out_dir {str(path)!r} is not writable ({str(ancestor)!r} denies writing); choose "
                               "another out_dir")
 
-    @staticmethod
-    def create(cfg: TrainConfig) -> RunDir:
-        path = Path(cfg.out_dir)
+    def lock(self) -> None:
+        """Take the run's exclusive lock; the OS releases it when the process ends, however it ends."""
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if not (path / "config.yaml").exists():
-                save_config(cfg, path / "config.yaml")
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            alive = holder.isdigit() and Path(f"/proc/{holder}").exists()
+            raise RunBusy(f"out_dir {str(self.path)!r} is in use by another trb process"
+                          f"{f' (PID {holder})' if alive else ''}; wait for it or stop it, or choose another out_dir"
+                          ) from None
+        self.lock_fd = fd
+
+    def claim(self) -> None:
+        """Write this process's id into the held lock, for a process that finds the folder in use."""
+        os.ftruncate(self.lock_fd, 0)
+        os.pwrite(self.lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def unlock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # closing the descriptor releases the flock
+            self.lock_fd = None
+
+    def create(self, cfg: TrainConfig, inputs: dict) -> None:
+        """Make the folder of a new run (locked, inputs.json, then config.yaml, which marks a run), or claim the
+        locked folder of a resumed one."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if self.lock_fd is None:
+                self.lock()
+                RunDir.check(cfg)  # another process may have started a run here while this one was loading
+            self.claim()
+            if not (self.path / "config.yaml").exists():
+                write_atomic(self.path / INPUTS, json.dumps(inputs, indent=1))
+                write_atomic(self.path / "config.yaml", yaml.safe_dump(as_dict(cfg), sort_keys=False))
         except OSError as error:
-            raise ConfigError(f"out_dir {str(path)!r} is not writable ({error.strerror}); choose another out_dir") from None
-        return RunDir(path)
+            raise ConfigError(f"out_dir {str(self.path)!r} is not writable ({error.strerror}); choose another "
+                              "out_dir") from None
 
 
-def _config_differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ. A resumed run may be extended (steps) and move between devices and data-parallel
-    strategies (checkpoints hold full state dicts); anything else changes the run."""
+def _config_differences(saved: dict, new: dict, prefix: str = "", skip: tuple[str, ...] = MAY_CHANGE) -> list[str]:
+    """Keys whose values differ, except those in skip."""
     out = []
     for key in sorted(set(saved) | set(new)):
         path = f"{prefix}{key}"
-        if path in ("resume", "steps", "device", "distributed"):
+        if path in skip:
             continue
         a, b = saved.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_differences(a, b, path + ".")
+            out += _config_differences(a, b, path + ".", skip)
         elif a != b:
             out.append(path)
     return out
 
 
+def _metric_key(record: dict) -> tuple:
+    """What a metrics line records: the training step, an evaluation, or one SFT-warmup update, at its step."""
+    if any(key.startswith("eval/") for key in record):
+        return record["step"], "eval"
+    if "sft/update" in record:
+        return record["step"], "sft", record["sft/update"]
+    return record["step"], "train"
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, truncated consistently on resume."""
+    """metrics.jsonl (one JSON object per line) and TensorBoard scalars, truncated consistently on resume. Appends
+    are idempotent: a record already in the log (same step and kind) is not written again."""
 
     def __init__(self, run: RunDir, keep_lines: int, start_step: int):
-        lines = run.metrics.read_text().splitlines() if run.metrics.exists() else []
-        run.metrics.write_text("".join(line + "\n" for line in lines[:keep_lines]))
-        self.lines = min(len(lines), keep_lines)
+        self.path = run.metrics
+        lines = run.metrics.read_text(errors="replace").splitlines() if run.metrics.exists() else []
+        kept = lines[:keep_lines]
+        write_atomic(run.metrics, "".join(line + "\n" for line in kept))
+        self.lines = len(kept)
+        self.seen = {_metric_key(json.loads(line)) for line in kept}
         self.file = run.metrics.open("a")
         self.tb = SummaryWriter(str(run.path / "tb"), purge_step=start_step if start_step > 0 else None)
 
     def write(self, step: int, values: dict) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        record = {"step": step, **values}
+        if _metric_key(record) in self.seen:
+            return
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:
+            raise RunIOError(f"cannot append to {self.path}: {error.strerror or error}; free space, then resume with "
+                             "resume=true") from None
+        self.seen.add(_metric_key(record))
         self.lines += 1
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -165,26 +302,6 @@ class MetricsLog:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
-
-
-@dataclass
-class Preemption:
-    """SIGTERM / SIGINT ask the loop to checkpoint at the end of the current step and exit cleanly."""
-
-    requested: bool = False
-    previous: dict = field(default_factory=dict)
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def rollout_sums(rollouts: list[Rollout]) -> dict[str, float]:
@@ -243,7 +360,7 @@ def save_rollouts(path: Path, step: int, rollout: Rollout, count: int, tokenizer
             "stopped": bool(rollout.stopped[row]),
         })
     path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"step": step, **schedule, "rollouts": records}))
+    write_atomic(path, json.dumps({"step": step, **schedule, "rollouts": records}))
 
 
 @dataclass
@@ -267,10 +384,40 @@ class Setup:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
 
-def setup(cfg: TrainConfig) -> Setup:
-    """Load and check models, tokenizers and data; only then create (or reopen) the run folder."""
+def setup(cfg: TrainConfig, signals: StopSignals | None = None) -> Setup:
+    """Check the run folder and (locked, on a resume) that the run's inputs are unchanged; load and check models,
+    tokenizers and data; only then create (or claim) the run folder. Any error releases the lock."""
     world = distributed.init(cfg.device)
     RunDir.check(cfg)
+    run = RunDir(Path(cfg.out_dir))
+    try:
+        inputs = None
+        if world.main:
+            resuming = (run.path / "config.yaml").exists()
+            known = json.loads((run.path / INPUTS).read_text()) if (run.path / INPUTS).exists() else None
+            if run.path.is_dir():
+                run.lock()
+                RunDir.check(cfg)  # the folder may have changed before the lock was taken
+            inputs = input_digests(cfg, known)
+            if resuming:
+                why = identity_differences(as_dict(load_config(run.path / "config.yaml")), known, cfg, inputs)
+                if why:
+                    raise ConfigError(f"resume=true but {'; '.join(why)} in {str(run.path)!r}; resume with the "
+                                      "same config and inputs or choose another out_dir")
+                run.claim()
+        s = _load(cfg, world, run)
+        if world.main:
+            with signals.phase(abandon=False) if signals else nullcontext():
+                run.create(cfg, inputs)
+        distributed.barrier(world)
+        return s
+    except BaseException:
+        run.unlock()
+        raise
+
+
+def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
+    """Load and check models, tokenizers and data."""
     device = resolve_device(cfg.device)
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
@@ -292,6 +439,9 @@ def setup(cfg: TrainConfig) -> Setup:
     teacher = load_causal_lm(cfg.models.teacher, device, teacher_dtype, cfg.models.trust_remote_code)
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
+    if cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.top_k > vocab.size:
+        raise ConfigError(f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary of {vocab.size} tokens; use a value "
+                          f"in 1..{vocab.size}")
     d = cfg.data
     train_problems, test_problems = problem_splits(d.source, d.num_train, d.num_test, d.seed, d.test_source, d.fields)
     check_same_tokenization(tokenizer, teacher_tokenizer, train_problems[:64], d.system_prompt)
@@ -310,11 +460,8 @@ def setup(cfg: TrainConfig) -> Setup:
         )
     solutions = [ids + [vocab.eos_id] for ids in
                  tokenizer([p.solution for p in train_problems], add_special_tokens=False)["input_ids"]]
-    if world.main:
-        RunDir.create(cfg)
-    distributed.barrier(world)
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
-    return Setup(RunDir(Path(cfg.out_dir)), world, device, student, teacher, tokenizer, vocab, prompts, solutions,
+    return Setup(run, world, device, student, teacher, tokenizer, vocab, prompts, solutions,
                  test_problems, bf16)
 
 
@@ -440,21 +587,21 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
     log(f"SFT warmup: {method.updates} updates on {len(pairs) * s.world.size} teacher samples")
 
 
-def dry_run(cfg: TrainConfig, log=print) -> dict:
+def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> dict:
     """Validate a config end to end without writing to its out_dir: load and check the models, tokenizers and data
     as the real run would, then run one tiny optimizer step (one prompt, a few tokens, its checkpoint) in a temporary
     folder. Returns what was checked."""
     RunDir.check(cfg)
     with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
         started = time.perf_counter()
-        s = setup(replace(cfg, out_dir=tmp, resume=False))
+        s = setup(replace(cfg, out_dir=tmp, resume=False), signals)
         s.test_problems = s.test_problems[:1]
         world = s.world.size
         small = replace(cfg, out_dir=tmp, resume=False, steps=1, prompts_per_step=world, rollouts_per_prompt=1,
                         rollout_batch=1, micro_batch=1, max_new_tokens=min(cfg.max_new_tokens, 8), eval_every=0,
                         eval_samples=1, checkpoint_every=0, log_rollouts_every=0, keep_checkpoints=1)
         loaded = time.perf_counter()
-        summary = train(small, log=lambda message: None, s=s)
+        summary = train(small, log=lambda message: None, s=s, signals=signals)
         report = {
             "dry_run": "ok" if summary["status"] == "completed" else summary["status"],
             "student": cfg.models.student, "teacher": cfg.models.teacher,
@@ -467,19 +614,38 @@ def dry_run(cfg: TrainConfig, log=print) -> dict:
     return report
 
 
-def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup."""
-    s = s or setup(cfg)
+def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSignals | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup.
+    signals: the process's SIGTERM/SIGINT handler (`trb train` installs one at start); without one, train installs
+    its own for the call when it runs in the main thread. A signal while loading raises `Stopped`."""
+    own = signals is None
+    signals = signals or StopSignals()
+    if own and threading.current_thread() is threading.main_thread():
+        signals.install()
+    try:
+        with signals.phase(abandon=True):
+            s = s or setup(cfg, signals)
+        with signals.phase(abandon=False):
+            return _train(cfg, log, s, signals)
+    finally:
+        if s is not None:
+            s.run.unlock()
+        if own:
+            signals.uninstall()
+
+
+def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
     t = Trainer(cfg, s)
     run, student, teacher, vocab, method, world = s.run, s.student, s.teacher, s.vocab, cfg.method, s.world
     log = log if world.main else (lambda message: None)
-    start_step, metric_lines, method_state = 0, 0, {}
-    checkpoint = latest_checkpoint(run.checkpoints) if cfg.resume else None
+    start_step, metric_lines, method_state, last_eval = 0, 0, {}, {}
+    checkpoint = latest_checkpoint(run.checkpoints, warn=lambda m: log(f"trb: warning: {m}")) if cfg.resume else None
     if checkpoint is not None:
         model_state, optimizer_state, state = read_checkpoint(checkpoint, student)
         distributed.load_full_state(student, t.optimizer, model_state, optimizer_state)
         t.scheduler.load_state_dict(state["scheduler"])
         start_step, metric_lines, method_state = state["next_step"], state["metric_lines"], state["method_state"]
+        last_eval = state.get("last_eval", {})
         log(f"resumed {run.path} from {checkpoint.name} (next step {start_step})")
     if start_step >= cfg.steps and (run.path / "summary.json").exists():
         log(f"{run.path} already completed {cfg.steps} steps")
@@ -487,14 +653,21 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
     if start_step > cfg.steps:
         raise ConfigError(f"the run in {str(run.path)!r} has done {start_step} steps, more than steps={cfg.steps}")
     metrics = MetricsLog(run, metric_lines, start_step) if world.main else None
+    # what the newest checkpoint holds (next step, step of its last evaluation): saving again adds nothing
+    saved = (start_step, last_eval.get("step")) if checkpoint is not None else None
 
     def write(step: int, values: dict) -> None:
         if metrics is not None:
             metrics.write(step, values)
 
-    def run_eval(step: int) -> dict:
+    def evaluate_at(step: int) -> bool:
+        """The evaluation after `step` optimizer steps, unless the checkpoint resumed from holds it; whether it ran.
+        In one process a signal abandons it (Stopped); data-parallel ranks finish it, as they meet in collectives."""
+        nonlocal last_eval
+        if last_eval.get("step") == step:
+            return False
         mine = s.test_problems[world.rank :: world.size]
-        with s.autocast:
+        with signals.phase(abandon=not world.active), s.autocast:
             result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
                               seed=stream_seed(cfg.seed, "eval", step, world.rank), teacher=teacher,
@@ -502,34 +675,47 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
         result = merge_results(distributed.gather_objects(result, world))
         if world.main:
             (run.path / "eval").mkdir(exist_ok=True)
-            (run.path / "eval" / f"step_{step:08d}.json").write_text(
-                json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
-                            "examples": result.examples}, indent=1))
+            write_atomic(run.path / "eval" / f"step_{step:08d}.json",
+                         json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
+                                     "examples": result.examples}, indent=1))
         values = {f"eval/{k}": v for k, v in result.as_dict().items() if v is not None}
         write(step, values)
-        return values
+        last_eval = {"step": step, "values": values}
+        return True
 
     def save(next_step: int) -> None:
+        nonlocal saved
+        if saved == (next_step, last_eval.get("step")):
+            return
         model_state, optimizer_state = distributed.full_state(student, t.optimizer)  # collective
         if world.main:
             state = {"next_step": next_step, "metric_lines": metrics.lines, "method_state": method_state,
-                     "data_position": next_step * cfg.prompts_per_step, "seed": cfg.seed}
+                     "data_position": next_step * cfg.prompts_per_step, "seed": cfg.seed, "last_eval": last_eval}
             save_checkpoint(run.checkpoints, next_step, student, s.tokenizer, model_state, optimizer_state,
                             t.scheduler, state, cfg.keep_checkpoints)
         distributed.barrier(world)
+        saved = (next_step, last_eval.get("step"))
 
-    last_eval = {}
-    if checkpoint is None:
-        last_eval = run_eval(0)
-        log(f"step 0: pass@1 {last_eval['eval/pass_at_1']:.3f}")
-        if isinstance(method, SFTWarmup):
-            sft_warmup(cfg, t, method, metrics, log)
-            save(0)
-    status = "completed"
+    def stop_requested() -> bool:
+        return distributed.all_reduce_sum(float(signals.received is not None), world, s.device) > 0
+
+    def eval_due(step: int) -> bool:
+        return step in (0, cfg.steps) or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+    status, done = "completed", start_step
     bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=method.name,
                dynamic_ncols=True, disable=None if world.main else True)
-    with Preemption() as preemption:
+    try:
+        # step 0, or a resume from a checkpoint saved when a signal abandoned this evaluation
+        if start_step < cfg.steps and eval_due(start_step) and evaluate_at(start_step):
+            log(f"step {start_step}: pass@1 {last_eval['values']['eval/pass_at_1']:.3f}")
+        if checkpoint is None and isinstance(method, SFTWarmup):
+            sft_warmup(cfg, t, method, metrics, log)
+            save(0)
         for step in bar:
+            if stop_requested():
+                status = "preempted"
+                break
             started = time.perf_counter()
             indices = step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)
             student.eval()
@@ -587,32 +773,37 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
             method.observe(step, values, method_state)
             write(step + 1, values)
             done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                last_eval = run_eval(done)
+            if done < cfg.steps and not stop_requested() and eval_due(done) and evaluate_at(done):
                 if world.main:
-                    tqdm.write(f"step {done}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
-            bar.set_postfix(loss=f"{values['loss']:.4f}", pass1=f"{last_eval.get('eval/pass_at_1', float('nan')):.3f}")
-            if distributed.all_reduce_sum(float(preemption.requested), world, s.device) > 0:
-                save(done)
-                status = "preempted"
-                log(f"stopped by signal after step {done}; checkpoint saved, resume with resume=true")
-                break
+                    tqdm.write(f"step {done}: pass@1 {last_eval['values']['eval/pass_at_1']:.3f}")
+            bar.set_postfix(loss=f"{values['loss']:.4f}",
+                            pass1=f"{last_eval.get('values', {}).get('eval/pass_at_1', float('nan')):.3f}")
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                 save(done)
+        bar.close()
+        if status == "completed":
+            if evaluate_at(cfg.steps):
+                log(f"step {cfg.steps}: pass@1 {last_eval['values']['eval/pass_at_1']:.3f}")
+            save(cfg.steps)
+            if stop_requested():  # arrived during the final evaluation of data-parallel ranks or the final save
+                status = "preempted"
+    except Stopped:  # an evaluation abandoned
+        status = "preempted"
     bar.close()
-    if status == "completed":
-        last_eval = run_eval(cfg.steps)
-        log(f"step {cfg.steps}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
-        save(cfg.steps)
-        if cfg.models.lora_rank and world.main:  # a plain checkpoint with the adapters merged in, for users
-            merged_lora_model(student).save_pretrained(run.path / "merged")
-            s.tokenizer.save_pretrained(run.path / "merged")
+    if status == "preempted":
+        if done > 0 or last_eval:  # (a no-op when the newest checkpoint holds this state)
+            save(done)
+        log(f"stopped by signal {signals.name} after step {done}; "
+            f"{'checkpoint saved' if saved is not None else 'nothing to save yet'}, resume with resume=true")
+    elif cfg.models.lora_rank and world.main:  # a plain checkpoint with the adapters merged in, for users
+        merged_lora_model(student).save_pretrained(run.path / "merged")
+        s.tokenizer.save_pretrained(run.path / "merged")
     if metrics is not None:
         metrics.close()
-    summary = {"status": status, "run": str(run.path), "final": last_eval,
+    summary = {"status": status, "run": str(run.path), "final": last_eval.get("values", {}),
                "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}, "
                            f"{world.size} rank(s)"}
     if status == "completed" and world.main:  # summary.json marks a finished run
-        (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+        write_atomic(run.path / "summary.json", json.dumps(summary, indent=1))
     distributed.shutdown(world)
     return summary

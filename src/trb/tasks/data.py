@@ -31,14 +31,26 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
     """(location, record) for every record of the file; location is "file:line" or "file: row N"."""
     if path.suffix == ".parquet":
         try:
+            import pyarrow
             import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ImportError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from e
-        for row, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow: pip install 'trb[parquet]'") from None
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{path}: not a readable parquet file ({first_line}); rewrite it or convert it to JSONL"
+                            ) from None
+        for row, record in enumerate(rows, start=1):
             yield f"{path}: row {row}", record
         return
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -95,7 +107,7 @@ def load_problems(path: str | Path, fields: dict[str, str] | None = None) -> lis
         or not fields.keys() & {"solution", "answer"}
         or fields.keys() - {"question", "solution", "answer"}
     ):
-        raise ValueError(f"fields must map 'question' and 'solution' and/or 'answer' to column names, got {fields}")
+        raise DataError(f"fields must map 'question' and 'solution' and/or 'answer' to column names, got {fields}")
     problems = []
     for where, record in _records(path):
         if not isinstance(record, dict):
