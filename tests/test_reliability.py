@@ -76,6 +76,24 @@ def bad_inputs(tiny_pair, tmp_path_factory):
     (root / "malformed.jsonl").write_text(good + "\n" + good + "\n{\"question\": \"What\n" + good + "\n")
     (root / "no_answer.jsonl").write_text("\n".join(json.dumps({"question": f"What is {i} + 1?"}) for i in range(9)))
     (root / "a_file").write_text("")
+    lines = [json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
+             for i in range(9)]
+    (root / "latin1.jsonl").write_bytes(("\n".join(lines[:3]) + "\n").encode() + b'{"question": "caf\xe9?"}\n')
+    (root / "corrupt.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4)
+    for name, change in (("vocab_config", lambda c, w: c.update(vocab_size=c["vocab_size"] + 7)),
+                         ("no_tokenizer", None), ("truncated", None)):
+        folder = root / name
+        folder.mkdir()
+        for p in tiny_pair["teacher"].iterdir():
+            if not (name == "no_tokenizer" and p.name.startswith("tokenizer")):
+                (folder / p.name).write_bytes(p.read_bytes())
+        if change is not None:
+            config = json.loads((folder / "config.json").read_text())
+            change(config, None)
+            (folder / "config.json").write_text(json.dumps(config))
+    weights = (root / "truncated" / "model.safetensors").read_bytes()
+    (root / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (root / "empty_folder").mkdir()
     return root
 
 
@@ -97,6 +115,24 @@ CASES = [
     ("out_dir not writable", ["out_dir={bad}/a_file/run"], "is a file; choose another out_dir"),
     ("out_dir holds another run", ["out_dir={existing}"], "already holds a run; pass resume=true"),
     ("resume with another config", ["out_dir={existing}", "resume=true", "lr=0.5"], "config differs"),
+    ("non-UTF-8 data file", ["data.source={bad}/latin1.jsonl"], "latin1.jsonl:4: not UTF-8 (byte 0xe9 at column"),
+    ("corrupt parquet file", ["data.source={bad}/corrupt.parquet"], "corrupt.parquet: not a readable parquet file"),
+    ("malformed data.fields", ["data.fields={{questoin: q, answer: a}}"],
+     "data.fields.questoin is not a field; the fields are question, solution, answer; did you mean "
+     "'data.fields.question'?"),
+    ("data.fields without an answer", ["data.fields={{question: q}}"], "data.fields must map 'solution' and/or"),
+    ("model config vocabulary differs from its weights", ["models.teacher={bad}/vocab_config"],
+     "ignore_mismatched_sizes"),
+    ("truncated weights", ["models.teacher={bad}/truncated"], "incomplete metadata, file not fully covered"),
+    ("model folder without a tokenizer", ["models.student={bad}/no_tokenizer"], "no_tokenizer' has no tokenizer"),
+    ("loss.chunk_size = 0", ["loss.chunk_size=0"], "chunk_size must be >= 1"),
+    ("loss.top_k = 0", ["loss.top_k=0"], "top_k must be >= 1, got 0; the smallest valid value is 1"),
+    ("loss.top_k above the vocabulary", ["loss.divergence=topk_reverse_kl", "loss.top_k=100000"],
+     "loss.top_k=100000 exceeds the vocabulary of 150 tokens; use a value in 1..150"),
+    ("resume=true on an empty folder", ["out_dir={bad}/empty_folder", "resume=true"],
+     "empty_folder' holds no run (no config.yaml); check the path, or pass resume=auto"),
+    ("resume=true on a mistyped out_dir", ["out_dir={bad}/no_such_run", "resume=true"], "holds no run"),
+    ("resume not true, false or auto", ["resume=sometimes"], "resume must be true, false or auto"),
 ]
 
 

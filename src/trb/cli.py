@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from trb.errors import TrbError
+from trb.stopping import Stopped, StopSignals
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun with resume=true
@@ -34,24 +35,14 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args) -> int:
-    from trb.stopping import Stopped, StopSignals
+    from trb.config import load_config
+    from trb.train import dry_run, train
 
-    signals = StopSignals().install()  # before the heavy imports: a signal at any moment gets a clean exit
-    try:
-        from trb.config import load_config
-        from trb.train import dry_run, train
-
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            print(json.dumps(dry_run(cfg, log=lambda message: None, signals=signals)))
-            return 0
-        summary = train(cfg, log=lambda message: print(message, file=sys.stderr), signals=signals)
-    except Stopped as stop:
-        print(f"trb: stopped by signal {stop} before training started; no checkpoint was written: rerun the same "
-              "command (with resume=auto if the run folder was created)", file=sys.stderr)
-        return EXIT_PREEMPTED
-    finally:
-        signals.uninstall()
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(dry_run(cfg, log=lambda message: None, signals=args.signals)))
+        return 0
+    summary = train(cfg, log=lambda message: print(message, file=sys.stderr), signals=args.signals)
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else EXIT_PREEMPTED
 
@@ -230,14 +221,23 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _quiet_libraries()
+    # train: SIGTERM/SIGINT handled before the heavy imports, so a signal at any moment gets a clean exit
+    args.signals = StopSignals().install() if args.command == "train" else None
     try:
+        _quiet_libraries()
         return args.func(args)
     except TrbError as error:
         if args.debug:
             raise
         print(f"trb: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Stopped as stop:  # raised only while loading, before any checkpoint could exist
+        print(f"trb: stopped by signal {stop} before training started; no checkpoint was written: rerun the same "
+              "command (with resume=auto if the run folder was created)", file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        if args.signals is not None:
+            args.signals.uninstall()
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def identity_differences(saved_cfg: dict, saved_inputs: dict | None, cfg: TrainC
     """Why cfg cannot continue the run recorded by (saved_cfg, saved_inputs): empty if it can."""
     content_known = saved_inputs is not None
     keys = _config_differences(saved_cfg, as_dict(cfg), skip=MAY_CHANGE + (BY_CONTENT if content_known else ()))
-    out = [f"the config differs at {', '.join(keys)}"] if keys else []
+    out = [f"the config differs from the run's at {', '.join(keys)}"] if keys else []
     if not content_known:  # a run folder that records no content: paths were compared above
         return out
     for key, entry in inputs["data"].items():
