@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -190,10 +191,16 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tiny_pair,
     assert all(torch.isfinite(v).all() for v in final_weights(run).values())
 
 
-def _train_process(config: str, run: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "trb", "train", config, f"out_dir={run}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def _train_process(config: str, run: Path, *overrides: str, file_size_limit: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "src")}
+
+    def limit_file_size():  # a "full disk" without root: writing past the limit fails with EFBIG
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.Popen([sys.executable, "-m", "trb", "train", config, f"out_dir={run}", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=limit_file_size if file_size_limit else None)
 
 
 def _wait_for_step(run: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -278,3 +285,273 @@ def test_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tiny_pair, tm
     assert main(["train", config, f"out_dir={run}", "steps=3", "resume=true"]) == 0
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert not (run / "checkpoints" / ".step_00000003.partial").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One run per folder
+
+
+def metric_keys(run: Path) -> list[tuple]:
+    """(step, kind) of every metrics line: each training step, evaluation and SFT update must appear once."""
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out.append((record["step"], "eval" if "eval/pass_at_1" in record else "train"))
+    return out
+
+
+def test_two_runs_started_together_into_one_folder_one_runs_the_other_is_refused(tiny_pair, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_pair, steps=3, eval_every=0)
+    models = snapshot(tiny_pair["student"].parent)
+    run = tmp_path / "run"
+    processes = [_train_process(config, run, "seed=1"), _train_process(config, run, "seed=2")]
+    codes = [p.wait(timeout=300) for p in processes]
+    errors = [p.stderr.read().strip().splitlines() for p in processes]
+    assert sorted(codes) == [0, 2], errors
+    winner, loser = codes.index(0), codes.index(2)
+    assert len(errors[loser]) == 1, errors[loser]
+    assert ("is in use by another trb process" in errors[loser][0] or "already holds a run" in errors[loser][0])
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == winner + 1
+    assert metric_keys(run) == [(0, "eval"), (1, "train"), (2, "train"), (3, "train"), (3, "eval")]
+    assert snapshot(tiny_pair["student"].parent) == models
+
+
+def test_resume_while_the_run_is_going_is_refused_naming_its_pid_and_a_killed_run_leaves_no_lock(tiny_pair, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_pair, steps=500, eval_every=0, keep_checkpoints=1)
+    run = tmp_path / "run"
+    first = _train_process(config, run)
+    _wait_for_step(run, 1, first)
+    second = _train_process(config, run, "resume=true")
+    assert second.wait(timeout=120) == 2
+    err = second.stderr.read().strip().splitlines()
+    assert err == [f"trb: error: out_dir {str(run)!r} is in use by another trb process (PID {first.pid}); wait for "
+                   "it or stop it, or choose another out_dir"]
+    assert first.poll() is None, "the running run must be unaffected"
+    lines = metric_keys(run)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert metric_keys(run)[: len(lines)] == lines, "the refused resume must not have truncated the log"
+    done = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    # the OS released the lock of the killed process: a resume runs
+    assert main(["train", config, f"out_dir={run}", "resume=true", f"steps={done + 1}"]) == 0
+    assert metric_keys(run) == [(0, "eval")] + [(k, "train") for k in range(1, done + 2)] + [(done + 1, "eval")]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_pair, tmp_path_factory):
+    """A 2-step run with checkpoints after steps 1 and 2, and the uninterrupted 3-step run to compare resumes with."""
+    root = tmp_path_factory.mktemp("damage")
+    config = write_config(root / "c.yaml", tiny_pair, steps=3)
+    assert main(["train", config, f"out_dir={root / 'reference'}"]) == 0
+    assert main(["train", config, f"out_dir={root / 'run'}", "steps=2"]) == 0
+    return root / "run", root / "reference", config
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0x10  # inside the last tensor's data
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": (lambda c: c.joinpath("model.safetensors").write_bytes(
+        c.joinpath("model.safetensors").read_bytes()[:1000]), "model.safetensors has 1000 bytes"),
+    "missing optimizer state": (lambda c: c.joinpath("optimizer.safetensors").unlink(),
+                                "optimizer.safetensors is missing"),
+    "garbage state file": (lambda c: c.joinpath("state.json").write_bytes(os.urandom(64)), "state.json has 64 bytes"),
+    "empty state file": (lambda c: c.joinpath("state.json").write_text(""), "state.json has 0 bytes"),
+    "one flipped bit in the weights": (lambda c: flip_a_bit(c / "model.safetensors"),
+                                       "model.safetensors does not match its SHA-256"),
+    "missing manifest": (lambda c: c.joinpath("manifest.json").unlink(), "manifest.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(damage, two_checkpoints, tmp_path, capsys):
+    base, reference, config = two_checkpoints
+    run = tmp_path / "moved_run"  # a copy at another path: a moved run resumes too
+    shutil.copytree(base, run)
+    damage_fn, message = DAMAGE[damage]
+    damage_fn(run / "checkpoints" / "step_00000002")
+    capsys.readouterr()
+    assert main(["train", config, f"out_dir={run}", "resume=true"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"trb: warning: checkpoint step_00000002 is damaged ({message}")
+    assert warnings[0].endswith("; resuming from step_00000001")
+    full, resumed = final_weights(reference), final_weights(run)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert without_timings(reference) == without_timings(run)
+
+
+def test_every_checkpoint_damaged_stops_with_one_line_and_changes_nothing(two_checkpoints, tmp_path, capsys):
+    base, _, config = two_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    for step in (1, 2):
+        flip_a_bit(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", config, f"out_dir={run}", "resume=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"trb: error: no intact checkpoint in {run / 'checkpoints'}: "
+                                               "step_00000002: model.safetensors does not match"), err
+    assert snapshot(run) == before
+
+
+def test_latest_naming_a_folder_outside_the_run_is_not_followed(two_checkpoints, tmp_path, capsys):
+    base, reference, config = two_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    shutil.copytree(run / "checkpoints" / "step_00000001", tmp_path / "elsewhere")  # a valid checkpoint, elsewhere
+    (run / "checkpoints" / "latest").write_text("../../elsewhere\n")
+    capsys.readouterr()
+    assert main(["train", config, f"out_dir={run}", "resume=true"]) == 0
+    err = capsys.readouterr().err
+    assert "names '../../elsewhere', not a checkpoint of this run; ignoring it" in err
+    assert "from step_00000002 (next step 2)" in err
+    full, resumed = final_weights(reference), final_weights(run)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_kill_after_the_final_checkpoint_before_the_summary_repeats_no_line(two_checkpoints, tmp_path, capsys):
+    _, reference, config = two_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()  # the state a kill between the final checkpoint and the summary leaves
+    log = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", config, f"out_dir={run}", "resume=true"]) == 0
+    assert (run / "metrics.jsonl").read_text() == log
+    assert json.loads((run / "summary.json").read_text())["final"] == \
+        json.loads((reference / "summary.json").read_text())["final"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A full disk
+
+
+def test_disk_full_while_writing_a_checkpoint_one_line_nothing_half_written(two_checkpoints, tiny_pair, tmp_path):
+    base, _, config = two_checkpoints
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    before, models = snapshot(run / "checkpoints" / "step_00000002"), snapshot(tiny_pair["student"].parent)
+    size = (run / "checkpoints" / "step_00000002" / "model.safetensors").stat().st_size
+    process = _train_process(config, run, "resume=true", "steps=4", file_size_limit=size // 2)
+    assert process.wait(timeout=300) == 2
+    err = process.stderr.read().strip().splitlines()
+    assert err[-1] == (f"trb: error: cannot write checkpoint {run / 'checkpoints' / 'step_00000003'}: File too large; "
+                       "the earlier checkpoints are intact: free space and resume with resume=true"), err
+    assert not any("Traceback" in line for line in err)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    assert snapshot(run / "checkpoints" / "step_00000002") == before
+    assert snapshot(tiny_pair["student"].parent) == models
+    assert main(["train", config, f"out_dir={run}", "resume=true", "steps=4"]) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Signals in every phase
+
+
+def _wait_for_torch(process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the process has loaded torch's library: its handler is installed, it is still loading."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if "libtorch" in Path(f"/proc/{process.pid}/maps").read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise TimeoutError("torch never loaded")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_while_loading_exits_75_with_one_line_and_writes_nothing(sig, tiny_pair, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_pair)
+    run = tmp_path / "run"
+    process = _train_process(config, run)
+    _wait_for_torch(process)
+    process.send_signal(sig)
+    assert process.wait(timeout=120) == 75
+    err = process.stderr.read().strip().splitlines()
+    assert err == [f"trb: stopped by signal {sig.name} before training started; no checkpoint was written: rerun the "
+                   "same command (with resume=auto if the run folder was created)"]
+    assert not run.exists()
+
+
+@pytest.fixture(scope="module")
+def long_evaluations(tiny_pair, tmp_path_factory):
+    """A config whose evaluations take seconds (48 problems x 2 samples, batches of 4), and its uninterrupted run."""
+    root = tmp_path_factory.mktemp("phases")
+    config = write_config(root / "c.yaml", tiny_pair, steps=4, checkpoint_every=0,
+                          data={"num_train": 32, "num_test": 48}, eval_samples=2, eval_batch=4, max_new_tokens=16)
+    assert main(["train", config, f"out_dir={root / 'reference'}"]) == 0
+    return config, root / "reference"
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+PHASES = {  # phase: (signal, the moment it is sent)
+    "step-0 evaluation": (signal.SIGTERM, lambda run: (run / "metrics.jsonl").exists()),
+    "evaluation after step 2": (signal.SIGINT, lambda run: (2, "train") in metric_keys(run)),
+    "final evaluation": (signal.SIGTERM, lambda run: (4, "train") in metric_keys(run)),
+}
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
+def test_signal_during_an_evaluation_exits_75_and_the_resume_repeats_nothing(phase, long_evaluations, tiny_pair,
+                                                                             tmp_path):
+    config, reference = long_evaluations
+    sig, moment = PHASES[phase]
+    run = tmp_path / "run"
+    models = snapshot(tiny_pair["student"].parent)
+    process = _train_process(config, run)
+    _wait_for(lambda: (run / "metrics.jsonl").exists() and moment(run), process)
+    process.send_signal(sig)
+    assert process.wait(timeout=120) == 75
+    err = process.stderr.read()
+    assert f"stopped by signal {sig.name} after step" in err and "Traceback" not in err
+    assert main(["train", config, f"out_dir={run}", "resume=true"]) == 0
+    assert without_timings(reference) == without_timings(run)
+    full, resumed = final_weights(reference), final_weights(run)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert snapshot(tiny_pair["student"].parent) == models
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Resume identity by content
+
+
+def test_changed_data_is_refused_and_resume_auto_starts_or_resumes(tiny_pair, tmp_path, capsys):
+    data = tmp_path / "problems.jsonl"
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = write_config(tmp_path / "c.yaml", tiny_pair, steps=1, data={"source": str(data), "num_test": 4})
+    run = tmp_path / "run"
+    assert main(["train", config, f"out_dir={run}", "resume=auto"]) == 0  # no run yet: starts one
+    rows[7]["answer"] = "7 + 7 = 15\n#### 15"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", config, f"out_dir={run}", "resume=true", "steps=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"data.source {str(data)!r} is not the data the run started with (its content " \
+        "changed)" in err[0], err
+    assert snapshot(run) == before
+    rows[7]["answer"] = "7 + 7 = 14\n#### 14"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))  # the same content again, a new mtime
+    assert main(["train", config, f"out_dir={run}", "resume=auto", "steps=2"]) == 0
+    assert "resumed" in capsys.readouterr().err
+    assert metric_keys(run) == [(0, "eval"), (1, "train"), (1, "eval"), (2, "train"), (2, "eval")]
