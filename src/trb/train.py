@@ -394,7 +394,10 @@ def setup(cfg: TrainConfig, signals: StopSignals | None = None) -> Setup:
         inputs = None
         if world.main:
             resuming = (run.path / "config.yaml").exists()
-            known = json.loads((run.path / INPUTS).read_text()) if (run.path / INPUTS).exists() else None
+            try:
+                known = json.loads((run.path / INPUTS).read_text()) if (run.path / INPUTS).exists() else None
+            except ValueError:
+                raise ConfigError(f"{run.path / INPUTS} is unreadable; restore it or choose another out_dir") from None
             if run.path.is_dir():
                 run.lock()
                 RunDir.check(cfg)  # the folder may have changed before the lock was taken
