@@ -712,6 +712,18 @@ def prepare(
     return report
 
 
+def with_steps(config: PrepareConfig, teacher_steps: int | None, student_steps: int | None) -> PrepareConfig:
+    """The preset with other SFT step budgets (None: the preset's); a warmup longer than half the budget is cut to
+    half of it."""
+    def budget(sft_config: SFTConfig, steps: int | None) -> SFTConfig:
+        if steps is None:
+            return sft_config
+        return replace(sft_config, steps=steps, warmup=min(sft_config.warmup, steps // 2))
+
+    return replace(config, teacher_sft=budget(config.teacher_sft, teacher_steps),
+                   student_sft=budget(config.student_sft, student_steps))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trb.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help=f"a setting ({', '.join(SETTINGS)}) or a problem file (GSM8K JSONL)")
@@ -724,6 +736,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-more-steps", type=int, default=0,
                         help="continue the reused teacher's SFT for this many steps")
     parser.add_argument("--student-from", help="reuse the student of an earlier run (same tokenizer): its student/ folder")
+    parser.add_argument("--teacher-steps", type=int, help="the teacher's SFT steps (default: the preset's)")
+    parser.add_argument("--student-steps", type=int, help="the student's SFT steps (default: the preset's)")
     args = parser.parse_args(argv)
     if (args.teacher_more_steps or args.student_from) and not args.teacher_from:
         parser.error("--teacher-more-steps and --student-from need --teacher-from (the tokenizer comes with it)")
@@ -731,7 +745,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.source} is not a setting: pass --preset ({', '.join(PRESETS)})")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = replace(PRESETS[args.preset or args.source], seed=args.seed)
+    config = with_steps(replace(PRESETS[args.preset or args.source], seed=args.seed), args.teacher_steps,
+                        args.student_steps)
     prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True),
             teacher_from=args.teacher_from, teacher_more_steps=args.teacher_more_steps, student_from=args.student_from)
 
