@@ -72,6 +72,8 @@ def _existing(path: str | None, option: str) -> None:
 
 
 def cmd_train(args) -> int:
+    if not args.config.startswith("trb:") and not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config!r} not found")
     _quiet_libraries()
     from trb.config import load_config
     from trb.train import dry_run, train
@@ -161,6 +163,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    if not args.config.startswith("trb:") and not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config!r} not found")
     _writable_folder(args.out, "--out")
     _quiet_libraries()
     from trb.compare import run_compare
