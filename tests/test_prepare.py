@@ -3,7 +3,9 @@ report, runs are reproducible, configs are validated, problem files split determ
 
 import copy
 import json
+import os
 import random
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from trb.prepare import (
     PRESETS,
     ModelSize,
     PrepareConfig,
+    PrepareError,
     SFTConfig,
     _save_and_reload,
     epoch_batches,
@@ -312,3 +315,40 @@ def test_full_budget_student_and_reused_teacher(tiny_run, tmp_path):
                                                      weights(tmp_path / "more" / "teacher").values()))
     with pytest.raises(ValueError, match="prepared teacher folder"):
         run_prepare("arith", tmp_path / "bad", config, log=lambda line: None, teacher_from=tmp_path)
+
+
+def signal_at(role: str, step: int, sig: int = signal.SIGINT):
+    """A log callback that sends this process `sig` when `role` logs its SFT step `step` (every step is logged)."""
+    def log(line: str) -> None:
+        if line.startswith(f"{role} step {step}/"):
+            os.kill(os.getpid(), sig)
+    return log
+
+
+def test_stopped_by_a_signal_keeps_the_model_and_continues_exactly(tiny_run, tmp_path):
+    """SIGINT in the teacher's SFT, then SIGTERM in the student's: each time the model so far is saved as a loadable
+    checkpoint, and rerunning continues to the very weights and report of the uninterrupted run."""
+    out, full, _ = tiny_run
+    run = tmp_path / "run"
+    first = run_prepare("arith", run, TINY, log=signal_at("teacher", 3))
+    assert first == {"status": "stopped", "stage": "teacher", "step": 3, "out": str(run),
+                     "models": {"teacher": str(run / "teacher")}}
+    assert not (run / "prepare.json").exists() and not (run / "student").exists()
+    assert AutoModelForCausalLM.from_pretrained(run / "teacher").config.num_hidden_layers == TINY.teacher.layers
+    with pytest.raises(PrepareError, match=r"other settings \(config.teacher_sft.steps: 8 -> 9\)"):
+        run_prepare("arith", run, replace(TINY, teacher_sft=replace(TINY.teacher_sft, steps=9)), log=lambda line: None)
+
+    second = run_prepare("arith", run, TINY, log=signal_at("student", 2, signal.SIGTERM))
+    assert (second["stage"], second["step"]) == ("student", 2)
+    assert weights(run / "teacher").keys() == weights(out / "teacher").keys()
+    assert all(torch.equal(weights(run / "teacher")[k], weights(out / "teacher")[k]) for k in weights(out / "teacher"))
+
+    lines: list[str] = []
+    third = run_prepare("arith", run, TINY, log=lines.append)
+    assert third["status"] == "completed" and not (run / ".resume").exists()
+    assert lines[0] == f"continuing the stopped run in {run}: teacher finished, student at step 2"
+    for role in ("teacher", "student"):
+        assert all(torch.equal(weights(run / role)[k], weights(out / role)[k]) for k in weights(out / role))
+        assert third[role]["sft_steps"] == full[role]["sft_steps"]
+        assert third[role]["test"] == full[role]["test"]
+    assert third["student"]["validation_curve"] == full["student"]["validation_curve"]

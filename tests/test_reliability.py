@@ -165,7 +165,7 @@ def test_bad_input_one_line_exit_2_nothing_changed(name, overrides, message, bad
 
 def test_eval_bad_inputs_and_debug_traceback(bad_inputs, tiny_pair, capsys):
     for args, message in [
-        (["--model", "/no/such/dir"], "is not a directory"),
+        (["--model", "/no/such/dir"], "no such file or folder"),
         (["--model", str(tiny_pair["student"]), "--data", f"{bad_inputs}/no_answer.jsonl", "--problems", "2"],
          "no_answer.jsonl:1: "),
         (["--model", str(tiny_pair["student"]), "--teacher", f"{bad_inputs}/other_teacher"], "tokenizers differ"),
@@ -174,7 +174,7 @@ def test_eval_bad_inputs_and_debug_traceback(bad_inputs, tiny_pair, capsys):
         assert main(["eval", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0]
-    with pytest.raises(Exception, match="is not a directory"):
+    with pytest.raises(Exception, match="no such file or folder"):
         main(["--debug", "eval", "--model", "/no/such/dir"])
 
 

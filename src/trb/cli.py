@@ -8,16 +8,18 @@
     trb probe --student DIR --teacher DIR ...  the continuation probe
     trb inspect RUN                            an HTML page of logged rollouts, shaded by beta
 
-User errors (bad config, data, paths, incompatible models, non-finite training, a run folder in use, a full disk)
-print one line `trb: error: ...` and exit with code 2, without a traceback unless --debug is given. A training run
-stopped by SIGTERM/SIGINT, at any moment from start to exit, saves any new state and exits with code 75; rerun with
-resume=true.
+User errors (bad options, config, data, paths, incompatible models, non-finite training, a run folder in use, a
+full disk) print one line `trb: error: ...` and exit with code 2, without a traceback unless --debug is given.
+Options and paths are checked before torch and transformers are imported, so such errors come back at once. A
+training run stopped by SIGTERM/SIGINT, at any moment from start to exit, saves any new state and exits with code
+75 (rerun with resume=true); so does `trb prepare` (rerun the same command).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +28,23 @@ from trb.stopping import Stopped, StopSignals
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun with resume=true
+EXIT_INTERRUPTED = 130  # Ctrl-C outside the steps that save a checkpoint first
+
+# The built-in settings, which are also the `trb prepare` presets (trb.tasks.SETTINGS, trb.prepare.PRESETS; a test
+# holds the three equal). Named here so that a bad name fails before torch is imported.
+SETTINGS = ("arith", "word")
+
+
+class UsageError(TrbError):
+    """A bad command-line option or path."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`trb <command>: error: ...`, exit 2) instead of the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def _quiet_libraries() -> None:
     import transformers
@@ -34,7 +53,29 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _writable_folder(path: str, option: str) -> Path:
+    """A folder that exists or can be created: checked without creating anything."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {path!r} is a file, not a folder; choose another {option}")
+    ancestor = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not ancestor.is_dir():
+        raise UsageError(f"{option} {path!r} cannot be created: {str(ancestor)!r} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path!r} is not writable ({str(ancestor)!r} denies writing)")
+    return folder
+
+
+def _existing(path: str | None, option: str) -> None:
+    """A model, run or data path must exist (trb:... names a shipped file; a setting name is not a path)."""
+    if path is not None and not path.startswith("trb:") and path not in SETTINGS and not Path(path).exists():
+        raise UsageError(f"{option} {path!r}: no such file or folder")
+
+
 def cmd_train(args) -> int:
+    if not args.config.startswith("trb:") and not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config!r} not found")
+    _quiet_libraries()
     from trb.config import load_config
     from trb.train import dry_run, train
 
@@ -48,11 +89,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    _existing(args.model, "--model")
+    _existing(args.teacher, "--teacher")
+    _existing(args.data, "--data")
+    if args.all and args.data in SETTINGS:
+        raise UsageError(f"--all scores every problem of a file; --data {args.data} is a generated setting (use "
+                         "--problems N)")
+    if args.out:
+        _writable_folder(str(Path(args.out).parent), "--out's folder")
+    _quiet_libraries()
     import torch
 
     from trb.evaluate import evaluate
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
-    from trb.tasks import problem_splits
+    from trb.tasks import load_problems, problem_splits
     from trb.train import resolve_device
 
     device = resolve_device(args.device)
@@ -60,7 +110,10 @@ def cmd_eval(args) -> int:
     student = load_causal_lm(args.model, device)
     teacher = load_causal_lm(args.teacher, device) if args.teacher else None
     vocab = vocab_space(tokenizer, load_tokenizer(args.teacher) if args.teacher else None, student, teacher)
-    _, problems = problem_splits(args.data, 1, args.problems, args.data_seed, fields=None)
+    if args.all:
+        problems = load_problems(args.data)
+    else:
+        _, problems = problem_splits(args.data, 1, args.problems, args.data_seed, fields=None)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = evaluate(student, tokenizer, problems, vocab, n_samples=args.n, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch, seed=args.seed, teacher=teacher, system_prompt=args.system_prompt)
@@ -72,27 +125,49 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prepare(args) -> int:
+    if args.source not in SETTINGS and not Path(args.source).is_file():
+        raise UsageError(f"source {args.source!r} is neither a setting ({', '.join(SETTINGS)}) nor a problem file")
+    _writable_folder(args.out, "--out")
+    if args.teacher_from is not None and not (Path(args.teacher_from) / "config.json").is_file():
+        raise UsageError(f"--teacher-from {args.teacher_from!r} is not a prepared teacher folder (no config.json)")
+    _quiet_libraries()
     from dataclasses import replace
 
-    from trb.prepare import PRESETS, prepare
+    import torch
+    from tqdm import tqdm
 
+    from trb.prepare import PRESETS, prepare, with_steps
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     preset = args.preset or (args.source if args.source in PRESETS else "word")
-    report = prepare(args.source, Path(args.out), replace(PRESETS[preset], seed=args.seed), device=args.device,
-                     log=lambda message: print(message, file=sys.stderr), teacher_from=args.teacher_from)
+    config = with_steps(replace(PRESETS[preset], seed=args.seed), args.teacher_steps, args.student_steps)
+    report = prepare(args.source, Path(args.out), config, device=args.device,
+                     log=lambda message: tqdm.write(message, file=sys.stderr), teacher_from=args.teacher_from)
+    if report["status"] == "stopped":
+        print(json.dumps(report))
+        return EXIT_PREEMPTED
     summary = {role: {"parameters": report[role]["parameters"], "test_pass_at_1": report[role]["test"]["pass_at_1"]}
                for role in ("teacher", "student")}
-    print(json.dumps({"out": args.out, **summary, "warnings": report["warnings"]}))
+    print(json.dumps({"out": args.out, **summary, "wall_s": report["wall_s"], "warnings": report["warnings"]}))
     return 0
 
 
 def cmd_demo(args) -> int:
+    if args.out is not None:
+        _writable_folder(args.out, "--out")
+    _quiet_libraries()
     from trb.demo import run_demo
 
-    run_demo(Path(args.out), setting=args.setting, steps=args.steps, overrides=args.overrides)
+    run_demo(Path(args.out) if args.out else None, setting=args.setting, steps=args.steps, overrides=args.overrides)
     return 0
 
 
 def cmd_compare(args) -> int:
+    if not args.config.startswith("trb:") and not Path(args.config).is_file():
+        raise UsageError(f"config file {args.config!r} not found")
+    _writable_folder(args.out, "--out")
+    _quiet_libraries()
     from trb.compare import run_compare
 
     run_compare(args.config, args.methods, args.seeds, Path(args.out), args.jobs, args.overrides,
@@ -102,6 +177,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_probe(args) -> int:
+    _existing(args.student, "--student")
+    _existing(args.teacher, "--teacher")
+    _existing(args.data, "--data")
+    _writable_folder(args.out, "--out")
+    _quiet_libraries()
     import torch
 
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
@@ -127,6 +207,10 @@ def cmd_probe(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    if not (Path(args.run) / "metrics.jsonl").is_file() and not (Path(args.run) / "rollouts").is_dir():
+        raise UsageError(f"{args.run!r} is not a run folder (no metrics.jsonl or rollouts/)")
+    if args.out:
+        _writable_folder(str(Path(args.out).parent), "--out's folder")
     from trb.viewer import write_page
 
     page = write_page(Path(args.run), Path(args.out) if args.out else None, args.steps)
@@ -135,10 +219,9 @@ def cmd_inspect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="trb", description="On-policy distillation with Trust-Region behavior "
-                                     "Blending.")
+    parser = _Parser(prog="trb", description="On-policy distillation with Trust-Region behavior Blending.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a student (resume with resume=true)")
     p.add_argument("config", help="YAML config file")
@@ -148,10 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="avg@n pass@1 at temperature 1.0 of a checkpoint")
-    p.add_argument("--model", required=True, help="student checkpoint folder (or trb:miniature/<setting>/student)")
+    p.add_argument("--model", required=True,
+                   help="student checkpoint folder, a training run folder or its checkpoints/latest (the latest "
+                   "checkpoint), or trb:miniature/<setting>/student")
     p.add_argument("--teacher", help="teacher checkpoint folder: also report the teacher-KL on the samples")
     p.add_argument("--data", default="arith", help="a built-in setting or a problem file (JSONL/parquet)")
-    p.add_argument("--problems", type=int, default=200, help="number of test problems")
+    p.add_argument("--all", action="store_true", help="score every problem of the --data file (your test file)")
+    p.add_argument("--problems", type=int, default=200,
+                   help="number of test problems (without --all: a setting's test split, or a held-out slice of a "
+                   "file)")
     p.add_argument("--n", type=int, default=4, help="samples per problem (avg@n)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=256)
@@ -162,10 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the full result (with per-problem scores) to this JSON file")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("prepare", help="make a miniature teacher and base student")
-    p.add_argument("source", help="arith, word, or a GSM8K-format JSONL of problems with worked solutions")
+    p = sub.add_parser(
+        "prepare", help="make a miniature teacher and base student",
+        description="Train a tokenizer, a teacher and a weak base student on a setting or on your problems. A progress "
+        "bar shows each stage's steps and the time left. Ctrl-C (SIGINT) or SIGTERM stops after the current step, "
+        "keeps the models trained so far in OUT/teacher and OUT/student and exits with code 75; rerunning the same "
+        "command continues exactly where it stopped.")
+    p.add_argument("source", help=f"a setting ({', '.join(SETTINGS)}) or a GSM8K-format JSONL of problems with "
+                   "worked solutions")
     p.add_argument("--out", required=True, help="output folder (teacher/, student/, prepare.json)")
-    p.add_argument("--preset", help="size preset for a file source (default: word)")
+    p.add_argument("--preset", choices=SETTINGS,
+                   help="model sizes and SFT budgets: arith (teacher 1,800 steps, student 1,500) or word (teacher "
+                   "2,000 steps, student 3,000); default: the setting's own, word for a file")
+    p.add_argument("--teacher-steps", type=_positive, help="the teacher's SFT steps (default: the preset's)")
+    p.add_argument("--student-steps", type=_positive, help="the student's SFT steps (default: the preset's)")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
     p.add_argument("--device", default="cpu")
@@ -205,12 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="the embedded miniature: vanilla OPD and TRB side by side")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--setting", default="arith", choices=["arith", "word"])
+    p.add_argument("--out", help="output folder (default: runs/demo-<time>)")
+    p.add_argument("--setting", default="arith", choices=SETTINGS)
     p.add_argument("--steps", type=int, help="optimizer steps per method (default: the config's)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trb: stopped by signal {stop} before training started; no checkpoint was written: rerun the same "
               "command (with resume=auto if the run folder was created)", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("trb: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         if args.signals is not None:
             args.signals.uninstall()

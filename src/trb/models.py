@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from trb.checkpoint import LATEST, latest_checkpoint
 from trb.errors import TrbError
 
 
@@ -152,8 +153,17 @@ def resolve_builtin(path: str) -> Path:
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory: a filesystem path, or trb:miniature/<setting>/<role> for the shipped miniature."""
+    """A checkpoint directory: a filesystem path, or trb:miniature/<setting>/<role> for the shipped miniature. A
+    training run folder, its checkpoints/ folder or the checkpoints/latest pointer file stand for the run's latest
+    checkpoint."""
     resolved = resolve_builtin(path)
+    if resolved.is_file() and resolved.name == LATEST:
+        resolved = resolved.parent
+    if resolved.is_dir() and not (resolved / "config.json").is_file():
+        root = resolved / "checkpoints" if (resolved / "checkpoints").is_dir() else resolved
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            resolved = latest
     if not resolved.is_dir():
         raise ModelLoadError(f"model path {path!r} is not a directory; give a local Hugging Face checkpoint folder")
     if not (resolved / "config.json").is_file():

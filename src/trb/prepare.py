@@ -30,7 +30,9 @@ import copy
 import hashlib
 import json
 import math
+import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -39,13 +41,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from trb.checkpoint import _flatten_optimizer, _unflatten_optimizer
+from trb.errors import TrbError
 from trb.evaluate import EvalResult, evaluate
 from trb.models import tiny_causal_lm, vocab_space
 from trb.rollout import left_pad, position_ids
 from trb.tasks import SETTINGS, Problem, load_problems, tokenize_prompts, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
+from trb.train import Preemption
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -55,9 +62,13 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ------------------------------------------------------------------------------------------------------------------
 
 
+class PrepareError(TrbError):
+    """A prepare source, setting or output folder that cannot be used as given; the message names the fix."""
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise PrepareError(message)
 
 
 @dataclass(frozen=True)
@@ -192,12 +203,12 @@ def split_problems(source: str, config: PrepareConfig) -> dict[str, list[Problem
         }
     path = Path(source)
     if not path.is_file():
-        raise ValueError(f"source must be a setting ({', '.join(SETTINGS)}) or a problem file; {source!r} is neither")
+        raise PrepareError(f"source must be a setting ({', '.join(SETTINGS)}) or a problem file; {source!r} is neither")
     unique = {p.question: p for p in load_problems(path)}  # a repeated question would straddle two splits
     ordered = sorted(unique.values(), key=lambda p: hashlib.sha256(p.question.encode()).digest())
     n_heldout = config.num_test + config.num_val
     if len(ordered) <= n_heldout:
-        raise ValueError(
+        raise PrepareError(
             f"{path} has {len(ordered)} distinct problems, not enough for num_test = {config.num_test} + "
             f"num_val = {config.num_val} + at least one train problem; lower num_test / num_val"
         )
@@ -287,12 +298,17 @@ def sft(
     name: str,
     stop: Callable[[int], bool] | None = None,
     stop_every: int = 0,
+    resume: dict | None = None,
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Train model in place; returns {"steps": optimizer steps taken, "final_loss": mean loss of the last logged
-    window (or of the steps since)}.
+    window (or of the steps since), "stopped": whether interrupted() ended it}, and when stopped a "resume" entry.
 
     Data order: `epoch_batches` per epoch, drawn from `generator`. stop(step) is asked after every stop_every-th step
-    (steps counted from 1); training ends early when it returns True.
+    (steps counted from 1); training ends early when it returns True. interrupted() is asked after every step: when
+    it returns True training stops there, and the result's "resume" entry (the step, the optimizer state, the
+    generator state and the rest of the epoch's batches), passed back as `resume` with the same model, continues
+    exactly where it stopped. A progress bar (tqdm, on stderr) shows the steps, their rate and the time left.
     """
     device = model.device
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
@@ -303,11 +319,17 @@ def sft(
     )
     lengths = torch.tensor([len(p) + len(c) for p, c in zip(prompts, completions)])  # (n,)
     batches: list[list[int]] = []
+    done = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        batches, done = [list(b) for b in resume["batches"]], resume["step"]
     log_every = max(1, min(200, config.steps // 10))
     window_loss, window_steps, recent_loss = 0.0, 0, float("nan")  # mean loss since the last log line
-    start, step = time.perf_counter(), 0
+    start, step, stopped = time.perf_counter(), done, False
+    bar = tqdm(total=config.steps, initial=done, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0)
     model.train()
-    for step in range(1, config.steps + 1):
+    for step in range(done + 1, config.steps + 1):
         if not batches:
             batches = epoch_batches(lengths, config.batch_size, generator)
         rows = batches.pop()
@@ -321,19 +343,29 @@ def sft(
         optimizer.zero_grad(set_to_none=True)
         window_loss, window_steps = window_loss + loss.item(), window_steps + 1
         recent_loss = window_loss / window_steps
+        bar.update(1)
+        bar.set_postfix(loss=f"{recent_loss:.4f}", refresh=False)
         if step % log_every == 0 or step == config.steps:
-            rate = step / (time.perf_counter() - start)
+            rate = (step - done) / (time.perf_counter() - start)
             log(f"{name} step {step}/{config.steps}  loss {recent_loss:.4f}  "
                 f"lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.2f} steps/s")
             window_loss, window_steps = 0.0, 0
         if stop is not None and step % stop_every == 0:
             model.eval()
-            stopped = stop(step)
+            early = stop(step)
             model.train()
-            if stopped:
+            if early:
                 break
+        if interrupted() and step < config.steps:
+            stopped = True
+            break
+    bar.close()
     model.eval()
-    return {"steps": step, "final_loss": recent_loss}
+    result = {"steps": step, "final_loss": recent_loss, "stopped": stopped}
+    if stopped:
+        result["resume"] = {"step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                            "batches": batches}
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -375,27 +407,85 @@ def _save_and_reload(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
 
 
+# A stopped run keeps out_dir/.resume/: settings.json (what it was asked to do) and one folder per SFT stage that ran
+# (teacher, student): the model in fp32, stage.json (steps, loss, wall time, done or not, the student's validation
+# curve) and, for an unfinished stage, resume.safetensors (optimizer state and data-order generator state). Rerunning
+# the same command continues from there; a finished run removes the folder.
+RESUME = ".resume"
+
+
+def _save_stage(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, result: dict,
+                extra: dict) -> None:
+    """One SFT stage's state under out_dir/.resume/<role>, written aside and renamed into place (a kill while saving
+    keeps the previous state)."""
+    partial, stale = folder.with_name(f".{folder.name}.partial"), folder.with_name(f".{folder.name}.stale")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    state = {"steps": result["steps"], "final_loss": result["final_loss"], "done": not result["stopped"], **extra}
+    if result["stopped"]:
+        resume = result["resume"]
+        tensors, optimizer_meta = _flatten_optimizer(resume["optimizer"])
+        save_file({**tensors, "generator": resume["generator"]}, str(partial / "resume.safetensors"))
+        state["resume"] = {"step": resume["step"], "batches": resume["batches"], "optimizer": optimizer_meta}
+    (partial / "stage.json").write_text(json.dumps(state))
+    if folder.exists():
+        shutil.rmtree(stale, ignore_errors=True)
+        os.rename(folder, stale)
+    os.rename(partial, folder)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def _load_stage(folder: Path, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
+    """(model in fp32, tokenizer, stage.json with its "resume" entry ready for `sft`) of a saved stage."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    state = json.loads((folder / "stage.json").read_text())
+    if not state["done"]:
+        tensors = load_file(str(folder / "resume.safetensors"))
+        generator = tensors.pop("generator")
+        optimizer = _unflatten_optimizer(tensors, state["resume"]["optimizer"])
+        optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}  # torch keys parameters by index
+        state["resume"] = {**state["resume"], "optimizer": optimizer, "generator": generator}
+    return model, AutoTokenizer.from_pretrained(folder), state
+
+
 def _prepared_folder(folder: str | Path, role: str) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{role}_from must be a prepared {role} folder (config.json, weights, tokenizer); "
+        raise PrepareError(f"{role}_from must be a prepared {role} folder (config.json, weights, tokenizer); "
                          f"{folder} has no config.json")
     return folder
 
 
+def _earlier_run(folder: Path, role: str) -> dict | None:
+    """The report entry of an earlier run for its model in `folder` (with its wall times and hardware) when the run's
+    prepare.json sits next to the model's folder."""
+    earlier = folder.parent / "prepare.json"
+    if not earlier.is_file():
+        return None
+    report = json.loads(earlier.read_text())
+    return {"report": report.get(role), "wall_s": report.get("wall_s"), "hardware": report.get("hardware")}
+
+
 def _reuse(folder: Path, role: str, device: torch.device, log: Callable[[str], None]
            ) -> tuple[PreTrainedModel, dict | None]:
-    """A model of an earlier run, and that run's report entry for it (with its wall times and hardware) when the
-    run's prepare.json sits next to the model's folder."""
+    """A model of an earlier run, and that run's report entry for it (`_earlier_run`)."""
     folder = _prepared_folder(folder, role)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    earlier = folder.parent / "prepare.json"
-    entry = None
-    if earlier.is_file():
-        report = json.loads(earlier.read_text())
-        entry = {"report": report.get(role), "wall_s": report.get("wall_s"), "hardware": report.get("hardware")}
     log(f"{role}: reused from {folder}")
-    return model, entry
+    return model, _earlier_run(folder, role)
+
+
+def _differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: saved -> new' for every (nested) key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
 
 
 def _cpu_name() -> str:
@@ -420,10 +510,33 @@ def prepare(
     its run's report entry for the teacher is carried over when that run's prepare.json exists).
     teacher_more_steps: continue the reused teacher's SFT for this many steps (warmup, then cosine from half the
     preset's lr), e.g. when it misses its target. student_from: likewise reuse an earlier run's student (evaluated,
-    not trained)."""
+    not trained).
+
+    SIGINT / SIGTERM during SFT stop the run after the current step: the model trained so far is saved as a loadable
+    checkpoint in out_dir/<role> (in save_dtype; with a finished teacher, both), its exact training state in
+    out_dir/.resume, and the report {"status": "stopped", ...} is returned. Calling prepare again with the same
+    arguments continues from there and gives the same models as an uninterrupted run; other arguments are refused.
+    """
     out_dir, device = Path(out_dir), torch.device(device)
     if (teacher_more_steps or student_from is not None) and teacher_from is None:
-        raise ValueError("teacher_more_steps and student_from need teacher_from (the tokenizer comes with it)")
+        raise PrepareError("teacher_more_steps and student_from need teacher_from (the tokenizer comes with it)")
+    resume_dir = out_dir / RESUME
+    settings = json.loads(json.dumps({
+        "source": source, "config": asdict(config), "teacher_from": None if teacher_from is None else str(teacher_from),
+        "teacher_more_steps": teacher_more_steps, "student_from": None if student_from is None else str(student_from),
+    }))  # as JSON reads it back (tuples become lists)
+    stages: dict[str, tuple] = {}
+    if (resume_dir / "settings.json").is_file():
+        saved = json.loads((resume_dir / "settings.json").read_text())
+        differences = _differences(saved, settings)
+        if differences:
+            raise PrepareError(f"{out_dir} holds a stopped prepare run with other settings ({', '.join(differences)}); "
+                               "rerun it with its own options to continue it, or choose another output folder")
+        stages = {role: _load_stage(resume_dir / role, device) for role in ("teacher", "student")
+                  if (resume_dir / role / "stage.json").is_file()}
+        log(f"continuing the stopped run in {out_dir}: " + ", ".join(
+            f"{role} {'finished' if state['done'] else 'at step ' + str(state['steps'])}"
+            for role, (_, _, state) in stages.items()) if stages else f"continuing the stopped run in {out_dir}")
     wall: dict[str, float] = {}
     warnings: list[str] = []
 
@@ -435,7 +548,9 @@ def prepare(
     t0 = time.perf_counter()
     splits = split_problems(source, config)
     train = splits["train"]
-    if teacher_from is None:
+    if stages:  # the stopped run's tokenizer
+        tokenizer = next(iter(stages.values()))[1]
+    elif teacher_from is None:
         tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in train],
                                     config.vocab_size)
     else:
@@ -459,32 +574,64 @@ def prepare(
         return evaluate(model, tokenizer, problems, vocab_space(tokenizer, student=model),
                         n_samples=config.eval_samples, max_new_tokens=config.max_new_tokens, seed=seed)
 
-    def timed_sft(role: str, model: PreTrainedModel, sft_config: SFTConfig, seed: int, **stopping) -> dict:
+    def timed_sft(role: str, model: PreTrainedModel, sft_config: SFTConfig, seed: int, extra=lambda: {},
+                  **stopping) -> dict:
+        """SFT of one stage (continued from its saved state when the stopped run got that far); when it ends or is
+        stopped the stage is saved under out_dir/.resume and the model to out_dir/<role>."""
+        earlier = stages.get(role, (None, None, {"done": False, "wall_s": 0.0}))[2]
+        if earlier["done"]:
+            log(f"{role}: finished before the stop ({earlier['steps']} steps)")
+            wall[f"{role}_sft"] = earlier["wall_s"]
+            return {"steps": earlier["steps"], "final_loss": earlier["final_loss"], "stopped": False}
         log(f"{role}: {_parameters(model):,} parameters")
         t = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)  # data order; init is isolated by tiny_causal_lm(seed=)
-        result = sft(model, prompts, completions, tokenizer.pad_token_id, sft_config, generator, log, role,
-                     **stopping)
-        wall[f"{role}_sft"] = time.perf_counter() - t
+        with Preemption() as preemption:
+            result = sft(model, prompts, completions, tokenizer.pad_token_id, sft_config, generator, log, role,
+                         resume=earlier.get("resume"), interrupted=lambda: preemption.requested, **stopping)
+        wall[f"{role}_sft"] = earlier["wall_s"] + time.perf_counter() - t
+        _save_stage(resume_dir / role, model, tokenizer, result, {"wall_s": wall[f"{role}_sft"], **extra()})
+        _save_and_reload(model, tokenizer, out_dir / role, config.save_dtype, device)  # usable now, even if stopped
         return result
+
+    def stopped(role: str, result: dict) -> dict:
+        log(f"stopped at {role} step {result['steps']}: the {role} so far is in {out_dir / role}; rerun the same "
+            "command to continue")
+        return {"status": "stopped", "stage": role, "step": result["steps"], "out": str(out_dir),
+                "models": {r: str(out_dir / r) for r in ("teacher", "student") if (out_dir / r).is_dir()}}
+
+    if not stages:  # the data are good: from here on a stopped run can be continued
+        resume_dir.mkdir(parents=True, exist_ok=True)
+        (resume_dir / "settings.json").write_text(json.dumps(settings, indent=1))
 
     # Teacher: the full budget, cosine to 0 (or an earlier run's, optionally trained further) -------------------------
     earlier_runs: dict[str, dict | None] = {}
+    if "teacher" in stages:
+        teacher = stages["teacher"][0]
+        if teacher_from is not None:
+            earlier_runs["teacher"] = _earlier_run(_prepared_folder(teacher_from, "teacher"), "teacher")
     if teacher_from is None:
-        teacher = _new_model(config.teacher, tokenizer, max_positions, config.seed, device)
+        if "teacher" not in stages:
+            teacher = _new_model(config.teacher, tokenizer, max_positions, config.seed, device)
         teacher_sft = timed_sft("teacher", teacher, config.teacher_sft, config.seed)
     else:
-        teacher, earlier_runs["teacher"] = _reuse(teacher_from, "teacher", device, log)
-        teacher_sft = {"steps": 0, "final_loss": float("nan")}
+        if "teacher" not in stages:
+            teacher, earlier_runs["teacher"] = _reuse(teacher_from, "teacher", device, log)
+        teacher_sft = {"steps": 0, "final_loss": float("nan"), "stopped": False}
         if teacher_more_steps > 0:
             more = replace(config.teacher_sft, steps=teacher_more_steps, lr=config.teacher_sft.lr / 2,
                            warmup=min(50, teacher_more_steps - 1))
             teacher_sft = timed_sft("teacher", teacher, more, config.seed + 2)
+    if teacher_sft["stopped"]:
+        return stopped("teacher", teacher_sft)
 
     # Student: label-smoothed SFT, validation pass@1 recorded (optionally stopped in the window) ----------------------
     lo, hi = config.student_window
     curve: list[tuple[int, float]] = []  # (step, validation pass@1)
-    if student_from is None:
+    if "student" in stages:
+        student = stages["student"][0]
+        curve += [tuple(point) for point in stages["student"][2]["validation_curve"]]
+    elif student_from is None:
         student = _new_model(config.student, tokenizer, max_positions, config.seed + 1, device)
     else:
         student, earlier_runs["student"] = _reuse(student_from, "student", device, log)
@@ -497,7 +644,9 @@ def prepare(
 
     if student_from is None:
         student_sft = timed_sft("student", student, config.student_sft, config.seed + 1, stop=validate,
-                                stop_every=config.eval_every)
+                                stop_every=config.eval_every, extra=lambda: {"validation_curve": curve})
+        if student_sft["stopped"]:
+            return stopped("student", student_sft)
     else:
         student_sft = {"steps": 0, "final_loss": float("nan")}
     if not curve or curve[-1][0] != student_sft["steps"]:
@@ -546,6 +695,7 @@ def prepare(
     report_models["student"]["in_window"] = lo <= last_val <= hi
 
     report = {
+        "status": "completed",
         "source": source,
         "config": asdict(config),
         "data": {name: len(problems) for name, problems in splits.items()} | {"vocab_size": len(tokenizer)},
@@ -558,7 +708,20 @@ def prepare(
                      "threads": torch.get_num_threads()},
     }
     (out_dir / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(resume_dir)
     return report
+
+
+def with_steps(config: PrepareConfig, teacher_steps: int | None, student_steps: int | None) -> PrepareConfig:
+    """The preset with other SFT step budgets (None: the preset's); a warmup longer than half the budget is cut to
+    half of it."""
+    def budget(sft_config: SFTConfig, steps: int | None) -> SFTConfig:
+        if steps is None:
+            return sft_config
+        return replace(sft_config, steps=steps, warmup=min(sft_config.warmup, steps // 2))
+
+    return replace(config, teacher_sft=budget(config.teacher_sft, teacher_steps),
+                   student_sft=budget(config.student_sft, student_steps))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -573,6 +736,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-more-steps", type=int, default=0,
                         help="continue the reused teacher's SFT for this many steps")
     parser.add_argument("--student-from", help="reuse the student of an earlier run (same tokenizer): its student/ folder")
+    parser.add_argument("--teacher-steps", type=int, help="the teacher's SFT steps (default: the preset's)")
+    parser.add_argument("--student-steps", type=int, help="the student's SFT steps (default: the preset's)")
     args = parser.parse_args(argv)
     if (args.teacher_more_steps or args.student_from) and not args.teacher_from:
         parser.error("--teacher-more-steps and --student-from need --teacher-from (the tokenizer comes with it)")
@@ -580,7 +745,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.source} is not a setting: pass --preset ({', '.join(PRESETS)})")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    config = replace(PRESETS[args.preset or args.source], seed=args.seed)
+    config = with_steps(replace(PRESETS[args.preset or args.source], seed=args.seed), args.teacher_steps,
+                        args.student_steps)
     prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True),
             teacher_from=args.teacher_from, teacher_more_steps=args.teacher_more_steps, student_from=args.student_from)
 

@@ -54,19 +54,49 @@ def markdown_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_learning_curves(runs: dict[str, Path], path: Path, title: str) -> None:
-    """pass@1 and the teacher-KL of fresh samples over optimizer steps, one line per run."""
-    fig, (ax_pass, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, run in runs.items():
-        records = read_metrics(run)
-        ax_pass.plot(*series(records, "eval/pass_at_1"), marker="o", markersize=3, label=name)
-        ax_kl.plot(*series(records, "eval/teacher_kl"), marker="o", markersize=3, label=name)
-    ax_pass.set(xlabel="optimizer step", ylabel="avg@n pass@1 (T = 1.0)", title="pass@1 on held-out problems")
-    ax_kl.set(xlabel="optimizer step", ylabel="KL(student || teacher) per token", title="teacher-KL on fresh samples")
-    for ax in (ax_pass, ax_kl):
+# (metric keys, y label, title) of each panel a learning-curve figure can show; eval/* points are evaluations
+PANELS = {
+    "pass_at_1": (("eval/pass_at_1",), "avg@n pass@1 (T = 1.0)", "pass@1 on held-out problems"),
+    "teacher_kl": (("eval/teacher_kl",), "KL(student || teacher) per token", "teacher-KL on fresh samples"),
+    "loss": (("loss",), "loss per completion token", "training loss"),
+    "behavior": (("eps", "rollout/mean_beta"), "value", "behavior: budget eps, mean beta"),
+}
+
+
+def plot_learning_curves(runs: dict[str, Path], path: Path, title: str,
+                         panels: tuple[str, ...] = ("pass_at_1", "teacher_kl")) -> None:
+    """Metrics over optimizer steps, one panel per entry of PANELS named in `panels`, one line per run (and metric:
+    the behavior panel draws eps and mean beta). A metric a run never logged leaves no line."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        keys, ylabel, panel_title = PANELS[panel]
+        for name, run in runs.items():
+            records = read_metrics(run)
+            for key in keys:
+                steps, values = series(records, key)
+                if steps:
+                    label = name if len(keys) == 1 else f"{name} {key.removeprefix('rollout/')}"
+                    ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, markersize=3,
+                            label=label)
+        ax.set(xlabel="optimizer step", ylabel=ylabel, title=panel_title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_run_report(run: Path, title: str, description: str) -> None:
+    """run/report.md (the summary table, the figure, the final evaluation) and run/learning_curves.png (pass@1,
+    loss, teacher-KL, eps / beta) of one training run, from its metrics.jsonl."""
+    run = Path(run)
+    plot_learning_curves({run.name: run}, run / "learning_curves.png", title,
+                         panels=("pass_at_1", "loss", "teacher_kl", "behavior"))
+    row = summary_row(run)
+    lines = [f"# {title}", "", description, ""]
+    if row:
+        lines += [markdown_table({run.name: row}), ""]
+    lines += ["![learning curves](learning_curves.png)", ""]
+    (run / "report.md").write_text("\n".join(lines))

@@ -40,6 +40,7 @@ from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
 from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model,
                         resolve_checkpoint, vocab_space)
+from trb.report import write_run_report
 from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.stopping import Stopped, StopSignals
@@ -593,8 +594,16 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
 def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> dict:
     """Validate a config end to end without writing to its out_dir: load and check the models, tokenizers and data
     as the real run would, then run one tiny optimizer step (one prompt, a few tokens, its checkpoint) in a temporary
-    folder. Returns what was checked."""
-    RunDir.check(cfg)
+    folder. Returns what was checked. An out_dir that already holds a run is not refused (nothing is written there):
+    the report's "out_dir" says whether the real run could use it as given."""
+    out_dir = "ok"
+    if (Path(cfg.out_dir) / "config.yaml").exists():  # a run is there: the dry run leaves it alone and says so
+        try:
+            RunDir.check(cfg)
+        except ConfigError as error:
+            out_dir = f"not usable as given: {error}"
+    else:
+        RunDir.check(cfg)
     with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
         started = time.perf_counter()
         s = setup(replace(cfg, out_dir=tmp, resume=False), signals)
@@ -610,7 +619,7 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
             "student": cfg.models.student, "teacher": cfg.models.teacher,
             "vocab_size": s.vocab.size, "stop_ids": list(s.vocab.stop_ids), "eos_emitted": s.vocab.eos_id,
             "train_prompts": len(s.prompts), "longest_prompt_tokens": max(map(len, s.prompts)),
-            "method": cfg.method.name, "ranks": world,
+            "method": cfg.method.name, "ranks": world, "out_dir": out_dir,
             "load_s": round(loaded - started, 1), "step_s": round(time.perf_counter() - loaded, 1),
         }
     log(f"dry run ok: {report}")
@@ -808,5 +817,12 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
                            f"{world.size} rank(s)"}
     if status == "completed" and world.main:  # summary.json marks a finished run
         write_atomic(run.path / "summary.json", json.dumps(summary, indent=1))
+        write_run_report(run.path, f"trb train: {method.name}", (
+            f"Student {cfg.models.student}, teacher {cfg.models.teacher}, data {cfg.data.source}. Method "
+            f"{json.dumps({'name': method.name, **vars(method)})}; {cfg.steps} steps of {cfg.prompts_per_step} "
+            f"prompts x {cfg.rollouts_per_prompt} rollouts; avg@{cfg.eval_samples} pass@1 at temperature 1.0 on "
+            f"{len(s.test_problems)} test problems (every {cfg.eval_every or cfg.steps} steps). Final pass@1 "
+            f"{last_eval['eval/pass_at_1']:.3f}. Config: config.yaml; every metric: metrics.jsonl. Hardware: "
+            f"{summary['hardware']}."))
     distributed.shutdown(world)
     return summary

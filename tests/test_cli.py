@@ -1,0 +1,196 @@
+"""The `trb` command on the own-data path: one-line errors for every subcommand, fast when nothing heavy is needed,
+a report and a figure for every training run, dry runs beside an existing run, evaluation of a whole test file from
+a run folder or its latest pointer."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from trb import cli
+from trb.cli import main
+from trb.prepare import PRESETS
+from trb.tasks import SETTINGS, load_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def gsm8k_file(path: Path, split: str, count: int) -> Path:
+    """`count` arith problems in GSM8K format (question, worked answer ending in '#### N')."""
+    lines = []
+    for p in SETTINGS["arith"](split, count, 0):
+        steps = p.solution.rsplit("\n", 1)[0]
+        lines.append(json.dumps({"question": p.question, "answer": f"{steps}\n#### {p.answer}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_pair, tmp_path_factory):
+    """A finished 4-step TRB run of the tiny pair on a GSM8K-format train file, and a 230-problem test file."""
+    root = tmp_path_factory.mktemp("cli")
+    train_file = gsm8k_file(root / "train.jsonl", "train", 64)
+    test_file = gsm8k_file(root / "test.jsonl", "test", 230)
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "models": {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"])},
+        "data": {"source": str(train_file), "test_source": str(test_file), "num_test": 8},
+        "steps": 4, "prompts_per_step": 2, "rollouts_per_prompt": 2, "rollout_batch": 4, "micro_batch": 2,
+        "max_new_tokens": 12, "eval_every": 2, "eval_samples": 1, "checkpoint_every": 2, "lr": 1e-3,
+        "warmup_steps": 0, "method": {"name": "trb", "eps0": 0.05, "horizon": 2},
+    }))
+    run = root / "run"
+    assert main(["train", str(config), f"out_dir={run}"]) == 0
+    return {"run": run, "config": config, "test_file": test_file}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One picture per run
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_train_writes_report_and_four_panel_learning_curves(trained):
+    run = trained["run"]
+    summary = json.loads((run / "summary.json").read_text())
+    report = (run / "report.md").read_text()
+    assert report.startswith("# trb train: trb\n")
+    final = summary["final"]["eval/pass_at_1"]
+    row = next(line for line in report.splitlines() if line.startswith(f"| {run.name} |"))
+    assert row.split("|")[4].strip() == f"{final:.3f}"  # the final pass@1 column
+    assert f"Final pass@1 {final:.3f}" in report and "![learning curves](learning_curves.png)" in report
+    image = matplotlib.image.imread(run / "learning_curves.png")  # (H, W, 4)
+    assert image.shape[1] == 4 * 5 * 120, "pass@1, loss, teacher-KL and eps/beta panels, 5 inches each at 120 dpi"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --dry-run beside an existing run; eval of a whole file from a run folder
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_dry_run_leaves_an_existing_run_alone(trained, capsys):
+    run, config = trained["run"], trained["config"]
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", str(config), f"out_dir={run}", "--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dry_run"] == "ok"
+    assert report["out_dir"].startswith("not usable as given:") and "already holds a run" in report["out_dir"]
+    assert main(["train", str(config), f"out_dir={run}", "resume=true", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out_dir"] == "ok"
+    assert snapshot(run) == before
+
+
+def test_eval_scores_every_problem_of_a_file_from_a_run_folder_or_its_latest_pointer(trained, tmp_path, capsys):
+    run, test_file = trained["run"], trained["test_file"]
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    results = {}
+    for name, model in (("checkpoint", latest), ("run", run), ("pointer", run / "checkpoints" / "latest")):
+        out = tmp_path / f"{name}.json"
+        assert main(["eval", "--model", str(model), "--data", str(test_file), "--all", "--n", "1",
+                     "--max-new-tokens", "12", "--out", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    assert len(load_problems(test_file)) == 230 > 200  # more than the default --problems
+    assert results["checkpoint"]["problems"] == 230 and len(results["checkpoint"]["per_problem"]) == 230
+    # the run folder and the pointer stand for the latest checkpoint: the same model, the same samples
+    assert results["run"]["per_problem"] == results["checkpoint"]["per_problem"]
+    assert results["pointer"]["per_problem"] == results["checkpoint"]["per_problem"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad paths, presets and options: one line, exit 2, no traceback, for every subcommand
+# ------------------------------------------------------------------------------------------------------------------
+
+BAD = [
+    ("train: missing config", ["train", "/no/such.yaml"], "trb: error: config file '/no/such.yaml' not found"),
+    ("train: bad option", ["train", "{config}", "--dri-run"], "unrecognized arguments: --dri-run"),
+    ("eval: missing model", ["eval", "--model", "/no/model"], "--model '/no/model': no such file or folder"),
+    ("eval: missing data", ["eval", "--model", "{run}", "--data", "/no/test.jsonl"], "--data '/no/test.jsonl'"),
+    ("eval: --all on a setting", ["eval", "--model", "{run}", "--all"], "--all scores every problem of a file"),
+    ("eval: bad option", ["eval", "--model", "{run}", "--samples", "3"], "unrecognized arguments"),
+    ("prepare: bad source", ["prepare", "/no/problems.jsonl", "--out", "{tmp}/p"], "is neither a setting"),
+    ("prepare: bad preset", ["prepare", "word", "--out", "{tmp}/p", "--preset", "big"],
+     "argument --preset: invalid choice: 'big' (choose from 'arith', 'word')"),
+    ("prepare: bad steps", ["prepare", "word", "--out", "{tmp}/p", "--teacher-steps", "0"],
+     "argument --teacher-steps: expected a positive integer, got '0'"),
+    ("prepare: bad threads", ["prepare", "word", "--out", "{tmp}/p", "--threads", "two"], "--threads"),
+    ("prepare: out is a file", ["prepare", "word", "--out", "{config}"], "is a file, not a folder"),
+    ("prepare: bad teacher", ["prepare", "word", "--out", "{tmp}/p", "--teacher-from", "{tmp}"],
+     "is not a prepared teacher folder"),
+    ("compare: missing config", ["compare", "/no/such.yaml", "--methods", "opd", "--out", "{tmp}/c"], "not found"),
+    ("compare: out is a file", ["compare", "{config}", "--methods", "opd", "--out", "{config}"], "is a file"),
+    ("probe: missing student", ["probe", "--student", "/no/s", "--teacher", "{run}", "--out", "{tmp}/o"],
+     "--student '/no/s': no such file or folder"),
+    ("inspect: not a run", ["inspect", "{tmp}"], "is not a run folder"),
+    ("demo: bad setting", ["demo", "--setting", "chess"], "argument --setting: invalid choice: 'chess'"),
+    ("demo: out is a file", ["demo", "--out", "{config}"], "is a file"),
+    ("unknown command", ["trian"], "argument command: invalid choice: 'trian'"),
+]
+
+
+def exit_code(args: list[str]) -> int:
+    """main's exit code, whether returned or carried by SystemExit (argparse's errors)."""
+    try:
+        return main(args)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.mark.parametrize("name,args,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_path_preset_or_option_one_line_exit_2(name, args, message, trained, tmp_path, capsys):
+    args = [a.format(config=trained["config"], run=trained["run"], tmp=tmp_path) for a in args]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    code = exit_code(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+    assert snapshot(tmp_path) == before, "a refused command creates nothing"
+
+
+def test_setting_names_of_the_command_line_are_the_settings_and_presets():
+    assert set(cli.SETTINGS) == set(SETTINGS) == set(PRESETS)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Errors come back before anything heavy is imported
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "/no/such.yaml"],
+    ["prepare", "/no/problems.jsonl", "--out", "/tmp/unused"],
+    ["prepare", "word", "--out", "/tmp/unused", "--preset", "big"],
+    ["eval", "--model", "/no/model"],
+    ["inspect", "/no/run"],
+], ids=["train", "prepare source", "prepare preset", "eval", "inspect"])
+def test_path_and_option_errors_print_in_under_a_second_without_torch(args):
+    code = "\n".join([
+        "import sys, time",
+        "started = time.perf_counter()",
+        "from trb.cli import main",
+        "try:",
+        "    code = main(sys.argv[1:])",
+        "except SystemExit as stop:",
+        "    code = stop.code",
+        "print(time.perf_counter() - started, 'torch' in sys.modules, 'transformers' in sys.modules)",
+        "sys.exit(code)",
+    ])
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    wall = time.perf_counter() - started
+    seconds, torch_loaded, transformers_loaded = result.stdout.split()
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "error:" in result.stderr
+    assert (torch_loaded, transformers_loaded) == ("False", "False")
+    assert float(seconds) < 1.0, f"the command itself took {float(seconds):.2f} s (process {wall:.2f} s)"
