@@ -33,12 +33,12 @@ from trb.config import ConfigError, TrainConfig, as_dict, load_config, save_conf
 from trb.core import linear_ramp
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
-from trb.losses import FinalHidden, distill_loss, sft_loss
+from trb.losses import TOPK_DIVERGENCES, FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
 from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
 from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
-from trb.tasks import format_prompt, problem_splits, tokenize_prompts
+from trb.tasks import data_splits, format_prompt, tokenize_prompts
 
 
 class NumericalError(TrbError):
@@ -261,6 +261,7 @@ class Setup:
     solutions: list[list[int]]  # their dataset solutions + EOS, token ids (GKD's fixed data)
     test_problems: list
     bf16: bool = False  # bf16 autocast for decoding and training forwards (config `autocast`)
+    val_problems: list = field(default_factory=list)  # validation: evaluated beside the test set, never trained on
 
     @property
     def autocast(self):
@@ -293,7 +294,8 @@ def setup(cfg: TrainConfig) -> Setup:
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
     d = cfg.data
-    train_problems, test_problems = problem_splits(d.source, d.num_train, d.num_test, d.seed, d.test_source, d.fields)
+    train_problems, val_problems, test_problems = data_splits(d.source, d.num_train, d.num_val, d.num_test, d.seed,
+                                                              d.test_source, d.val_source, d.fields)
     check_same_tokenization(tokenizer, teacher_tokenizer, train_problems[:64], d.system_prompt)
     prompts = tokenize_prompts(tokenizer, [p.question for p in train_problems], d.system_prompt)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -315,7 +317,7 @@ def setup(cfg: TrainConfig) -> Setup:
     distributed.barrier(world)
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     return Setup(RunDir(Path(cfg.out_dir)), world, device, student, teacher, tokenizer, vocab, prompts, solutions,
-                 test_problems, bf16)
+                 test_problems, bf16, val_problems)
 
 
 def check_same_tokenization(student_tokenizer, teacher_tokenizer, problems, system_prompt) -> None:
@@ -371,7 +373,7 @@ class Trainer:
                     self.speculative.accepted += stats.accepted
                     out.append(rollout)
                 else:
-                    reuse = cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.reuse_teacher
+                    reuse = cfg.loss.divergence in TOPK_DIVERGENCES and cfg.loss.reuse_teacher
                     out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
                                         record_topk=cfg.loss.top_k if reuse else 0, compile=cfg.compile,
                                         cache=compiled_cache(s.device) if cfg.compile else "dynamic", **models))
@@ -448,7 +450,7 @@ def dry_run(cfg: TrainConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
         started = time.perf_counter()
         s = setup(replace(cfg, out_dir=tmp, resume=False))
-        s.test_problems = s.test_problems[:1]
+        s.test_problems, s.val_problems = s.test_problems[:1], s.val_problems[:1]
         world = s.world.size
         small = replace(cfg, out_dir=tmp, resume=False, steps=1, prompts_per_step=world, rollouts_per_prompt=1,
                         rollout_batch=1, micro_batch=1, max_new_tokens=min(cfg.max_new_tokens, 8), eval_every=0,
@@ -493,19 +495,26 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
             metrics.write(step, values)
 
     def run_eval(step: int) -> dict:
-        mine = s.test_problems[world.rank :: world.size]
-        with s.autocast:
-            result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
-                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
-                              seed=stream_seed(cfg.seed, "eval", step, world.rank), teacher=teacher,
-                              system_prompt=cfg.data.system_prompt)
-        result = merge_results(distributed.gather_objects(result, world))
-        if world.main:
-            (run.path / "eval").mkdir(exist_ok=True)
-            (run.path / "eval" / f"step_{step:08d}.json").write_text(
-                json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
-                            "examples": result.examples}, indent=1))
-        values = {f"eval/{k}": v for k, v in result.as_dict().items() if v is not None}
+        """pass@1 on the test problems (metrics eval/*, files eval/step_*.json) and on the validation problems
+        (val/*, eval/val_step_*.json; no teacher-KL), each from its own seeded stream."""
+        values = {}
+        for prefix, problems in (("eval", s.test_problems), ("val", s.val_problems)):
+            if not problems:
+                continue
+            mine = problems[world.rank :: world.size]
+            with s.autocast:
+                result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
+                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
+                                  seed=stream_seed(cfg.seed, prefix, step, world.rank),
+                                  teacher=teacher if prefix == "eval" else None, system_prompt=cfg.data.system_prompt)
+            result = merge_results(distributed.gather_objects(result, world))
+            if world.main:
+                (run.path / "eval").mkdir(exist_ok=True)
+                name = f"step_{step:08d}.json" if prefix == "eval" else f"val_step_{step:08d}.json"
+                (run.path / "eval" / name).write_text(
+                    json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
+                                "examples": result.examples}, indent=1))
+            values.update({f"{prefix}/{k}": v for k, v in result.as_dict().items() if v is not None})
         write(step, values)
         return values
 
