@@ -35,6 +35,7 @@ from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
 from trb.losses import TOPK_DIVERGENCES, FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
+from trb.records import write_record
 from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
 from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
@@ -613,6 +614,8 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
         last_eval = run_eval(cfg.steps)
         log(f"step {cfg.steps}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
         save(cfg.steps)
+        if world.main:
+            write_record(run.path, run.path / "record")
         if cfg.models.lora_rank and world.main:  # a plain checkpoint with the adapters merged in, for users
             merged_lora_model(student).save_pretrained(run.path / "merged")
             s.tokenizer.save_pretrained(run.path / "merged")
