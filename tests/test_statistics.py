@@ -165,8 +165,6 @@ def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path
             (results / name).unlink()
     collect(tmp_path / "absent", results)  # from results/ alone
     assert digests(results) == first
-    collect(tmp_path / "absent", results)
-    assert digests(results) == first
     assert "| trb(eps0=0.02,horizon=8) | 3 |" in (results / "arith" / "methods" / "results.md").read_text()
 
 
