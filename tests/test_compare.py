@@ -18,7 +18,7 @@ from trb.tasks import problem_splits
 
 def test_mean_ci_by_hand():
     # values 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t(0.975, df=2) = 4.302653 -> half width 0.1 * 4.302653 / sqrt(3)
-    mean, low, high = mean_ci([0.1, 0.2, 0.3])
+    mean, low, high, _, _, _ = mean_ci([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2)
     assert high - mean == pytest.approx(0.1 * 4.302653 / math.sqrt(3), rel=1e-6)
     assert mean - low == pytest.approx(high - mean)
