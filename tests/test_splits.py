@@ -61,7 +61,8 @@ def test_files_with_overlaps_are_made_disjoint(tmp_path):
 
 
 def test_config_validates_the_validation_split(tmp_path):
-    assert load_config(None, ["models.student=s", "models.teacher=t"]).data.num_val > 0
+    assert load_config(None, ["models.student=s", "models.teacher=t", "data.num_test=200"]).data.val_count == 100
+    assert load_config(None, ["models.student=s", "models.teacher=t", "data.num_val=0"]).data.val_count == 0
     with pytest.raises(ConfigError, match="num_val must be >= 0"):
         load_config(None, ["models.student=s", "models.teacher=t", "data.num_val=-1"])
     with pytest.raises(ConfigError, match="val_source needs data.test_source"):

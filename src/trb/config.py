@@ -63,8 +63,8 @@ class DataConfig:
     num_train: int = 20000  # problems generated for a built-in setting
     num_test: int = 200  # test problems used for evaluation
     # validation problems (disjoint from train and test), evaluated beside the test set: they choose the reported
-    # checkpoint (`trb compare`); 0: no validation split
-    num_val: int = 100
+    # checkpoint (`trb compare`). Default (null): half of num_test; 0: no validation split
+    num_val: int | None = None
     val_source: str | None = None  # validation file when test_source is given (default: a held-out slice of source)
     seed: int = 0  # problem generation / split seed
     system_prompt: str | None = None
@@ -74,10 +74,15 @@ class DataConfig:
     def __post_init__(self):
         _require(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
         _require(self.num_test > 0, f"data.num_test must be > 0, got {self.num_test}")
-        _require(self.num_val >= 0, f"data.num_val must be >= 0, got {self.num_val}")
+        _require(self.num_val is None or self.num_val >= 0, f"data.num_val must be >= 0, got {self.num_val}")
         _require(self.val_source is None or self.test_source is not None,
                  "data.val_source needs data.test_source (a built-in setting or a single file holds out its own)")
         _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens must be > 0, got {self.max_prompt_tokens}")
+
+    @property
+    def val_count(self) -> int:
+        """Validation problems: num_val, or half of num_test when it is not given."""
+        return self.num_test // 2 if self.num_val is None else self.num_val
 
 
 @dataclass(frozen=True)

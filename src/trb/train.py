@@ -295,7 +295,7 @@ def setup(cfg: TrainConfig) -> Setup:
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
     d = cfg.data
-    train_problems, val_problems, test_problems = data_splits(d.source, d.num_train, d.num_val, d.num_test, d.seed,
+    train_problems, val_problems, test_problems = data_splits(d.source, d.num_train, d.val_count, d.num_test, d.seed,
                                                               d.test_source, d.val_source, d.fields)
     check_same_tokenization(tokenizer, teacher_tokenizer, train_problems[:64], d.system_prompt)
     prompts = tokenize_prompts(tokenizer, [p.question for p in train_problems], d.system_prompt)
