@@ -3,14 +3,14 @@
 import random
 from typing import NamedTuple
 
-from trb.tasks import arith, word
+from trb.tasks import arith, chain, word
 from trb.tasks.data import DataError, load_problems
 from trb.tasks.grading import extract_answer, is_correct
 from trb.tasks.problems import Problem
 from trb.tasks.tokenizer import format_prompt, tokenize_prompts, train_tokenizer
 
 # Synthetic settings by name: generate(split, n, seed) -> list[Problem], split "train" or "test" (disjoint).
-SETTINGS = {"arith": arith.generate, "word": word.generate}
+SETTINGS = {"arith": arith.generate, "word": word.generate, "chain": chain.generate}
 
 
 class Splits(NamedTuple):
