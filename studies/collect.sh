@@ -14,7 +14,7 @@ OUT=${1:-runs/study}
 DEST=${2:-results/miniature}
 TRB=${TRB:-trb}
 if [[ -d "$OUT" ]]; then
-  (cd "$OUT" && find . \( -name plan.json -o -name probe.json -o -path '*/record/*' \) -type f -print0) |
+  (cd "$OUT" && find -L . \( -name plan.json -o -name probe.json -o -path '*/record/*' \) -type f -print0) |
     while IFS= read -r -d '' file; do
       target="$DEST/${file/\/record\//\/}"
       mkdir -p "$(dirname "$target")"

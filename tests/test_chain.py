@@ -64,3 +64,16 @@ def test_prepare_chain_end_to_end_on_tiny_models(tmp_path):
     for role in ("teacher", "student"):
         assert (tmp_path / role / "model.safetensors").is_file()
         assert 0.0 <= report[role]["test"]["pass_at_1"] <= 1.0
+
+
+def test_regime_config_matches_the_preset():
+    from pathlib import Path
+
+    from trb.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "miniature_chain.yaml")
+    assert cfg.data.source == "chain" and cfg.data.val_count > 0
+    assert cfg.max_new_tokens == PRESETS["chain"].max_new_tokens
+    assert cfg.loss.divergence == "topk_student_weighted_kl" and cfg.loss.top_k == 16
+    assert (cfg.method.eps0, cfg.method.horizon) == (0.02, 50)

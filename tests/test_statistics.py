@@ -106,6 +106,19 @@ def test_compare_reports_the_validation_selected_score_beside_the_papers(tmp_pat
     assert "| trb | 3 | 0.470 [" in table
 
 
+def test_grid_cells_are_chosen_on_validation(tmp_path):
+    from trb.compare import best_by_validation, write_csv
+
+    runs = {"opd": {s: write_run(tmp_path / f"o{s}", [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]) for s in range(3)}}
+    # cell A: best on test (0.9), worse on validation (0.5); cell B: best on validation (0.6), test 0.45
+    runs["trb(eps0=0.02,horizon=8)"] = {s: write_run(tmp_path / f"a{s}", [0.1, 0.9, 0.5, 0.5], [0.1, 0.5, 0.4, 0.4])
+                                        for s in range(3)}
+    runs["trb(eps0=0.05,horizon=8)"] = {s: write_run(tmp_path / f"b{s}", [0.1, 0.3, 0.45, 0.4], [0.1, 0.3, 0.6, 0.5])
+                                        for s in range(3)}
+    write_csv(aggregate(runs, "opd"), tmp_path / "results.csv")
+    assert best_by_validation(tmp_path / "results.csv", "trb") == "trb(eps0=0.05,horizon=8)"
+
+
 def test_probe_intervals_are_clustered_by_problem():
     rows = [{"behavior": "opd", "continuation": "teacher", "t": 4, "successes": 5, "trials": 8, "samples": 2,
              "per_problem": [0, 1, 2, 2]},

@@ -85,17 +85,20 @@ def _run_one(config: str, variant: Variant, seed: int, folder: Path, overrides: 
 def run_summary(run: Path) -> dict:
     """One run's numbers, all on the test problems: `selected`, the test pass@1 at the step with the best validation
     pass@1 (the earliest on ties; nan for a run without validation); `final`; `auc`, the curve's average height;
-    `best`, the maximum over the test evaluations (the paper's rule, biased upward by evaluation noise)."""
+    `best`, the maximum over the test evaluations (the paper's rule, biased upward by evaluation noise); and
+    `val_best`, the best validation pass@1 itself, by which runs and grid cells are chosen (`best_by_validation`)."""
     records = read_metrics(run)
     steps, pass1 = series(records, "eval/pass_at_1")
     val_steps, val_pass1 = series(records, "val/pass_at_1")
     _, step_time = series(records, "time/step_s")
-    selected, selected_step = float("nan"), None
+    selected, selected_step, val_best = float("nan"), None, float("nan")
     if val_pass1:
+        val_best = max(val_pass1)
         selected_step = val_steps[val_pass1.index(max(val_pass1))]
         selected = dict(zip(steps, pass1))[selected_step]
     return {"selected": selected, "selected_step": selected_step, "final": pass1[-1],
-            "auc": area_under_curve(steps, pass1), "best": max(pass1), "minutes": sum(step_time) / 60}
+            "auc": area_under_curve(steps, pass1), "best": max(pass1), "val_best": val_best,
+            "minutes": sum(step_time) / 60}
 
 
 def aggregate(runs: dict[str, dict[int, Path]], baseline: str | None) -> list[dict]:
@@ -106,7 +109,8 @@ def aggregate(runs: dict[str, dict[int, Path]], baseline: str | None) -> list[di
     rows = []
     for label, by_seed in per_run.items():
         row = {"method": label, "seeds": sorted(by_seed),
-               "minutes": float(np.mean([r["minutes"] for r in by_seed.values()]))}
+               "minutes": float(np.mean([r["minutes"] for r in by_seed.values()])),
+               "val_best": float(np.mean([r["val_best"] for r in by_seed.values()]))}
         for metric in METRICS:
             values = [by_seed[s][metric] for s in sorted(by_seed)]
             if any(math.isnan(v) for v in values):
@@ -178,7 +182,7 @@ def legend(rows: list[dict], baseline: str | None) -> str:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    fields = ["method", "seeds", "minutes"]
+    fields = ["method", "seeds", "minutes", "val_best_mean"]
     for metric in METRICS:
         fields += [f"{metric}_mean", f"{metric}_low", f"{metric}_high", f"{metric}_values"]
         fields += [f"diff_{metric}_mean", f"diff_{metric}_low", f"diff_{metric}_high", f"diff_{metric}_values",
@@ -188,7 +192,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             flat = {"method": row["method"], "seeds": " ".join(map(str, row["seeds"])),
-                    "minutes": f"{row['minutes']:.3f}"}
+                    "minutes": f"{row['minutes']:.3f}", "val_best_mean": row["val_best"]}
             for key in [m for m in METRICS] + [f"diff_{m}" for m in METRICS]:
                 if key in row:
                     e = row[key]
@@ -197,6 +201,17 @@ def write_csv(rows: list[dict], path: Path) -> None:
                     if key.startswith("diff_"):
                         flat.update({f"{key}_p": e.p, f"{key}_p_holm": e.p_holm})
             writer.writerow(flat)
+
+
+def best_by_validation(results_csv: Path, method: str) -> str:
+    """The label of `method`'s variant (e.g. the best cell of a trb eps0 x horizon grid) with the highest mean best
+    validation pass@1 in a comparison's results.csv: chosen without looking at the test problems."""
+    with open(results_csv) as f:
+        rows = [r for r in csv.DictReader(f) if r["method"].partition("(")[0] == method]
+    rows = [r for r in rows if not math.isnan(float(r["val_best_mean"]))]
+    if not rows:
+        raise ConfigError(f"{results_csv} has no {method} variant with validation evaluations")
+    return max(rows, key=lambda r: float(r["val_best_mean"]))["method"]
 
 
 def _curves(paths: list[Path], key: str) -> tuple[list[int], np.ndarray]:
