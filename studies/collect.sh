@@ -4,7 +4,7 @@
 #   studies/collect.sh [OUT] [DEST]      (defaults: runs/study results/miniature)
 #
 # 1. When OUT exists: each comparison's plan.json (trb compare), each run's compact record (runs/<variant>/seed_<s>/
-#    record/: metrics.jsonl.gz, evals.csv.gz, config.yaml; about 20 kB a run) and each probe's probe.json are copied
+#    record/: metrics.jsonl.gz, evals.csv.gz, config.yaml) and each probe's probe.json are copied
 #    to the same place under DEST (no checkpoints, no rollout logs, no TensorBoard files).
 # 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
 #    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back

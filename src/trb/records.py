@@ -4,7 +4,7 @@
     record/evals.csv.gz       split,step,problem,pass_at_1: every evaluation's per-problem score (c / n)
     record/config.yaml        the run's config
 
-A 60-step miniature run's record takes about 20 kB. Files are gzipped without a timestamp, so the same run always
+Files are gzipped without a timestamp, so the same run always
 gives the same bytes.
 """
 
