@@ -118,7 +118,7 @@ def aggregate(runs: dict[str, dict[int, Path]], baseline: str | None) -> list[di
             row[metric] = mean_ci(values, bounds=(0.0, 1.0))
             if baseline is not None and label != baseline and baseline in per_run:
                 common = sorted(set(by_seed) & set(per_run[baseline]))
-                if common:
+                if common and not any(math.isnan(per_run[baseline][s][metric]) for s in common):
                     row[f"diff_{metric}"] = paired_difference([by_seed[s][metric] for s in common],
                                                               [per_run[baseline][s][metric] for s in common])
         rows.append(row)
