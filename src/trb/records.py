@@ -4,7 +4,8 @@
     record/evals.csv.gz       split,step,problem,pass_at_1: every evaluation's per-problem score (c / n)
     record/config.yaml        the run's config
 
-Files are gzipped without a timestamp, so the same run always
+`trb train trb:configs/miniature_arith.yaml method.name=opd` (60 steps, 7 evaluations of 200 test and 100
+validation problems) left a record of 16.6 kB, so a study of a few hundred such runs fits in a few MB. Files are gzipped without a timestamp, so the same run always
 gives the same bytes.
 """
 
