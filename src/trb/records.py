@@ -5,8 +5,8 @@
     record/config.yaml        the run's config
 
 `trb train trb:configs/miniature_arith.yaml method.name=opd` (60 steps, 7 evaluations of 200 test and 100
-validation problems) left a record of 16.6 kB, so a study of a few hundred such runs fits in a few MB. Files are gzipped without a timestamp, so the same run always
-gives the same bytes.
+validation problems) left a record of 16.6 kB, so a study of a few hundred such runs fits in a few MB. Files are
+gzipped without a timestamp, so the same run always gives the same bytes.
 """
 
 from __future__ import annotations
