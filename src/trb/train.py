@@ -35,8 +35,8 @@ from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
 from trb.losses import TOPK_DIVERGENCES, FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
-from trb.records import write_record
 from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model, vocab_space
+from trb.records import write_record
 from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.tasks import data_splits, format_prompt, tokenize_prompts
