@@ -138,7 +138,7 @@ def _fmt(estimate: Estimate, sign: str = "") -> str:
 
 def _fmt_diff(estimate: Estimate) -> str:
     text = _fmt(estimate, "+")
-    return text if math.isnan(estimate.p_holm) else f"{text} p={estimate.p_holm:.2g}"
+    return text if math.isnan(estimate.p_holm) else f"{text} p_Holm={estimate.p_holm:.2g}"
 
 
 def markdown(rows: list[dict], baseline: str | None) -> str:
@@ -173,12 +173,12 @@ def legend(rows: list[dict], baseline: str | None) -> str:
     if baseline and comparisons:
         text.append(
             f"Differences: paired by seed against {baseline} (every row against the same {baseline} runs, so the "
-            f"comparisons are not independent), 95% t-intervals; p: two-sided paired t-test, Holm-adjusted across "
+            f"comparisons are not independent), 95% t-intervals; p_Holm: two-sided paired t-test, Holm-adjusted across "
             f"the table's {tested} tested comparisons"
             + (f" (the {comparisons - tested} with fewer than {MIN_INTERVAL} seeds show per-seed differences and "
                "are not tested)." if tested < comparisons else ".")
         )
-    return "\n".join(text)
+    return "\n\n".join(text)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -364,7 +364,7 @@ def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | N
     rows = aggregate(runs, baseline)
     table = markdown(rows, baseline)
     write_csv(rows, out / "results.csv")
-    plot_curves(runs, out / "learning_curves.png", f"{title}: test pass@1, mean over seeds")
+    plot_curves(runs, out / "learning_curves.png", f"{title}: test pass@1, mean over seeds (95% band; each seed below 3)")
     plot_diagnostics(runs, out / "diagnostics.png", f"{title}: behavior diagnostics (mean over seeds)")
     has_grid = plot_grid(rows, baseline, out / "grid.png", f"{title}: mean over seeds")
     (out / "results.md").write_text(
