@@ -364,7 +364,8 @@ def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | N
     rows = aggregate(runs, baseline)
     table = markdown(rows, baseline)
     write_csv(rows, out / "results.csv")
-    plot_curves(runs, out / "learning_curves.png", f"{title}: test pass@1, mean over seeds (95% band; each seed below 3)")
+    plot_curves(runs, out / "learning_curves.png",
+                f"{title}: test pass@1, mean over seeds (95% band; each seed below 3)")
     plot_diagnostics(runs, out / "diagnostics.png", f"{title}: behavior diagnostics (mean over seeds)")
     has_grid = plot_grid(rows, baseline, out / "grid.png", f"{title}: mean over seeds")
     (out / "results.md").write_text(
