@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# Copy a study's tables, CSVs, plots and per-run metric logs and evaluations (no checkpoints, no rollout logs) into
-# the repository.
+# The study's per-run data into the repository, then every table and plot rebuilt from the repository's copy alone.
 #
 #   studies/collect.sh [OUT] [DEST]      (defaults: runs/study results/miniature)
+#
+# 1. When OUT exists: each comparison's plan.json (trb compare), each run's compact record (runs/<variant>/seed_<s>/
+#    record/: metrics.jsonl.gz, evals.csv.gz, config.yaml) and each probe's probe.json are copied
+#    to the same place under DEST (no checkpoints, no rollout logs, no TensorBoard files).
+# 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
+#    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back
+#    identically.
 set -euo pipefail
 OUT=${1:-runs/study}
 DEST=${2:-results/miniature}
-cd "$OUT"
-find . \( -name '*.md' -o -name 'results.csv' -o -name '*.png' -o -name '*.json' -o -name 'metrics.jsonl' \
-  -o -name 'config.yaml' \) -not -path '*/checkpoints/*' -not -path '*/tb/*' -not -path '*/rollouts/*' -print0 |
-  while IFS= read -r -d '' file; do
-    mkdir -p "$OLDPWD/$DEST/$(dirname "$file")"
-    cp "$file" "$OLDPWD/$DEST/$file"
-  done
-echo "copied into $DEST: $(find "$OLDPWD/$DEST" -type f | wc -l) files, $(du -sh "$OLDPWD/$DEST" | cut -f1)"
+TRB=${TRB:-trb}
+if [[ -d "$OUT" ]]; then
+  (cd "$OUT" && find -L . \( -name plan.json -o -name probe.json -o -path '*/record/*' \) -type f -print0) |
+    while IFS= read -r -d '' file; do
+      target="$DEST/${file/\/record\//\/}"
+      mkdir -p "$(dirname "$target")"
+      cp "$OUT/$file" "$target"
+    done
+fi
+mapfile -t FOLDERS < <(find "$DEST" \( -name plan.json -o -name probe.json \) -type f -printf '%h\n' | sort)
+if [[ ${#FOLDERS[@]} -eq 0 ]]; then
+  echo "no plan.json or probe.json under $DEST: nothing to rebuild" >&2
+  exit 2
+fi
+# shellcheck disable=SC2086
+$TRB tables "${FOLDERS[@]}"
+echo "$DEST: $(find "$DEST" -type f | wc -l) files, $(du -sh "$DEST" | cut -f1)"

@@ -19,9 +19,10 @@ from trb.tasks.problems import split_of
 from trb.tasks.tokenizer import PROMPT_FORMAT, train_tokenizer
 
 GSM8K_TEST = Path(__file__).parent / "data" / "gsm8k" / "test.jsonl"
-VOCAB_SIZE = {"arith": 256, "word": 512}
-MAX_TOKENS = {"arith": 80, "word": 100}  # prompt + solution + EOS: the budget of the miniature models
-STEP = re.compile(r"(?:[a-e] = )?(\d+) ([-+*/]) (\d+) = (\d+)")  # "b = 37 + 45 = 82" (arith), "4 * 6 = 24" (word)
+VOCAB_SIZE = {"arith": 256, "word": 512, "chain": 256}
+MAX_TOKENS = {"arith": 80, "word": 100, "chain": 176}  # prompt + solution + EOS: the budget of the miniature models
+STEPS = {"arith": (2, 4), "word": (1, 3), "chain": (6, 10)}  # solution lines before the boxed answer
+STEP = re.compile(r"(?:[a-k] = )?(\d+) ([-+*/]) (\d+) = (\d+)")  # "b = 37 + 45 = 82" (arith), "4 * 6 = 24" (word)
 
 
 @pytest.fixture(scope="module", params=sorted(SETTINGS))
@@ -81,7 +82,7 @@ def test_every_solution_line_is_correct_arithmetic_and_ends_in_the_boxed_answer(
     ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x / y}
     for p in problems["train"] + problems["test"]:
         *steps, last = p.solution.split("\n")
-        assert 1 <= len(steps) <= (4 if setting == "arith" else 3)
+        assert STEPS[setting][0] <= len(steps) <= STEPS[setting][1]
         assert last == f"\\boxed{{{p.answer}}}"
         for line in steps:
             x, op, y, result = STEP.fullmatch(line).groups()
@@ -92,10 +93,11 @@ def test_every_solution_line_is_correct_arithmetic_and_ends_in_the_boxed_answer(
         assert is_correct(p.solution, p.answer)
 
 
-def test_arith_solutions_follow_the_question():
-    for p in SETTINGS["arith"]("test", 1000, seed=0):
+@pytest.mark.parametrize("name", ["arith", "chain"])
+def test_arith_solutions_follow_the_question(name):
+    for p in SETTINGS[name]("test", 1000, seed=0):
         # "a = 37, b = a + 45, c = b - 18. Find c." -> solution lines "b = 37 + 45 = 82", "c = 82 - 18 = 64"
-        head, target = re.fullmatch(r"(.*)\. Find ([a-e])\.", p.question).groups()
+        head, target = re.fullmatch(r"(.*)\. Find ([a-k])\.", p.question).groups()
         values = {}
         for assignment in head.split(", "):
             var, expr = assignment.split(" = ")

@@ -149,7 +149,7 @@ def test_lora_student_trains_adapters_only_and_exports_a_merged_model(tiny_pair,
         torch.testing.assert_close(merged(input_ids=ids).logits, lora_model(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("divergence", ["topk_reverse_kl", "sampled_reverse_kl"])
+@pytest.mark.parametrize("divergence", ["topk_student_weighted_kl", "topk_reverse_kl", "sampled_reverse_kl"])
 def test_recorded_teacher_logps_replace_the_teacher_pass(divergence, tiny_pair, loaded_pair):
     """The loss from the teacher log-probs recorded while decoding equals the loss with a teacher pass."""
     from trb.losses import LossSpec, distill_loss

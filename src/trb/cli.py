@@ -6,6 +6,7 @@
     trb demo                                   the embedded miniature: vanilla OPD and TRB side by side
     trb compare CONFIG --methods ... --seeds   methods x seeds, CIs and paired differences against OPD
     trb probe --student DIR --teacher DIR ...  the continuation probe
+    trb tables FOLDER ...                      rebuild compare / probe tables and plots from their saved data
     trb inspect RUN                            an HTML page of logged rollouts, shaded by beta
 
 User errors (bad options, config, data, paths, incompatible models, non-finite training, a run folder in use, a
@@ -185,7 +186,7 @@ def cmd_probe(args) -> int:
     import torch
 
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
-    from trb.probe import continuation_probe, plot_probe, probe_table
+    from trb.probe import continuation_probe, probe_tables
     from trb.tasks import problem_splits
     from trb.train import resolve_device
 
@@ -199,10 +200,24 @@ def cmd_probe(args) -> int:
                                   samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(rows, indent=1))
-    (out / "probe.md").write_text(probe_table(rows) + "\n")
-    plot_probe(rows, out / "probe.png", f"continuation probe ({args.data})")
-    print(probe_table(rows))
+    (out / "probe.json").write_text(json.dumps({"title": f"continuation probe ({args.data})", "rows": rows}) + "\n")
+    print(probe_tables(out))
+    return 0
+
+
+def cmd_tables(args) -> int:
+    from trb.compare import rebuild_results
+    from trb.errors import TrbError
+    from trb.probe import probe_tables
+
+    for folder in map(Path, args.folders):
+        if (folder / "plan.json").is_file():
+            rebuild_results(folder)
+        elif (folder / "probe.json").is_file():
+            probe_tables(folder)
+        else:
+            raise TrbError(f"{str(folder)!r} holds neither plan.json (trb compare) nor probe.json (trb probe)")
+        print(f"rebuilt {folder}")
     return 0
 
 
@@ -296,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("tables", help="rebuild the tables and plots of compare / probe folders from their data")
+    p.add_argument("folders", nargs="+", help="trb compare --out folders (plan.json + runs) or trb probe --out folders")
+    p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("inspect", help="an HTML page of a run's logged rollouts, shaded by beta")
     p.add_argument("run", help="run folder")

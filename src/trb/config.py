@@ -62,6 +62,10 @@ class DataConfig:
     test_source: str | None = None  # test file for a file source (default: a held-out slice of source)
     num_train: int = 20000  # problems generated for a built-in setting
     num_test: int = 200  # test problems used for evaluation
+    # validation problems (disjoint from train and test), evaluated beside the test set: they choose the reported
+    # checkpoint (`trb compare`). Default (null): half of num_test; 0: no validation split
+    num_val: int | None = None
+    val_source: str | None = None  # validation file when test_source is given (default: a held-out slice of source)
     seed: int = 0  # problem generation / split seed
     system_prompt: str | None = None
     fields: dict[str, str] | None = None  # column mapping for files: question, solution, answer
@@ -70,6 +74,9 @@ class DataConfig:
     def __post_init__(self):
         _require(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
         _require(self.num_test > 0, f"data.num_test must be > 0, got {self.num_test}")
+        _require(self.num_val is None or self.num_val >= 0, f"data.num_val must be >= 0, got {self.num_val}")
+        _require(self.val_source is None or self.test_source is not None,
+                 "data.val_source needs data.test_source (a built-in setting or a single file holds out its own)")
         _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens must be > 0, got {self.max_prompt_tokens}")
         if self.fields is not None:
             roles = ("question", "solution", "answer")
@@ -81,6 +88,11 @@ class DataConfig:
             _require("question" in self.fields, "data.fields must map 'question' to a column")
             _require(bool(self.fields.keys() & {"solution", "answer"}),
                      "data.fields must map 'solution' and/or 'answer' to a column, besides 'question'")
+
+    @property
+    def val_count(self) -> int:
+        """Validation problems: num_val, or half of num_test when it is not given."""
+        return self.num_test // 2 if self.num_val is None else self.num_val
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ on how it is split into micro-batches or ranks.
 
 Divergences (one switch, METHOD.md section 1):
 - "reverse_kl": full-vocabulary KL(pi_S || target), the exact OPD loss;
-- "topk_reverse_kl": the paper's estimator on the student's top-k support, renormalized;
+- "topk_student_weighted_kl": the paper's estimator (top-k OPD): on the student's top-k, full-vocabulary log-probs,
+  weights pi_S(v) / (top-k mass) held constant (`trb.core.topk_student_weighted_kl`);
+- "topk_reverse_kl": the KL between student and teacher both renormalized over the student's top-k (not the paper's:
+  it also differentiates through the renormalization);
 - "sampled_reverse_kl": single sampled-token estimator in policy-gradient form (importance-weighted when the tokens
   came from another behavior policy);
 - "forward_kl" and "jsd" (generalized JSD, TRL's beta) for GKD-style runs.
@@ -33,6 +36,7 @@ from trb.core import (
     reverse_kl,
     sampled_reverse_kl,
     topk_reverse_kl,
+    topk_student_weighted_kl,
 )
 from trb.models import VocabSpace, plain_forward
 from trb.rollout import Rollout, lean
@@ -40,7 +44,8 @@ from trb.rollout import Rollout, lean
 # training forwards of Llama-family models through trb.rollout.lean.final_hidden (False: the Hugging Face forward)
 LEAN_FORWARD = True
 
-DIVERGENCES = ("reverse_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
+DIVERGENCES = ("reverse_kl", "topk_student_weighted_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
+TOPK_DIVERGENCES = ("topk_student_weighted_kl", "topk_reverse_kl")  # need the teacher only on the student's top-k
 
 # target(student_logp (n, V) detached, teacher_logp (n, V)) -> target log-probs (n, V); the teacher by default.
 Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -249,7 +254,7 @@ def distill_loss(
     # estimator needs log pi_T(y); the top-k loss needs log pi_T on the student's top-k (recorded with record_topk).
     if target is None and spec.reuse_teacher and (
         (spec.divergence == "sampled_reverse_kl" and rollout.teacher_logp is not None)
-        or (spec.divergence == "topk_reverse_kl" and rollout.teacher_topk_logp is not None
+        or (spec.divergence in TOPK_DIVERGENCES and rollout.teacher_topk_logp is not None
             and rollout.teacher_topk_logp.shape[-1] == spec.top_k)
     ):
         return _loss_from_records(student, student_hidden, rollout, vocab, spec, token_weight)
@@ -281,6 +286,8 @@ def distill_loss(
             t = target(s.detach(), t)
         if spec.divergence == "reverse_kl":
             return reverse_kl(s, t)
+        if spec.divergence == "topk_student_weighted_kl":
+            return topk_student_weighted_kl(s, t, spec.top_k)
         if spec.divergence == "topk_reverse_kl":
             return topk_reverse_kl(s, t, spec.top_k)
         if spec.divergence == "forward_kl":
@@ -321,6 +328,13 @@ def _loss_from_records(student, student_hidden, rollout: Rollout, vocab: VocabSp
         def per_token_fn(student_logits, _teacher_logits, chunk):
             s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
             return sampled_reverse_kl(s.gather(-1, tokens[chunk, None])[:, 0], teacher_token[chunk], behavior[chunk])
+    elif spec.divergence == "topk_student_weighted_kl":
+        # the recorded ids are the student's top-k at decoding, by descending probability: its top-k here too
+        ids, teacher_k = rollout.topk_ids[mask], rollout.teacher_topk_logp[mask]  # (N, k)
+
+        def per_token_fn(student_logits, _teacher_logits, chunk):
+            s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id).gather(-1, ids[chunk])  # (n, k)
+            return topk_student_weighted_kl(s, teacher_k[chunk], s.shape[-1])
     else:
         ids, teacher_k = rollout.topk_ids[mask], rollout.teacher_topk_logp[mask]  # (N, k)
 

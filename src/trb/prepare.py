@@ -151,6 +151,7 @@ class PrepareConfig:
 # Label smoothing of the students: chosen so that the trained student's pass@1 at temperature 1.0 lands in the window.
 ARITH_SMOOTHING = 0.06
 WORD_SMOOTHING = 0.06
+CHAIN_SMOOTHING = 0.10
 
 PRESETS = {
     "arith": PrepareConfig(
@@ -178,6 +179,23 @@ PRESETS = {
                               label_smoothing=WORD_SMOOTHING),
         student_window=(0.05, 0.50),
         eval_every=250,
+    ),
+    # A regime where early rollouts stay uninformative: 6-10 dependent steps (one wrong digit ruins the rest) and a
+    # weaker student (fewer, narrower layers; more label smoothing), meant to start at pass@1 <= 0.08 at T = 1.
+    "chain": PrepareConfig(
+        vocab_size=256,
+        num_train=100_000,
+        num_val=256,
+        num_test=400,
+        teacher=ModelSize(layers=6, hidden=256, heads=8, kv_heads=2, intermediate=768),
+        student=ModelSize(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256),
+        teacher_sft=SFTConfig(batch_size=64, steps=2500, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
+        student_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=50, weight_decay=0.1, schedule="cosine",
+                              label_smoothing=CHAIN_SMOOTHING),
+        student_window=(0.01, 0.08),
+        eval_every=250,
+        teacher_target=0.85,
+        max_new_tokens=160,
     ),
 }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trb.records import read_text
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -12,8 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """A run folder's metrics.jsonl, or a compact record's metrics.jsonl.gz (`trb.records`); [] without either."""
     path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    if not path.exists() and not Path(f"{path}.gz").exists():
+        return []
+    return [json.loads(line) for line in read_text(path).splitlines()]
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

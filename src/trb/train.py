@@ -36,15 +36,16 @@ from trb.config import ConfigError, TrainConfig, as_dict, load_config
 from trb.core import linear_ramp
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
-from trb.losses import FinalHidden, distill_loss, sft_loss
+from trb.losses import TOPK_DIVERGENCES, FinalHidden, distill_loss, sft_loss
 from trb.methods import SFTWarmup
 from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model,
                         resolve_checkpoint, vocab_space)
+from trb.records import write_record
 from trb.report import write_run_report
 from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.stopping import Stopped, StopSignals
-from trb.tasks import SETTINGS, format_prompt, problem_splits, tokenize_prompts
+from trb.tasks import SETTINGS, data_splits, format_prompt, tokenize_prompts
 
 
 class NumericalError(TrbError):
@@ -379,6 +380,7 @@ class Setup:
     solutions: list[list[int]]  # their dataset solutions + EOS, token ids (GKD's fixed data)
     test_problems: list
     bf16: bool = False  # bf16 autocast for decoding and training forwards (config `autocast`)
+    val_problems: list = field(default_factory=list)  # validation: evaluated beside the test set, never trained on
 
     @property
     def autocast(self):
@@ -447,7 +449,8 @@ def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary of {vocab.size} tokens; use a value "
                           f"in 1..{vocab.size}")
     d = cfg.data
-    train_problems, test_problems = problem_splits(d.source, d.num_train, d.num_test, d.seed, d.test_source, d.fields)
+    train_problems, val_problems, test_problems = data_splits(d.source, d.num_train, d.val_count, d.num_test, d.seed,
+                                                              d.test_source, d.val_source, d.fields)
     check_same_tokenization(tokenizer, teacher_tokenizer, train_problems[:64], d.system_prompt)
     prompts = tokenize_prompts(tokenizer, [p.question for p in train_problems], d.system_prompt)
     longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -466,7 +469,7 @@ def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
                  tokenizer([p.solution for p in train_problems], add_special_tokens=False)["input_ids"]]
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     return Setup(run, world, device, student, teacher, tokenizer, vocab, prompts, solutions,
-                 test_problems, bf16)
+                 test_problems, bf16, val_problems)
 
 
 def check_same_tokenization(student_tokenizer, teacher_tokenizer, problems, system_prompt) -> None:
@@ -522,7 +525,7 @@ class Trainer:
                     self.speculative.accepted += stats.accepted
                     out.append(rollout)
                 else:
-                    reuse = cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.reuse_teacher
+                    reuse = cfg.loss.divergence in TOPK_DIVERGENCES and cfg.loss.reuse_teacher
                     out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
                                         record_topk=cfg.loss.top_k if reuse else 0, compile=cfg.compile,
                                         cache=compiled_cache(s.device) if cfg.compile else "dynamic", **models))
@@ -607,7 +610,7 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
     with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
         started = time.perf_counter()
         s = setup(replace(cfg, out_dir=tmp, resume=False), signals)
-        s.test_problems = s.test_problems[:1]
+        s.test_problems, s.val_problems = s.test_problems[:1], s.val_problems[:1]
         world = s.world.size
         small = replace(cfg, out_dir=tmp, resume=False, steps=1, prompts_per_step=world, rollouts_per_prompt=1,
                         rollout_batch=1, micro_batch=1, max_new_tokens=min(cfg.max_new_tokens, 8), eval_every=0,
@@ -673,24 +676,31 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
             metrics.write(step, values)
 
     def evaluate_at(step: int) -> bool:
-        """The evaluation after `step` optimizer steps, unless the checkpoint resumed from holds it; whether it ran.
-        In one process a signal abandons it (Stopped); data-parallel ranks finish it, as they meet in collectives."""
+        """The evaluation after `step` optimizer steps, unless the checkpoint resumed from holds it; whether it ran:
+        pass@1 on the test problems (metrics eval/*, files eval/step_*.json) and on the validation problems (val/*,
+        eval/val_step_*.json; no teacher-KL), each from its own seeded stream. In one process a signal abandons it
+        (Stopped); data-parallel ranks finish it, as they meet in collectives."""
         nonlocal last_eval
         if last_eval.get("step") == step:
             return False
-        mine = s.test_problems[world.rank :: world.size]
-        with signals.phase(abandon=not world.active), s.autocast:
-            result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
-                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
-                              seed=stream_seed(cfg.seed, "eval", step, world.rank), teacher=teacher,
-                              system_prompt=cfg.data.system_prompt)
-        result = merge_results(distributed.gather_objects(result, world))
-        if world.main:
-            (run.path / "eval").mkdir(exist_ok=True)
-            write_atomic(run.path / "eval" / f"step_{step:08d}.json",
-                         json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
-                                     "examples": result.examples}, indent=1))
-        values = {f"eval/{k}": v for k, v in result.as_dict().items() if v is not None}
+        values = {}
+        for prefix, problems in (("eval", s.test_problems), ("val", s.val_problems)):
+            if not problems:
+                continue
+            mine = problems[world.rank :: world.size]
+            with signals.phase(abandon=not world.active), s.autocast:
+                result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
+                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
+                                  seed=stream_seed(cfg.seed, prefix, step, world.rank),
+                                  teacher=teacher if prefix == "eval" else None, system_prompt=cfg.data.system_prompt)
+            result = merge_results(distributed.gather_objects(result, world))
+            if world.main:
+                (run.path / "eval").mkdir(exist_ok=True)
+                name = f"step_{step:08d}.json" if prefix == "eval" else f"val_step_{step:08d}.json"
+                write_atomic(run.path / "eval" / name,
+                             json.dumps({"step": step, **result.as_dict(), "per_problem": result.per_problem,
+                                         "examples": result.examples}, indent=1))
+            values.update({f"{prefix}/{k}": v for k, v in result.as_dict().items() if v is not None})
         write(step, values)
         last_eval = {"step": step, "values": values}
         return True
@@ -822,7 +832,8 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
             f"{json.dumps({'name': method.name, **vars(method)})}; {cfg.steps} steps of {cfg.prompts_per_step} "
             f"prompts x {cfg.rollouts_per_prompt} rollouts; avg@{cfg.eval_samples} pass@1 at temperature 1.0 on "
             f"{len(s.test_problems)} test problems (every {cfg.eval_every or cfg.steps} steps). Final pass@1 "
-            f"{last_eval['eval/pass_at_1']:.3f}. Config: config.yaml; every metric: metrics.jsonl. Hardware: "
-            f"{summary['hardware']}."))
+            f"{summary['final'].get('eval/pass_at_1', float('nan')):.3f}. Config: config.yaml; every metric: "
+            f"metrics.jsonl. Hardware: {summary['hardware']}."))
+        write_record(run.path, run.path / "record")
     distributed.shutdown(world)
     return summary

@@ -9,6 +9,7 @@ from trb.core.divergences import (
     reverse_kl,
     sampled_reverse_kl,
     topk_reverse_kl,
+    topk_student_weighted_kl,
 )
 from trb.core.reduce import token_mean
 from trb.core.sampling import sample, with_temperature
@@ -34,5 +35,6 @@ __all__ = [
     "solve_beta",
     "token_mean",
     "topk_reverse_kl",
+    "topk_student_weighted_kl",
     "with_temperature",
 ]

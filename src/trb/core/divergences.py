@@ -72,6 +72,35 @@ def topk_reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, k: i
     return _xlogy_diff(s_k.exp(), s_k, t_k).sum(-1)
 
 
+def topk_student_weighted_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, k: int) -> torch.Tensor:
+    """The paper's top-k estimator (top-k OPD, `reward_weight_mode=student_p`, METHOD.md section 1) as a surrogate
+    loss. (B, T, V) x 2 -> (B, T).
+
+    Per position, V_t = the current student's top-k tokens and w_v = pi_S(v) / sum_{u in V_t} pi_S(u), held constant.
+    The log-probs are full-vocabulary ones (not renormalized over V_t). The value is the weighted sum
+    sum_{v in V_t} w_v (log pi_S(v) - log pi_T(v)), and the gradient is exactly
+
+        sum_{v in V_t} w_v (log pi_S(v) - log pi_T(v)) grad log pi_S(v)
+
+    (the advantage log pi_S - log pi_T enters as a constant, as in a single-epoch policy gradient with ratio 1). This
+    is not the gradient of the value: that would add sum_v w_v grad log pi_S(v) = grad log sum_{u in V_t} pi_S(u),
+    zero only when V_t holds the whole vocabulary. With k = V the gradient is that of the full reverse KL.
+    `topk_reverse_kl`, the KL between both distributions renormalized over V_t, differs from it by
+    E_w[log pi_S - log pi_T] grad log sum_{u in V_t} pi_S(u).
+    """
+    s = upcast(student_logp)  # (B, T, V)
+    t = upcast(teacher_logp.detach())  # (B, T, V)
+    k = min(k, s.shape[-1])
+    idx = s.detach().topk(k, dim=-1).indices  # (B, T, k)
+    s_k = s.gather(-1, idx)  # (B, T, k) full-vocabulary log pi_S
+    t_k = t.gather(-1, idx)  # (B, T, k) full-vocabulary log pi_T
+    weight = torch.softmax(s_k.detach(), dim=-1)  # (B, T, k) pi_S(v) / sum_{u in V_t} pi_S(u), constant
+    counts = weight > 0  # (B, T, k) tokens of probability 0 (merged stop ids) carry no term and no NaN
+    s_k = torch.where(counts, s_k, 0.0)  # (B, T, k)
+    advantage = torch.where(counts, s_k.detach() - t_k, 0.0)  # (B, T, k)
+    return (weight * advantage * (1.0 + s_k - s_k.detach())).sum(-1)
+
+
 def sampled_reverse_kl(
     student_token_logp: torch.Tensor,
     teacher_token_logp: torch.Tensor,

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The "chain" regime study (configs/miniature_chain.yaml): does TRB pay where early rollouts stay uninformative?
+# One command, resumable (rerun it and finished runs are kept):
+#
+#   studies/regime.sh [OUT]        (default OUT=runs/regime)
+#
+#   1. pair:       trb prepare chain (teacher + weak student), skipped when OUT/pair/prepare.json exists
+#   2. grid:       TRB eps0 x horizon on GRID_SEEDS; the cell with the best validation pass@1 is chosen (never test)
+#   3. main:       vanilla OPD and TRB at the paper's setting (eps0 = 0.02, K = 50) on MAIN_SEEDS (default 10)
+#   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), against the
+#                  same OPD runs as 3 (linked, not rerun)
+#   5. estimators: OPD and TRB with the paper's top-k estimator, the renormalized top-k KL and the full KL
+#   6. probe:      the continuation probe on step-0 prefixes
+# Then `studies/collect.sh OUT results/regime` puts the per-run data and tables into the repository.
+# Environment: JOBS runs in parallel (default 2), THREADS per run (default cores / JOBS), PARTS (default all).
+set -euo pipefail
+OUT=${1:-runs/regime}
+JOBS=${JOBS:-2}
+TRB=${TRB:-trb}
+PYTHON=${PYTHON:-python}
+MAIN_SEEDS=${MAIN_SEEDS:-0 1 2 3 4 5 6 7 8 9}
+OTHER_SEEDS=${OTHER_SEEDS:-0 1 2 3 4}
+GRID_SEEDS=${GRID_SEEDS:-0 1 2}
+PARTS=${PARTS:-pair grid main others estimators probe}
+THREADS=${THREADS:+--threads $THREADS}
+CONFIG=configs/miniature_chain.yaml
+PAIR="$OUT/pair"
+MODELS="models.student=$PAIR/student models.teacher=$PAIR/teacher"
+has() { [[ " $PARTS " == *" $1 "* ]]; }
+
+if has pair && [[ ! -f "$PAIR/prepare.json" ]]; then
+  $TRB prepare chain --out "$PAIR"
+fi
+if has grid; then
+  # shellcheck disable=SC2086
+  $TRB compare "$CONFIG" --out "$OUT/grid" --jobs "$JOBS" $THREADS --seeds $GRID_SEEDS \
+    --methods opd "trb:eps0=0.005|0.02|0.05,horizon=25|50|100" $MODELS
+fi
+if has main; then
+  # shellcheck disable=SC2086
+  $TRB compare "$CONFIG" --out "$OUT/main" --jobs "$JOBS" $THREADS --seeds $MAIN_SEEDS \
+    --methods opd "trb:eps0=0.02,horizon=50" $MODELS
+fi
+if has others; then
+  BEST=$($PYTHON -c 'import sys; from trb.compare import best_by_validation; print(best_by_validation(sys.argv[1], "trb"))' \
+    "$OUT/grid/results.csv")
+  BEST_SPEC=$(echo "$BEST" | sed -e 's/^trb(/trb:/' -e 's/)$//')
+  echo "grid cell chosen on validation: $BEST"
+  mkdir -p "$OUT/others/runs"
+  ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"  # the same OPD runs: finished runs are not trained again
+  # shellcheck disable=SC2086
+  $TRB compare "$CONFIG" --out "$OUT/others" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS \
+    --methods opd "$BEST_SPEC" skd sft_warmup:prompt_steps=50,updates=25 trb_adaptive $MODELS
+fi
+if has estimators; then
+  for DIVERGENCE in topk_student_weighted_kl topk_reverse_kl reverse_kl; do
+    # shellcheck disable=SC2086
+    $TRB compare "$CONFIG" --out "$OUT/estimators/$DIVERGENCE" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS \
+      --methods opd "trb:eps0=0.02,horizon=50" $MODELS loss.divergence=$DIVERGENCE
+  done
+fi
+if has probe; then
+  $TRB probe --student "$PAIR/student" --teacher "$PAIR/teacher" --data chain --eps 0.02 --max-new-tokens 160 \
+    --lengths 0 8 16 32 48 64 96 --out "$OUT/probe"
+fi

@@ -1,0 +1,188 @@
+"""Statistics of the comparison tables against hand-computed values, checkpoint selection by validation on hand-made
+curves, and the tables rebuilt from committed per-run data alone (studies/collect.sh), identically."""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trb.compare import aggregate, markdown, rebuild_results, run_summary
+from trb.probe import probe_stats, probe_table
+from trb.records import write_gzip
+from trb.stats import holm, mean_ci, paired_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_interval_of_a_pass_at_1_is_clipped_to_the_unit_interval():
+    # 0.95, 0.99, 1.0: mean 0.98, sd 0.026458, t(0.975, 2) = 4.302653 -> [0.9143, 1.0457] before clipping
+    estimate = mean_ci([0.95, 0.99, 1.0], bounds=(0.0, 1.0))
+    assert estimate.mean == pytest.approx(0.98)
+    assert estimate.low == pytest.approx(0.98 - 4.302653 * 0.0264575 / math.sqrt(3), rel=1e-5)
+    assert estimate.high == 1.0
+
+
+def test_two_seeds_show_the_seeds_not_an_interval():
+    """Regression: a 2-seed comparison printed a final pass@1 interval of [0.166, 1.252] (a t-interval with one
+    degree of freedom). Fewer than 3 seeds now give no interval; the table shows the seeds' values."""
+    estimate = mean_ci([0.55, 0.869])
+    assert not estimate.has_interval and estimate.values == (0.55, 0.869)
+    diff = paired_difference([0.6, 0.9], [0.5, 0.6])
+    assert diff.mean == pytest.approx(0.2) and not diff.has_interval and math.isnan(diff.p)
+    assert diff.values == pytest.approx((0.1, 0.3))
+
+
+def test_paired_difference_by_hand():
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, t = 0.2 / (0.1 / sqrt 3) = 2 sqrt 3 with 2 degrees of freedom,
+    # whose two-sided p-value has the closed form 1 - t / sqrt(t^2 + 2)
+    diff = paired_difference([0.6, 0.7, 0.8], [0.5, 0.5, 0.5])
+    assert diff.mean == pytest.approx(0.2)
+    assert diff.high - diff.mean == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    t = 2 * math.sqrt(3)
+    assert diff.p == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    same = paired_difference([0.4, 0.5, 0.6], [0.4, 0.5, 0.6])
+    assert (same.mean, same.low, same.high, same.p) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_holm_by_hand():
+    # tested: 0.005, 0.01, 0.03, 0.04 (m = 4) -> 4 x 0.005, 3 x 0.01, 2 x 0.03, max(0.06, 1 x 0.04); nan untested
+    adjusted = holm([0.01, 0.04, 0.03, math.nan, 0.005])
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and adjusted[4] == pytest.approx(0.02)
+    assert math.isnan(adjusted[3])
+    assert holm([0.6, 0.9]) == [1.0, 1.0]
+
+
+def write_run(folder: Path, test: list[float], val: list[float] | None, gz: bool = False) -> Path:
+    """A run's metrics with evaluations at steps 0, 10, 20, 30 (and a training line between them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k, step in enumerate((0, 10, 20, 30)):
+        if step:
+            lines.append({"step": step, "loss": 0.1, "time/step_s": 6.0, "teacher_kl": 0.2})
+        lines.append({"step": step, "eval/pass_at_1": test[k], **({"val/pass_at_1": val[k]} if val else {})})
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    if gz:
+        write_gzip(folder / "metrics.jsonl.gz", text)
+    else:
+        (folder / "metrics.jsonl").write_text(text)
+    return folder
+
+
+def test_the_reported_checkpoint_is_chosen_on_validation(tmp_path):
+    # test-best step 10 (0.5), validation-best step 20 (0.6 there; test 0.4 at step 20)
+    summary = run_summary(write_run(tmp_path / "a", [0.1, 0.5, 0.4, 0.45], [0.1, 0.3, 0.6, 0.5]))
+    assert summary["selected_step"] == 20 and summary["selected"] == 0.4
+    assert summary["best"] == 0.5 and summary["final"] == 0.45
+    assert summary["auc"] == pytest.approx((0.3 + 0.45 + 0.425) * 10 / 30)
+    # ties go to the earliest step; a run without validation has no selection
+    assert run_summary(write_run(tmp_path / "b", [0.1, 0.5, 0.4, 0.45], [0.1, 0.6, 0.6, 0.2]))["selected"] == 0.5
+    assert math.isnan(run_summary(write_run(tmp_path / "c", [0.1, 0.5, 0.4, 0.45], None))["selected"])
+
+
+def test_compare_reports_the_validation_selected_score_beside_the_papers(tmp_path):
+    runs = {"opd": {}, "trb": {}}
+    for seed in range(3):
+        # OPD: validation picks step 30 (test 0.42 + seed / 100); the test maximum is at step 10
+        runs["opd"][seed] = write_run(tmp_path / f"opd{seed}", [0.1, 0.6, 0.4, 0.42 + seed / 100],
+                                      [0.1, 0.2, 0.3, 0.5])
+        # TRB: validation picks step 20 (test 0.45 + seed / 50); the test maximum is at step 10 again
+        runs["trb"][seed] = write_run(tmp_path / f"trb{seed}", [0.1, 0.7, 0.45 + seed / 50, 0.3],
+                                      [0.1, 0.2, 0.5, 0.3])
+    rows = aggregate(runs, "opd")
+    opd, trb = rows
+    assert opd["selected"].values == pytest.approx((0.42, 0.43, 0.44))
+    assert trb["selected"].values == pytest.approx((0.45, 0.47, 0.49))
+    assert trb["best"].mean == pytest.approx(0.7) and opd["best"].mean == pytest.approx(0.6)
+    assert trb["diff_selected"].values == pytest.approx((0.03, 0.04, 0.05))
+    tested = [trb[f"diff_{m}"].p for m in ("selected", "final", "auc", "best")]
+    assert [trb[f"diff_{m}"].p_holm for m in ("selected", "final", "auc", "best")] == pytest.approx(holm(tested))
+    table = markdown(rows, "opd")
+    assert "| pass@1 at val-best step |" in table and "max over test evals (paper)" in table
+    assert "| trb | 3 | 0.470 [" in table
+
+
+def test_grid_cells_are_chosen_on_validation(tmp_path):
+    from trb.compare import best_by_validation, write_csv
+
+    runs = {"opd": {s: write_run(tmp_path / f"o{s}", [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]) for s in range(3)}}
+    # cell A: best on test (0.9), worse on validation (0.5); cell B: best on validation (0.6), test 0.45
+    runs["trb(eps0=0.02,horizon=8)"] = {s: write_run(tmp_path / f"a{s}", [0.1, 0.9, 0.5, 0.5], [0.1, 0.5, 0.4, 0.4])
+                                        for s in range(3)}
+    runs["trb(eps0=0.05,horizon=8)"] = {s: write_run(tmp_path / f"b{s}", [0.1, 0.3, 0.45, 0.4], [0.1, 0.3, 0.6, 0.5])
+                                        for s in range(3)}
+    write_csv(aggregate(runs, "opd"), tmp_path / "results.csv")
+    assert best_by_validation(tmp_path / "results.csv", "trb") == "trb(eps0=0.05,horizon=8)"
+
+
+def test_probe_intervals_are_clustered_by_problem():
+    rows = [{"behavior": "opd", "continuation": "teacher", "t": 4, "successes": 5, "trials": 8, "samples": 2,
+             "per_problem": [0, 1, 2, 2]},
+            {"behavior": "trb", "continuation": "teacher", "t": 4, "successes": 6, "trials": 8, "samples": 2,
+             "per_problem": [1, 1, 2, 2]}]
+    opd, trb = probe_stats(rows)
+    # per-problem rates 0, 0.5, 1, 1: mean 0.625, sd 0.478714, t(0.975, 3) = 3.182446 -> clipped to [0, 1]
+    assert opd["rate"] == pytest.approx(0.625) and (opd["low"], opd["high"]) == (0.0, 1.0)
+    assert trb["diff"] == pytest.approx(0.125) and "diff" not in opd
+    # differences 0.5, 0, 0, 0: sd 0.25, t = 0.125 / 0.125 = 1 with 3 degrees of freedom
+    assert trb["diff_high"] - trb["diff"] == pytest.approx(3.182446 * 0.25 / 2, rel=1e-6)
+    assert trb["p_holm"] == trb["p"]
+    assert "4 problems x 2 rollouts" in probe_table([opd, trb])
+
+
+def hand_made_study(root: Path, gz: bool) -> None:
+    """A comparison (plan.json, 2 methods x 3 seeds with validation) and a probe, as trb compare / probe save them."""
+    variants = [["opd", "opd"], ["trb(eps0=0.02,horizon=8)", "trb_eps0-0.02_horizon-8"]]
+    methods = root / "arith" / "methods"
+    methods.mkdir(parents=True)
+    (methods / "plan.json").write_text(json.dumps({"title": "miniature_arith", "baseline": "opd", "seeds": [0, 1, 2],
+                                                   "variants": variants}))
+    for k, (_, slug) in enumerate(variants):
+        for seed in range(3):
+            folder = methods / "runs" / slug / f"seed_{seed}" / ("" if gz else "record")
+            write_run(folder, [0.1, 0.5 + k / 10, 0.4 + seed / 20, 0.45], [0.1, 0.3, 0.6 - k / 5, 0.5], gz=True)
+    probe = root / "arith" / "probe"
+    probe.mkdir(parents=True)
+    rows = [{"behavior": b, "continuation": c, "t": t, "successes": 0, "trials": 8, "samples": 2,
+             "per_problem": [(t + i + len(b)) % 3 for i in range(4)]}
+            for b in ("opd (student)", "trb (eps=0.02)") for c in ("teacher", "student") for t in (0, 8)]
+    (probe / "probe.json").write_text(json.dumps({"title": "continuation probe (arith)", "rows": rows}))
+
+
+def collect(out: Path, dest: Path) -> None:
+    env = {**os.environ, "TRB": f"{sys.executable} -m trb", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    subprocess.run(["bash", str(ROOT / "studies" / "collect.sh"), str(out), str(dest)], check=True, env=env,
+                   capture_output=True)
+
+
+def digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path):
+    study, results = tmp_path / "study", tmp_path / "results"
+    hand_made_study(study, gz=False)  # run folders keep their compact records in record/
+    collect(study, results)
+    first = digests(results)
+    data = {"plan.json", "probe.json", "metrics.jsonl.gz"}
+    assert {Path(name).name for name in first} == data | {"results.md", "results.csv", "learning_curves.png",
+                                                          "diagnostics.png", "probe.md", "probe.png"}
+    assert not any("record" in name for name in first), "records land in the seed folders"
+    for name in first:
+        if Path(name).name not in data:
+            (results / name).unlink()
+    collect(tmp_path / "absent", results)  # from results/ alone
+    assert digests(results) == first
+    assert "| trb(eps0=0.02,horizon=8) | 3 |" in (results / "arith" / "methods" / "results.md").read_text()
+
+
+def test_rebuild_refuses_a_folder_without_plan(tmp_path):
+    from trb.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no plan.json"):
+        rebuild_results(tmp_path)
