@@ -57,6 +57,9 @@ def test_two_ranks_equal_one_process(strategy, tiny_pair, tmp_path):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rollout/mean_beta"] == pytest.approx(b["rollout/mean_beta"], abs=1e-6)
+    # The ranks decoded through the lean forward: under FSDP2 the sharded student is refused by it (hooks, DTensor
+    # parameters), so what decoded was the plain inference copy (tests/test_inference.py checks the copy itself).
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["decoder"] == "lean"
 
 
 def test_checkpoint_resumes_on_a_different_world_size(tiny_pair, tmp_path):
