@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from trb.config import ConfigError, load_config
 from trb.inference import InferenceCopy, decode_compile
-from trb.models import add_lora, merged_lora_model
+from trb.models import add_lora, lora_layers, merged_lora_model
 from trb.rollout import TRBPolicy, generate, lean
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,9 +78,9 @@ def test_lora_copy_decodes_what_the_adapted_model_decodes_and_follows_a_step(loa
         return merged
 
     before = same_rollouts()
-    reference = merged_lora_model(student).state_dict()  # PEFT's own delta (get_delta_weight)
-    for name, p in inference.model.state_dict().items():
-        torch.testing.assert_close(p, reference[name], atol=1e-6, rtol=0)
+    for name, layer in lora_layers(student).items():  # PEFT's own delta
+        expected = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        torch.testing.assert_close(inference.model.get_submodule(name).weight, expected, atol=1e-6, rtol=0)
 
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=5e-2)
     ids = torch.tensor(prompts(vocab, 1)[0] * 4)[None]  # (1, L)

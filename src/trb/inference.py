@@ -18,31 +18,15 @@ import copy
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from trb.models import lora_layers, merged_weights
 from trb.rollout import lean
-
-ADAPTER = "default"  # the adapter name `trb.models.add_lora` injects
 
 
 def decode_compile(setting: bool | str, device: torch.device) -> bool:
     """The config's `compile` for a device: `auto` compiles decoding (static caches, CUDA graphs) on a GPU and decodes
     eagerly on a CPU, where compiling repays its minutes of compilation only in long runs (README)."""
     return device.type == "cuda" if setting == "auto" else setting
-
-
-def _full(param: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter; gathered from every rank when FSDP2 shards it (a collective)."""
-    return param.full_tensor() if isinstance(param, DTensor) else param
-
-
-def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{module name: PEFT LoRA layer}; empty for a model without adapters."""
-    if not any(".lora_A." in name for name, _ in model.named_parameters()):
-        return {}
-    from peft.tuners.lora import LoraLayer
-
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
 class InferenceCopy:
@@ -54,16 +38,16 @@ class InferenceCopy:
 
     def __init__(self, student: nn.Module, dtype: torch.dtype, sharded: bool):
         self.student = student
-        self._lora = _lora_layers(student)
         self._filled = False
-        if not sharded and not self._lora and next(student.parameters()).dtype == dtype:
+        lora = lora_layers(student)
+        if not sharded and not lora and next(student.parameters()).dtype == dtype:
             self.model = student
             return
         # A deep copy whose parameters are made directly in `dtype` (the memo stands in for them), so the student's
         # weights never exist twice in its own dtype; then each LoRA layer is replaced by its base linear layer.
         memo = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False) for p in student.parameters()}
         self.model = copy.deepcopy(student, memo).eval()
-        for name in self._lora:
+        for name in lora:
             parent, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent), child, self.model.get_submodule(name).get_base_layer())
         self.refresh()
@@ -75,22 +59,12 @@ class InferenceCopy:
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the student's weights into the inference model, LoRA deltas merged: W + scaling * B @ A. After the
-        first refresh only parameters that training can change are copied (trainable ones, and LoRA layers' bases)."""
+        """Copy the student's weights into the inference model, LoRA deltas merged. After the first refresh only what
+        training can change is copied (trainable parameters, and the weights LoRA layers merge into)."""
         if self.model is self.student:
             return
         target = dict(self.model.named_parameters())
-        for name, param in self.student.named_parameters():  # the same order on every rank
-            if ".lora_" in name:
-                continue
-            owner, _, leaf = name.rpartition(".")
-            layer = self._lora.get(owner.removesuffix(".base_layer")) if leaf == "weight" else None
-            if self._filled and layer is None and not param.requires_grad:
-                continue
-            value = _full(param)  # (out, in) for a linear weight
-            if layer is not None:
-                a = _full(layer.lora_A[ADAPTER].weight).float()  # (r, in)
-                b = _full(layer.lora_B[ADAPTER].weight).float()  # (out, r)
-                value = value.float() + layer.scaling[ADAPTER] * (b @ a)  # (out, in)
-            target[name.replace(".base_layer.", ".")].copy_(value)
+        for name, value in merged_weights(self.student, changing_only=self._filled):
+            if name in target:  # tied parameters: under their first name only
+                target[name].copy_(value)
         self._filled = True

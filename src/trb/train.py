@@ -289,7 +289,7 @@ def setup(cfg: TrainConfig) -> Setup:
     student = load_causal_lm(cfg.models.student, device, "float32", cfg.models.trust_remote_code)
     if cfg.models.lora_rank:
         student = add_lora(student, cfg.models.lora_rank, cfg.models.lora_alpha,
-                           [name.strip() for name in cfg.models.lora_targets.split(",")])
+                           [name.strip() for name in cfg.models.lora_targets.split(",")], stream_seed(cfg.seed, "lora"))
     teacher = load_causal_lm(cfg.models.teacher, device, teacher_dtype, cfg.models.trust_remote_code)
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
@@ -613,9 +613,11 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None) -> dict:
         last_eval = run_eval(cfg.steps)
         log(f"step {cfg.steps}: pass@1 {last_eval['eval/pass_at_1']:.3f}")
         save(cfg.steps)
-        if cfg.models.lora_rank and world.main:  # a plain checkpoint with the adapters merged in, for users
-            merged_lora_model(student).save_pretrained(run.path / "merged")
-            s.tokenizer.save_pretrained(run.path / "merged")
+        if cfg.models.lora_rank:  # a plain checkpoint with the adapters merged in, for users
+            merged = merged_lora_model(student)  # a collective under FSDP2
+            if world.main:
+                merged.save_pretrained(run.path / "merged")
+                s.tokenizer.save_pretrained(run.path / "merged")
     if metrics is not None:
         metrics.close()
     summary = {"status": status, "run": str(run.path), "final": last_eval,
