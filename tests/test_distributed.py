@@ -83,7 +83,9 @@ def test_two_fsdp2_ranks_equal_one_process_with_a_lora_student(tiny_pair, tmp_pa
 def test_checkpoint_resumes_on_a_different_world_size(tiny_pair, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_pair, steps=3)
     run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'single'}"])
-    torchrun(2, config, f"out_dir={tmp_path / 'mixed'}", "steps=2", "distributed=fsdp")
+    # one process -> two FSDP2 ranks (whose inference copies must pick up the loaded weights) -> one process
+    run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'mixed'}", "steps=1"])
+    torchrun(2, config, f"out_dir={tmp_path / 'mixed'}", "steps=2", "distributed=fsdp", "resume=true")
     run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'mixed'}", "resume=true"])
     single, mixed = weights_at(tmp_path / "single", 3), weights_at(tmp_path / "mixed", 3)
     assert max((single[k] - mixed[k]).abs().max().item() for k in single) <= 1e-6
