@@ -57,12 +57,35 @@ def test_two_ranks_equal_one_process(strategy, tiny_pair, tmp_path):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rollout/mean_beta"] == pytest.approx(b["rollout/mean_beta"], abs=1e-6)
+    # The ranks decoded through the lean forward: under FSDP2 the sharded student is refused by it (hooks, DTensor
+    # parameters), so what decoded was the plain inference copy (tests/test_inference.py checks the copy itself).
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["decoder"] == "lean"
+
+
+def test_two_fsdp2_ranks_equal_one_process_with_a_lora_student(tiny_pair, tmp_path):
+    """Adapters initialized from the run's seed on every rank, rollouts decoded with the merged inference copy, the
+    merged export gathered from the shards."""
+    models = {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]), "lora_rank": 4,
+              "lora_targets": "q_proj,v_proj"}
+    config = write_config(tmp_path / "c.yaml", tiny_pair, models=models)
+    run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'single'}"])
+    torchrun(2, config, f"out_dir={tmp_path / 'two'}", "distributed=fsdp")
+    for step in (1, 2):
+        single, two = weights_at(tmp_path / "single", step), weights_at(tmp_path / "two", step)
+        assert set(single) == set(two) and any(".lora_B." in k and single[k].abs().max() > 1e-4 for k in single)
+        worst = max((single[k] - two[k]).abs().max().item() for k in single)
+        assert worst <= 1e-6, f"step {step}: parameters differ by {worst:.2e}"
+    single, two = (load_file(str(tmp_path / name / "merged" / "model.safetensors")) for name in ("single", "two"))
+    assert max((single[k] - two[k]).abs().max().item() for k in single) <= 1e-6
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["decoder"] == "lean"
 
 
 def test_checkpoint_resumes_on_a_different_world_size(tiny_pair, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_pair, steps=3)
     run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'single'}"])
-    torchrun(2, config, f"out_dir={tmp_path / 'mixed'}", "steps=2", "distributed=fsdp")
+    # one process -> two FSDP2 ranks (whose inference copies must pick up the loaded weights) -> one process
+    run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'mixed'}", "steps=1"])
+    torchrun(2, config, f"out_dir={tmp_path / 'mixed'}", "steps=2", "distributed=fsdp", "resume=true")
     run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'mixed'}", "resume=true"])
     single, mixed = weights_at(tmp_path / "single", 3), weights_at(tmp_path / "mixed", 3)
     assert max((single[k] - mixed[k]).abs().max().item() for k in single) <= 1e-6

@@ -1,6 +1,10 @@
 """The bring-your-own-models path on random-init checkpoints with the real Qwen3 vocabulary, EOS ids and chat
 template: both paper configs pass --dry-run; tokenizer and template checks catch mismatches."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +56,26 @@ def test_dry_run_from_the_command_line(qwen_pairs, tmp_path, capsys):
     code = main(["train", str(ROOT / "configs" / "qwen3_0.6b_from_4b.yaml"), "--dry-run",
                  f"models.student={pair['student']}", "models.teacher=/nowhere", f"out_dir={tmp_path / 'run'}"])
     assert code == 2
+
+
+@pytest.mark.parametrize("name", ["qwen3_0.6b_from_4b", pytest.param("qwen3_1.7b_from_8b", marks=pytest.mark.slow)])
+def test_paper_config_dry_run_under_two_fsdp2_ranks_decodes_with_the_lean_forward(name, qwen_pairs, tmp_path):
+    """`torchrun --nproc_per_node 2 -m trb train CONFIG --dry-run` on CPU (gloo), the config's own `distributed:
+    fsdp` and `compile: auto`: every rank decodes its share with the plain inference copy through the lean forward
+    (the sharded student itself would fall back to the Hugging Face forward)."""
+    pair = qwen_pairs[name]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "trb",
+               "train", str(ROOT / "configs" / f"{name}.yaml"), "--dry-run", f"models.student={pair['student']}",
+               f"models.teacher={pair['teacher']}", f"data.source={GSM8K}", "data.num_train=1000",
+               "data.num_test=100", f"out_dir={tmp_path / 'run'}", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 2, result.stdout[-3000:]
+    for report in reports:
+        assert report["dry_run"] == "ok" and report["ranks"] == 2 and report["decoder"] == "lean"
+    assert not (tmp_path / "run").exists(), "a dry run writes nothing to out_dir"
 
 
 def test_real_vocabulary_shapes_and_eos_merge(qwen_pairs):

@@ -109,8 +109,9 @@ class TrainConfig:
     autocast: str = "auto"  # bf16 mixed precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (also CPUs with AMX) | fp32
     # compiled decoding (trb.rollout.compiled_cache): on a GPU static KV caches and CUDA graphs, on a CPU the lean
     # prompt pass and single-token step with dynamic shapes; pays a compilation once. With speculative_gamma the steps have fixed
-    # shapes: static caches holding the worst case, (max_new_tokens - 1) x (gamma + 1) slots past the prompt
-    compile: bool = False
+    # shapes: static caches holding the worst case, (max_new_tokens - 1) x (gamma + 1) slots past the prompt.
+    # auto (trb.inference.decode_compile): compiled on a GPU, eager on a CPU (compiling repays itself only in long runs)
+    compile: bool | str = "auto"
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128
     lr: float = 1e-5
@@ -147,6 +148,7 @@ class TrainConfig:
         _require(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
         _require(self.autocast in ("auto", "bf16", "fp32"), f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
         _require(self.resume in (True, False, "auto"), f"resume must be true, false or auto, got {self.resume!r}")
+        _require(self.compile in ("auto", True, False), f"compile must be auto, true or false, got {self.compile!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------

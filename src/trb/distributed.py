@@ -2,6 +2,7 @@
 
 - Each rank decodes its share of a step's rollout batches: global batch j goes to rank j mod world, and its sampling
   generator is seeded from (seed, step, j), so the rollouts (and hence the update) do not depend on the world size.
+  Ranks decode with a whole, unsharded copy of the student (`trb.inference.InferenceCopy`), never through FSDP2.
 - The loss is normalized by the completion-token count of the whole step, summed over ranks.
 - "ddp": DistributedDataParallel around the module that computes the student's final hidden states.
   "fsdp": FSDP2 (`fully_shard`) on every decoder layer and the root; the input embedding and output layer stay
@@ -102,8 +103,8 @@ def wrap(hidden: nn.Module, model: nn.Module, strategy: str, world: World) -> nn
         return nn.parallel.DistributedDataParallel(hidden, device_ids=device_ids)
     from torch.distributed.fsdp import fully_shard
 
-    # The base model (embedding, layers, final norm) is the FSDP root, so generation (which calls the causal LM) and
-    # the loss (which calls the base model through `hidden`) both enter through its hooks.
+    # The base model (embedding, layers, final norm) is the FSDP root, so the loss (which calls the base model through
+    # `hidden`) enters through its hooks. Decoding runs the inference copy (trb.inference), not this model.
     for layer in model.base_model.layers:
         fully_shard(layer)
     fully_shard(model.base_model, ignored_params=set(replicated_params(model)))

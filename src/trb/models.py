@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from trb.checkpoint import LATEST, latest_checkpoint
@@ -230,28 +231,64 @@ def plain_forward(model: PreTrainedModel) -> bool:
     return all(type(p) is torch.nn.Parameter for p in model.parameters())
 
 
-def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str]) -> PreTrainedModel:
-    """Inject LoRA adapters (PEFT) into `targets` in place; only the adapters stay trainable."""
+def add_lora(model: PreTrainedModel, rank: int, alpha: float, targets: list[str], seed: int = 0) -> PreTrainedModel:
+    """Inject LoRA adapters (PEFT) into `targets` in place; only the adapters stay trainable. Their initialization
+    draws from `seed` (PEFT draws from the global generator), so every process and every rank starts alike."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ModelLoadError("models.lora_rank > 0 needs PEFT: pip install 'trb[lora]'") from None
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
-    return inject_adapter_in_model(config, model)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return inject_adapter_in_model(config, model)
+
+
+LORA_ADAPTER = "default"  # the adapter name `add_lora` injects
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{module name: PEFT LoRA layer}; empty for a model without adapters (PEFT is then not imported)."""
+    if not any(".lora_A." in name for name, _ in model.named_parameters()):
+        return {}
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter; gathered from every rank when FSDP2 shards it (a collective)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def merged_weights(model: torch.nn.Module, changing_only: bool = False):
+    """(name in the plain architecture, whole tensor) for every parameter of a model, LoRA deltas merged into the base
+    weights (W + scaling * B @ A; the base layer's bias renamed). Under FSDP2 each parameter is gathered in turn, so
+    every rank must iterate to the end (the transient is one parameter). Tied parameters appear under each name.
+    changing_only: skip what training cannot change (frozen parameters other than LoRA layers' bases)."""
+    lora = lora_layers(model)
+    for name, param in model.named_parameters(remove_duplicate=False):  # the same order on every rank
+        if ".lora_" in name:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        layer = lora.get(owner.removesuffix(".base_layer")) if leaf == "weight" else None
+        if changing_only and layer is None and not param.requires_grad:
+            continue
+        value = _full(param)  # (out, in) for a linear weight
+        if layer is not None:
+            a = _full(layer.lora_A[LORA_ADAPTER].weight).float()  # (r, in)
+            b = _full(layer.lora_B[LORA_ADAPTER].weight).float()  # (out, r)
+            value = (value.float() + layer.scaling[LORA_ADAPTER] * (b @ a)).to(value.dtype)  # (out, in)
+        yield name.replace(".base_layer.", "."), value
 
 
 @torch.no_grad()
 def merged_lora_model(model: PreTrainedModel) -> PreTrainedModel:
-    """A plain Hugging Face model of the same architecture with the LoRA deltas added to the base weights."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    state = {name: p for name, p in model.state_dict().items() if ".lora_" not in name}
-    for prefix, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            base = state.pop(f"{prefix}.base_layer.weight")
-            state[f"{prefix}.weight"] = base + module.get_delta_weight("default").to(base.dtype)
-            if f"{prefix}.base_layer.bias" in state:
-                state[f"{prefix}.bias"] = state.pop(f"{prefix}.base_layer.bias")
+    """A plain Hugging Face model of the same architecture with the LoRA deltas added to the base weights (a
+    collective under FSDP2: every rank calls it)."""
+    state = dict(merged_weights(model))
     merged = AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
     merged.load_state_dict(state, strict=True)
     merged.generation_config = model.generation_config

@@ -37,6 +37,7 @@ from trb.core import linear_ramp
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
 from trb.losses import TOPK_DIVERGENCES, FinalHidden, distill_loss, sft_loss
+from trb.inference import InferenceCopy, decode_compile
 from trb.methods import SFTWarmup
 from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model,
                         resolve_checkpoint, vocab_space)
@@ -441,7 +442,7 @@ def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
     student = load_causal_lm(cfg.models.student, device, "float32", cfg.models.trust_remote_code)
     if cfg.models.lora_rank:
         student = add_lora(student, cfg.models.lora_rank, cfg.models.lora_alpha,
-                           [name.strip() for name in cfg.models.lora_targets.split(",")])
+                           [name.strip() for name in cfg.models.lora_targets.split(",")], stream_seed(cfg.seed, "lora"))
     teacher = load_causal_lm(cfg.models.teacher, device, teacher_dtype, cfg.models.trust_remote_code)
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
@@ -496,6 +497,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
         self.speculative = SpeculativeStats()
+        # Rollouts and evaluation decode a plain copy of the student (full weights, LoRA merged, bf16 under bf16
+        # autocast on a GPU), built before the student is sharded and refreshed after every update.
+        decode_dtype = torch.bfloat16 if s.bf16 and s.device.type == "cuda" else next(s.student.parameters()).dtype
+        self.inference = InferenceCopy(s.student, decode_dtype, sharded=s.world.active and cfg.distributed == "fsdp")
+        self.compile = decode_compile(cfg.compile, s.device)
         hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile)
         self.hidden = distributed.wrap(hidden, s.student, cfg.distributed, s.world)
         self.optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
@@ -512,23 +518,23 @@ class Trainer:
     def decode(self, step: int, policy, sequences: list[list[int]], teacher_only: bool = False) -> list[Rollout]:
         """This rank's rollouts of the step; TRB steps use exact speculative sampling when speculative_gamma > 0."""
         s, cfg, out = self.s, self.cfg, []
-        models = {"teacher": s.teacher} if teacher_only else {"student": s.student, "teacher": s.teacher}
+        models = {"teacher": s.teacher} if teacher_only else {"student": self.inference.model, "teacher": s.teacher}
         self.speculative = SpeculativeStats()
         for j, prompts in self.my_batches(step, sequences):
             generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, step, j, "rollout"))
             with s.autocast:
                 if cfg.speculative_gamma and isinstance(policy, TRBPolicy):
                     rollout, stats = generate_speculative(policy.eps, prompts, s.vocab, cfg.max_new_tokens, generator,
-                                                          s.student, s.teacher, cfg.speculative_gamma,
-                                                          compile=cfg.compile)
+                                                          self.inference.model, s.teacher, cfg.speculative_gamma,
+                                                          compile=self.compile)
                     self.speculative.tested += stats.tested
                     self.speculative.accepted += stats.accepted
                     out.append(rollout)
                 else:
                     reuse = cfg.loss.divergence in TOPK_DIVERGENCES and cfg.loss.reuse_teacher
                     out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
-                                        record_topk=cfg.loss.top_k if reuse else 0, compile=cfg.compile,
-                                        cache=compiled_cache(s.device) if cfg.compile else "dynamic", **models))
+                                        record_topk=cfg.loss.top_k if reuse else 0, compile=self.compile,
+                                        cache=compiled_cache(s.device) if self.compile else "dynamic", **models))
         return out
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
@@ -547,12 +553,13 @@ class Trainer:
         return [r.select(slice(i, i + size)) for r in rollouts for i in range(0, len(r.stopped), size)]
 
     def optimizer_step(self) -> tuple[float, float]:
-        """Clip, check, step. Returns (grad norm, lr used)."""
+        """Clip, check, step, refresh the inference copy. Returns (grad norm, lr used)."""
         grad_norm = distributed.clip_grad_norm(trainable(self.s.student), self.cfg.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
+            self.inference.refresh()
         return grad_norm, lr
 
 
@@ -591,6 +598,7 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
         loss_value = distributed.all_reduce_sum(total[0], s.world, s.device)
         if metrics is not None:
             metrics.write(0, {"sft/update": update + 1, "sft/loss": loss_value})
+    t.inference.refresh()
     log(f"SFT warmup: {method.updates} updates on {len(pairs) * s.world.size} teacher samples")
 
 
@@ -622,7 +630,7 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
             "student": cfg.models.student, "teacher": cfg.models.teacher,
             "vocab_size": s.vocab.size, "stop_ids": list(s.vocab.stop_ids), "eos_emitted": s.vocab.eos_id,
             "train_prompts": len(s.prompts), "longest_prompt_tokens": max(map(len, s.prompts)),
-            "method": cfg.method.name, "ranks": world, "out_dir": out_dir,
+            "method": cfg.method.name, "ranks": world, "out_dir": out_dir, "decoder": summary["decoder"],
             "load_s": round(loaded - started, 1), "step_s": round(time.perf_counter() - loaded, 1),
         }
     log(f"dry run ok: {report}")
@@ -658,6 +666,7 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
     if checkpoint is not None:
         model_state, optimizer_state, state = read_checkpoint(checkpoint, student)
         distributed.load_full_state(student, t.optimizer, model_state, optimizer_state)
+        t.inference.refresh()
         t.scheduler.load_state_dict(state["scheduler"])
         start_step, metric_lines, method_state = state["next_step"], state["metric_lines"], state["method_state"]
         last_eval = state.get("last_eval", {})
@@ -689,7 +698,7 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
                 continue
             mine = problems[world.rank :: world.size]
             with signals.phase(abandon=not world.active), s.autocast:
-                result = evaluate(student, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
+                result = evaluate(t.inference.model, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
                                   seed=stream_seed(cfg.seed, prefix, step, world.rank),
                                   teacher=teacher if prefix == "eval" else None, system_prompt=cfg.data.system_prompt)
@@ -817,12 +826,15 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
             save(done)
         log(f"stopped by signal {signals.name} after step {done}; "
             f"{'checkpoint saved' if saved is not None else 'nothing to save yet'}, resume with resume=true")
-    elif cfg.models.lora_rank and world.main:  # a plain checkpoint with the adapters merged in, for users
-        merged_lora_model(student).save_pretrained(run.path / "merged")
-        s.tokenizer.save_pretrained(run.path / "merged")
+    elif cfg.models.lora_rank:  # a plain checkpoint with the adapters merged in, for users
+        merged = merged_lora_model(student)  # a collective under FSDP2
+        if world.main:
+            merged.save_pretrained(run.path / "merged")
+            s.tokenizer.save_pretrained(run.path / "merged")
     if metrics is not None:
         metrics.close()
     summary = {"status": status, "run": str(run.path), "final": last_eval.get("values", {}),
+               "decoder": "lean" if t.inference.lean else "hugging face",  # what decoded the student's rollouts
                "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}, "
                            f"{world.size} rank(s)"}
     if status == "completed" and world.main:  # summary.json marks a finished run
