@@ -1,13 +1,13 @@
-"""Lock-step TRB decoding one step at a time, at a fixed static-cache size: the student's and the teacher's
-single-token decode steps, the beta solve + sample, and the engine's whole lock-step step, each eager and fast
-(on a GPU: compiled forwards and policy math, captured as CUDA graphs; on a CPU: torch.compile alone).
+"""Lock-step TRB decoding one step at a time, at a fixed context length: the student's and the teacher's
+single-token decode steps (`PagedDecoder`, every row holding `--cache-len` filled slots), the beta solve + sample
+(eager and compiled), and the engine's whole lock-step step.
 
     python benchmarks/bench_decode.py                                   # CPU: tiny models
     python benchmarks/bench_decode.py --device cuda --models qwen3      # GPU: Qwen3-1.7B / Qwen3-8B shapes, random init
 
 A step's time is the wall time of `--steps` consecutive steps (no synchronization between them, as in a rollout)
 divided by their number. The engine's step is measured by difference: a rollout of N2 tokens minus one of N1
-tokens, over N2 - N1, so prefill and graph capture cancel. Random-init models almost never emit EOS, so every row
+tokens, over N2 - N1, so prefill and compilation cancel. Random-init models almost never emit EOS, so every row
 decodes every step. The last stdout line is JSON with the device name.
 """
 
@@ -24,9 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rollout import build_models  # noqa: E402
 from common import device_name, emit, synchronize  # noqa: E402
 
-from trb.core import sample  # noqa: E402
-from trb.rollout import TRBPolicy, engine, generate  # noqa: E402
-from trb.rollout.engine import _Decoder, _GraphedChoice, _GraphedSteps, left_pad  # noqa: E402
+from trb.rollout import Draws, PagedDecoder, TRBPolicy, generate  # noqa: E402
 
 
 def per_step_ms(step, device, steps: int, warmup: int = 2) -> float:
@@ -40,25 +38,19 @@ def per_step_ms(step, device, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) * 1e3 / steps
 
 
-def model_step_ms(model, space, prompts, cache_len, device, steps, graphed: bool, compiled: bool = False) -> float:
-    """One model's single-token decode step (forward + log-probs on the shared vocabulary) over a static cache:
-    eager, captured as a CUDA graph, and/or with the forward compiled (fused kernels)."""
-    ids, mask = left_pad(prompts, space.pad_id, device)
-    decoder = _Decoder(model, space, "static", cache_len, batch=len(prompts), compile_forward=compiled)
-    attention = mask.long()
-    decoder.step(ids, attention, engine.position_ids(attention))  # prefill
-    steps_ = _GraphedSteps({"model": decoder}, mask, cache_len)
-    token = ids[:, -1]
-    position = engine.position_ids(attention)[:, -1:] + 1
-    if graphed:
-        return per_step_ms(lambda: steps_.step(token, position), device, steps)
+def model_step_ms(model, space, batch: int, context: int, device, steps: int) -> float:
+    """One model's single-token decode step (forward + log-probs on the shared vocabulary) with `context` filled
+    slots per row."""
+    decoder = PagedDecoder(model, space)
+    prompts = torch.randint(2, min(space.size, 30_000), (batch, context), generator=torch.Generator().manual_seed(0))
+    decoder.add(prompts.tolist())
+    token = prompts[:, -1:].to(device)  # (b, 1)
 
-    def eager():
-        steps_.token.copy_(token[:, None])
-        steps_.position.copy_(position)
-        return steps_._run()
+    def step():
+        decoder.step(token)
+        decoder.truncate(torch.ones(batch, dtype=torch.long))  # the same context every time
 
-    return per_step_ms(eager, device, steps)
+    return per_step_ms(step, device, steps)
 
 
 def main() -> None:
@@ -67,23 +59,19 @@ def main() -> None:
     parser.add_argument("--models", choices=["tiny", "qwen3"], default="tiny")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--cache-len", type=int, default=1024, help="static cache slots per sequence")
+    parser.add_argument("--cache-len", type=int, default=1024, help="filled KV slots per row (context length)")
     parser.add_argument("--eps", type=float, default=0.02)
     parser.add_argument("--steps", type=int, default=20, help="consecutive steps timed per component")
     parser.add_argument("--engine-tokens", type=int, nargs=2, default=[16, 80], metavar=("N1", "N2"),
                         help="rollout lengths whose difference times the engine's fast lock-step step")
     parser.add_argument("--eager-engine-tokens", type=int, nargs=2, default=[4, 20], metavar=("N1", "N2"))
-    parser.add_argument("--skip-eager", action="store_true", help="time only the fast paths")
-    parser.add_argument("--inductor-forward", action="store_true",
-                        help="GPU: also torch.compile the forwards captured in the graphs (engine included)")
+    parser.add_argument("--skip-eager", action="store_true", help="time only the compiled policy math")
     args = parser.parse_args()
-    engine.COMPILE_FORWARD_ON_GPU = args.inductor_forward
     device = torch.device(args.device)
     student, teacher, space = build_models(args.models, device)
-    engine.STATIC_CACHE_ROUND = args.cache_len  # every rollout below uses one cache of exactly this size
     prompt_gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(2, min(space.size, 30_000), (args.batch, args.prompt_tokens), generator=prompt_gen).tolist()
-    fast = "graphed" if device.type == "cuda" else "compiled"
+    fast = "compiled"
     result = {"benchmark": "decode", "device": device_name(device), "torch": torch.__version__, "models": args.models,
               "batch": args.batch, "cache_len": args.cache_len, "eps": args.eps, "fast": fast, "ms": {}}
     ms = result["ms"]
@@ -94,40 +82,29 @@ def main() -> None:
 
     with torch.no_grad():
         for role, model in (("student", student), ("teacher", teacher)):
-            if device.type == "cuda":
-                record(f"{role}_step_graphed", model_step_ms(model, space, prompts, args.cache_len, device,
-                                                             args.steps, True))
-                if args.inductor_forward:
-                    record(f"{role}_step_graphed_compiled", model_step_ms(model, space, prompts, args.cache_len,
-                                                                          device, args.steps, True, compiled=True))
-            if not args.skip_eager:
-                record(f"{role}_step_eager", model_step_ms(model, space, prompts, args.cache_len, device,
-                                                           args.steps, False))
+            record(f"{role}_step", model_step_ms(model, space, args.batch, args.cache_len, device, args.steps))
 
         # beta solve + blend + sample on (batch, V) log-probs with hard rows (peaked, disagreeing)
         g = torch.Generator(device=device).manual_seed(0)
         s_logp = torch.log_softmax(torch.randn(args.batch, space.size, device=device, generator=g) * 3, -1)
         t_logp = torch.log_softmax(torch.randn(args.batch, space.size, device=device, generator=g) * 3, -1)
         policy = TRBPolicy(args.eps)
-        draw = lambda logp: sample(logp, g)  # noqa: E731
+        keys = torch.arange(args.batch, device=device)
+        draws = lambda: Draws(keys, torch.zeros_like(keys))  # noqa: E731
         compiled_choose = torch.compile(policy.choose, dynamic=False)
-        record("solve_sample_compiled", per_step_ms(lambda: compiled_choose(s_logp, t_logp, draw, g), device,
+        record("solve_sample_compiled", per_step_ms(lambda: compiled_choose(s_logp, t_logp, draws()), device,
                                                     args.steps, warmup=3))
-        if device.type == "cuda":  # as the engine runs it: captured with its sampling noise drawn beforehand
-            graphed = _GraphedChoice(torch.compile(engine._for_compile(policy, device).choose, dynamic=False),
-                                     {"student": s_logp, "teacher": t_logp}, g)
-            record("solve_sample_graphed", per_step_ms(graphed.step, device, args.steps, warmup=3))
         if not args.skip_eager:
-            record("solve_sample_eager", per_step_ms(lambda: policy.choose(s_logp, t_logp, draw, g), device,
+            record("solve_sample_eager", per_step_ms(lambda: policy.choose(s_logp, t_logp, draws()), device,
                                                      args.steps))
-        choice = compiled_choose(s_logp, t_logp, draw, g)
+        choice = compiled_choose(s_logp, t_logp, draws())
         result["max_realized_kl"] = choice.kl.max().item()
 
         def rollout_ms(tokens: int, compile: bool) -> float:
             synchronize(device)
             start = time.perf_counter()
             out = generate(policy, prompts, space, tokens, torch.Generator(device=device).manual_seed(1),
-                           student=student, teacher=teacher, cache="static", compile=compile)
+                           student=student, teacher=teacher, compile=compile)
             synchronize(device)
             assert int(out.completion_mask.sum(1).min()) == tokens, "a random-init row stopped early"
             return (time.perf_counter() - start) * 1e3

@@ -3,8 +3,10 @@ TRB (student drafts, one teacher forward per round), and Hugging Face `generate`
 batch sizes.
 
     python benchmarks/bench_rollout.py                         # CPU: tiny models (miniature-sized)
-    python benchmarks/bench_rollout.py --models qwen3 --device cuda --new-tokens 256 --cache static
+    python benchmarks/bench_rollout.py --models qwen3 --device cuda --new-tokens 256
         # GPU: random-init Qwen3-1.7B-shaped student and Qwen3-8B-shaped teacher, real vocabulary
+    python benchmarks/bench_rollout.py --workload realistic [--models qwen3-scaled]
+        # a step's rollouts with lengths spread like reasoning traces (see `realistic`)
 
 Tokens/s counts generated completion tokens (all sequences) per second of wall time, after warm-up, synchronized.
 The last stdout line is JSON with the device name.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,11 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize, time_ms  # noqa: E402
 
 from trb.models import VocabSpace, tiny_causal_lm  # noqa: E402
-from trb.rollout import StudentPolicy, TRBPolicy, engine, generate  # noqa: E402
+from trb.rollout import RolloutStats, StudentPolicy, TRBPolicy, generate  # noqa: E402
 from trb.rollout.speculative import generate_speculative  # noqa: E402
 
 
 def build_models(kind: str, device: torch.device):
+    if kind in ("qwen3-scaled", "qwen3-0.6b-4b"):  # Qwen3-0.6B / 4B, full size or at 1/8 width; real vocabulary
+        from trb.testing import random_qwen3
+
+        scale = 0.125 if kind == "qwen3-scaled" else 1.0
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        student = random_qwen3("0.6b", scale=scale, seed=0, device=device, dtype=dtype)
+        teacher = random_qwen3("4b", scale=scale, seed=1, chat=True, device=device, dtype=dtype)
+        space = VocabSpace(size=151_669, stop_ids=(151_643, 151_645), eos_id=151_643, pad_id=151_643)
+        return student.eval(), teacher.eval(), space
     if kind == "tiny":
         vocab = 512
         student = tiny_causal_lm(vocab, 128, 4, num_heads=4, num_kv_heads=2, seed=0, init_std=0.1,
@@ -48,21 +60,23 @@ def build_models(kind: str, device: torch.device):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", choices=["tiny", "qwen3"], default="tiny")
+    parser.add_argument("--models", choices=["tiny", "qwen3", "qwen3-scaled", "qwen3-0.6b-4b"], default="tiny")
+    parser.add_argument("--workload", choices=["batches", "realistic"], default="batches")
+    parser.add_argument("--sequences", type=int, default=256, help="realistic: sequences in the step's queue")
+    parser.add_argument("--concurrency", type=int, default=64, help="realistic: sequences decoding at once")
+    parser.add_argument("--cap", type=int, default=256, help="realistic: max new tokens (lengths' cap)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--eps", type=float, default=0.02)
     parser.add_argument("--gamma", type=int, default=4, help="draft length of speculative TRB")
-    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic")
-    parser.add_argument("--compile", action="store_true",
-                        help="compiled decode steps: with --cache static fixed shapes (CUDA graphs on a GPU), and "
-                        "speculative TRB with fixed shapes too; with --cache dynamic the lean single-token step, "
-                        "dynamic shapes (a CPU's compiled decoding; speculative TRB stays eager)")
+    parser.add_argument("--compile", action="store_true", help="the policy's math through torch.compile")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
     student, teacher, space = build_models(args.models, device)
+    if args.workload == "realistic":
+        return realistic(args, student, teacher, space, device)
     rows = []
     for batch in args.batch_sizes:
         prompt_gen = torch.Generator().manual_seed(batch)
@@ -72,7 +86,7 @@ def main() -> None:
         def ours(policy, name):
             def run():
                 rollout = generate(policy, prompts, space, args.new_tokens, torch.Generator(device=device).manual_seed(0),
-                                   student=student, teacher=teacher, cache=args.cache, compile=args.compile)
+                                   student=student, teacher=teacher, compile=args.compile)
                 counted[name] = int(rollout.completion_mask.sum())
             return run
 
@@ -89,7 +103,7 @@ def main() -> None:
         def speculative():
             rollout, stats = generate_speculative(args.eps, prompts, space, args.new_tokens,
                                                   torch.Generator(device=device).manual_seed(0), student, teacher,
-                                                  gamma=args.gamma, compile=args.compile and args.cache == "static")
+                                                  gamma=args.gamma, compile=args.compile)
             counted["trb_speculative"] = int(rollout.completion_mask.sum())
             counted["acceptance"] = stats.acceptance
 
@@ -106,8 +120,83 @@ def main() -> None:
         synchronize(device)
         print(row, file=sys.stderr)
     emit({"benchmark": "rollout", "device": device_name(device), "torch": torch.__version__, "models": args.models,
-          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cache": args.cache,
-          "compile": args.compile, "lean_decode": engine.LEAN_DECODE, "eps": args.eps, "rows": rows})
+          "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "compile": args.compile, "eps": args.eps,
+          "rows": rows})
+
+
+class ScriptedLengths:
+    """A behavior policy that ends sequence k (its key) after lengths[k] tokens: the workload's lengths without
+    depending on when random-init models happen to emit EOS (it is removed from both distributions before the
+    wrapped policy draws). Everything else is the wrapped policy's."""
+
+    def __init__(self, policy, lengths: torch.Tensor, eos_id: int):
+        self.policy, self.lengths, self.eos_id = policy, lengths, eos_id
+        self.name, self.needs_student, self.needs_teacher = policy.name, policy.needs_student, policy.needs_teacher
+
+    def _no_stop(self, logp):
+        return None if logp is None else logp.index_fill(-1, torch.tensor([self.eos_id], device=logp.device),
+                                                         float("-inf")).log_softmax(-1)
+
+    def choose(self, student_logp, teacher_logp, draws):
+        choice = self.policy.choose(self._no_stop(student_logp), self._no_stop(teacher_logp), draws)
+        end = draws.positions + 1 >= self.lengths.to(draws.keys.device)[draws.keys]  # (b,)
+        choice.token = torch.where(end, self.eos_id, choice.token)
+        return choice
+
+
+def trace_lengths(count: int, cap: int, seed: int = 0) -> torch.Tensor:
+    """Response lengths like reasoning traces: log-normal (sigma 1) with mean ~cap / 4 before clipping, at least 8
+    tokens, clipped at the cap (a tail that reaches it)."""
+    normal = torch.randn(count, generator=torch.Generator().manual_seed(seed))
+    return (torch.exp(normal - 0.5) * cap / 4).round().long().clamp(8, cap)
+
+
+def realistic(args, student, teacher, space, device) -> None:
+    """One step's rollouts: `sequences` prompts in a queue, `concurrency` decoding at once, lengths from
+    `trace_lengths`. Reports tokens/s and the two counts that set GPU speed: decode steps relative to the ideal
+    (total tokens / concurrency) and KV slots attention read relative to the slots filled; for this engine
+    (continuous batching, paged KV) and for decoding the same queue in fixed batches of `concurrency` over left-padded
+    dense caches (every row reads the batch's full width; the previous engine's scheme)."""
+    lengths = trace_lengths(args.sequences, args.cap)
+    prompt_gen = torch.Generator().manual_seed(1)
+    prompt_lengths = torch.randint(args.prompt_tokens // 2, args.prompt_tokens + 1, (args.sequences,), generator=prompt_gen)
+    prompts = [torch.randint(2, 30_000 if space.size > 30_000 else space.size, (int(n),), generator=prompt_gen).tolist()
+               for n in prompt_lengths]
+    keys = torch.arange(args.sequences)
+    tokens = int(lengths.sum())
+    out = {"benchmark": "rollout_realistic", "device": device_name(device), "torch": torch.__version__,
+           "models": args.models, "sequences": args.sequences, "concurrency": args.concurrency, "cap": args.cap,
+           "tokens": tokens, "mean_length": round(tokens / args.sequences, 1), "max_length": int(lengths.max()),
+           "prompt_tokens": [int(prompt_lengths.min()), int(prompt_lengths.max())], "policies": {}}
+    # fixed batches over dense caches, counted from the lengths: each batch decodes until its longest row ends, every
+    # row present reading the batch's widest prompt plus the step (finished rows leave)
+    steps = read = filled = 0
+    for start in range(0, args.sequences, args.concurrency):
+        batch = lengths[start : start + args.concurrency]
+        width = int(prompt_lengths[start : start + args.concurrency].max())
+        for t in range(1, int(batch.max())):
+            alive = batch > t
+            steps += 1
+            read += int(alive.sum()) * (width + t)
+            filled += int((prompt_lengths[start : start + args.concurrency][alive] + t).sum())
+    out["fixed_batches"] = {"steps_over_ideal": round(steps * args.concurrency / tokens, 3),
+                            "reads_over_filled": round(read / max(filled, 1), 3)}
+    for name, policy in (("student", StudentPolicy()), ("trb", TRBPolicy(args.eps))):
+        stats = RolloutStats()
+        scripted = ScriptedLengths(policy, lengths, space.eos_id)
+        started = time.perf_counter()
+        rollout = generate(scripted, prompts, space, args.cap, student=student, teacher=teacher, keys=keys,
+                           concurrency=args.concurrency, compile=args.compile, stats=stats)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        assert torch.equal(rollout.lengths.cpu(), lengths), "the workload's lengths were not followed"
+        out["policies"][name] = {
+            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "decode_steps": stats.decode_steps, "prompt_passes": stats.prompt_passes,
+            "steps_over_ideal": round(stats.steps_over_ideal, 3),
+            "reads_over_filled": {role: round(r.ratio, 3) for role, r in stats.reads.items()}}
+        print(name, out["policies"][name], file=sys.stderr)
+    emit(out)
 
 
 if __name__ == "__main__":

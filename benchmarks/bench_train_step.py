@@ -24,10 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize  # noqa: E402
 
-from trb import losses  # noqa: E402
 from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
-from trb.rollout import StudentPolicy, engine, generate  # noqa: E402
+from trb.rollout import StudentPolicy, generate  # noqa: E402
 from trb.tasks import SETTINGS, format_prompt  # noqa: E402
 
 
@@ -66,6 +65,7 @@ def time_trb(student, teacher, vocab, prompts, args, device):
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     spec = LossSpec(divergence="reverse_kl", length_groups=args.length_groups,
                     compile=args.compile or args.compile_loss)
+    forward = "hf" if args.hf_forward else "auto"
     phases = {"rollout": [], "teacher_forward": [], "loss_forward_backward": [], "optimizer": [], "step": []}
     tokens = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -76,21 +76,22 @@ def time_trb(student, teacher, vocab, prompts, args, device):
         with autocast:
             rollout = generate(StudentPolicy(), prompts, vocab, args.new_tokens,
                                torch.Generator(device=device).manual_seed(step), student=student,
-                               cache=engine.compiled_cache(device) if args.compile else "dynamic",
                                compile=args.compile)
         synchronize(device)
         t1 = time.perf_counter()
         ids, mask, pos = rollout.sequences()
         with torch.no_grad(), autocast:
             # timed alone: the teacher's share of the loss phase
-            FinalHidden(teacher, args.length_groups, spec.compile)(ids, mask, pos, completion_select(rollout))
+            FinalHidden(teacher, args.length_groups, spec.compile, forward)(ids, mask, pos, completion_select(rollout))
         synchronize(device)
         t2 = time.perf_counter()
         student.train()
         optimizer.zero_grad(set_to_none=True)
         n = rollout.completion_mask.sum()
         with autocast:
-            loss, _, _ = distill_loss(student, teacher, rollout, vocab, spec, rollout.completion_mask.float() / n)
+            loss, _, _ = distill_loss(student, teacher, rollout, vocab, spec, rollout.completion_mask.float() / n,
+                                      student_hidden_fn=FinalHidden(student, args.length_groups, spec.compile, forward),
+                                      teacher_hidden_fn=FinalHidden(teacher, args.length_groups, spec.compile, forward))
         loss.backward()
         synchronize(device)
         t3 = time.perf_counter()
@@ -163,15 +164,13 @@ def main() -> None:
     parser.add_argument("--length-groups", type=int, default=LossSpec.length_groups,
                         help="trb's training forwards in this many groups of similar length (1: one padded batch)")
     parser.add_argument("--compile", action="store_true",
-                        help="trb's rollouts with static caches and compiled decode steps (CUDA graphs on a GPU), "
-                        "and its loss with the compiled closed-form reverse KL")
+                        help="trb's rollouts with the policy math compiled, and its loss with the compiled training "
+                        "forwards and closed-form reverse KL")
     parser.add_argument("--compile-loss", action="store_true",
                         help="only the loss compiled (loss.compile: training forwards and closed form); eager rollouts")
     parser.add_argument("--hf-forward", action="store_true",
                         help="trb's training forwards through the Hugging Face base model instead of the lean forward "
-                        "(losses.LEAN_FORWARD = False)")
-    parser.add_argument("--inductor-forward", action="store_true",
-                        help="with --compile on a GPU: also torch.compile the decode forwards captured in the graphs")
+                        "(models.forward: hf)")
     parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the frozen teacher's weights (models.teacher_dtype); both trainers use this teacher")
     parser.add_argument("--skip-trl", action="store_true")
@@ -179,8 +178,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    engine.COMPILE_FORWARD_ON_GPU = args.inductor_forward
-    losses.LEAN_FORWARD = not args.hf_forward
     tokenizer = load_tokenizer(args.student)
     student = load_causal_lm(args.student, device)
     teacher = load_causal_lm(args.teacher, device, dtype=args.teacher_dtype)  # TRL gets this same teacher
@@ -217,9 +214,8 @@ def main() -> None:
         "benchmark": "train_step", "device": device_name(device), "torch": torch.__version__,
         "student": args.student, "teacher": args.teacher, "student_params": n_s, "teacher_params": n_t,
         "precision": args.precision, "length_groups": args.length_groups, "compile": args.compile,
-        "compile_loss": args.compile or args.compile_loss, "lean_decode": engine.LEAN_DECODE,
-        "lean_forward": losses.LEAN_FORWARD,
-        "inductor_forward": args.inductor_forward, "teacher_dtype": args.teacher_dtype,
+        "compile_loss": args.compile or args.compile_loss, "lean_forward": not args.hf_forward,
+        "teacher_dtype": args.teacher_dtype,
         "sequences": len(prompts),
         "new_tokens": args.new_tokens, "decode_steps": decode_steps, "completion_tokens": completion_tokens,
         "sequence_tokens": all_tokens, "forward_tokens": forward_tokens, "matmul_gflops": round(flops_per_s / 1e9, 1),

@@ -17,13 +17,15 @@ if [ "${SMALL:-0}" = 1 ]; then
     core_shape="--tokens 256 --d-student 64 --d-teacher 96 --vocab 5000 --batch 4 --chunks 64 128 --repeats 2"
     models=tiny decode_shape="--batch 4 --cache-len 128 --steps 4 --engine-tokens 4 12 --eager-engine-tokens 4 8"
     rollout_shape="--batch-sizes 4 --new-tokens 16" scale=0.05 train_shape="--prompts 4 --new-tokens 8 --steps 1"
+    realistic_shape="--models tiny --sequences 16 --concurrency 4 --cap 32"
 else
     core_shape="--tokens 8192 --d-student 2048 --d-teacher 4096 --chunks 1024 2048 --repeats 5"
     models=qwen3 decode_shape="--batch 64 --cache-len 1024"
     rollout_shape="--batch-sizes 16 --new-tokens 128" scale=0.25 train_shape="--prompts 64 --new-tokens 128 --steps 3"
+    realistic_shape="--models qwen3-0.6b-4b --sequences 256 --concurrency 64 --cap 1024"
 fi
 
-stages=${STAGES:-tests decode core rollout train_step}  # a subset, e.g. STAGES="decode core"
+stages=${STAGES:-tests decode core rollout realistic train_step}  # a subset, e.g. STAGES="decode core"
 
 run() {  # run NAME SECONDS CMD...: appends CMD's output to OUT_DIR/NAME.txt, prints its last line
     local name=$1 limit=$2 start=$SECONDS
@@ -52,7 +54,13 @@ run core "${CORE_S:-170}" $py benchmarks/bench_core.py --device "$device" $core_
     ${CORE_ARGS:-}
 # shellcheck disable=SC2086
 run rollout "${ROLLOUT_S:-110}" $py benchmarks/bench_rollout.py --device "$device" --models $models $rollout_shape \
-    --cache static --compile --repeats 2
+    --compile --repeats 2
+# A step's rollouts with reasoning-trace lengths (log-normal, mean ~cap / 4, tail to the cap) through continuous
+# batching at full Qwen3-0.6B / 4B size: tokens/s, decode steps over the ideal, KV reads over filled slots. Not yet
+# run on a GPU: the limit is an estimate (about 1,500 lock-step steps for each of two policies, plus model set-up).
+# shellcheck disable=SC2086
+run realistic "${REALISTIC_S:-240}" $py benchmarks/bench_rollout.py --device "$device" --workload realistic \
+    $realistic_shape
 case " $stages " in *" train_step "*)
     $py -c "from pathlib import Path; from trb.testing import random_qwen3_pair as p; p(Path('/tmp/trb-random'), \
 '0.6b', '1.7b', scale=$scale)" >>"$out/train_step.txt" 2>&1 ;;

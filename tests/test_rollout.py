@@ -41,8 +41,8 @@ def fresh_token_logp(model, rollout, vocab):
 
 
 @pytest.mark.parametrize("architecture", ["qwen3", "llama"])
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_greedy_eps0_equals_hf_generate(architecture, cache):
+@pytest.mark.parametrize("forward", ["lean", "hf"])
+def test_greedy_eps0_equals_hf_generate(architecture, forward):
     student, teacher = pair(architecture)
     width = max(map(len, PROMPTS))
     ids = torch.full((len(PROMPTS), width), PAD)
@@ -52,7 +52,7 @@ def test_greedy_eps0_equals_hf_generate(architecture, cache):
     expected = student.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                                 pad_token_id=PAD, eos_token_id=EOS)[:, width:]
     rollout = generate(TRBPolicy(0.0), PROMPTS, SPACE, 16, torch.Generator().manual_seed(0), student=student,
-                       teacher=teacher, greedy=True, cache=cache)
+                       teacher=teacher, greedy=True, forward=forward)
     assert rollout.stopped.any() and not rollout.stopped.all(), "the case should mix EOS stops and length stops"
     got = rollout.completion_ids[:, : expected.shape[1]]
     for row in range(len(PROMPTS)):
@@ -63,13 +63,13 @@ def test_greedy_eps0_equals_hf_generate(architecture, cache):
     assert torch.all(rollout.beta[rollout.completion_mask] == 0)
 
 
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_recorded_logps_equal_a_fresh_forward_pass(cache):
+@pytest.mark.parametrize("forward", ["lean", "hf"])
+def test_recorded_logps_equal_a_fresh_forward_pass(forward):
     student, teacher = pair()
     prompts = PROMPTS * 4
     for policy in [TRBPolicy(0.05), SKDPolicy(top_k=5), MixturePolicy(0.3), StudentPolicy(0.7)]:
         rollout = generate(policy, prompts, SPACE, 20, torch.Generator().manual_seed(1), student=student,
-                           teacher=teacher, cache=cache)
+                           teacher=teacher, forward=forward, concurrency=7)
         assert rollout.stopped.any()
         torch.testing.assert_close(rollout.student_logp, fresh_token_logp(student, rollout, SPACE), atol=1e-5, rtol=0)
         if policy.needs_teacher:
@@ -226,25 +226,6 @@ def test_tokenizer_mismatch_is_a_clear_error():
     assert space.size == len(a) and space.eos_id == a.eos_token_id and space.stop_ids == (a.eos_token_id,)
 
 
-@pytest.mark.slow
-def test_compiled_static_decoding_equals_eager_and_hf_generate():
-    """Compiled decode steps (static caches, fixed-shape masks) change nothing but speed. Minutes on a CPU."""
-    student, teacher = pair()
-    eager = generate(TRBPolicy(0.0), PROMPTS, SPACE, 16, torch.Generator().manual_seed(0), student=student,
-                     teacher=teacher, greedy=True, cache="static")
-    compiled = generate(TRBPolicy(0.0), PROMPTS, SPACE, 16, torch.Generator().manual_seed(0), student=student,
-                        teacher=teacher, greedy=True, cache="static", compile=True)
-    assert torch.equal(eager.completion_ids, compiled.completion_ids)
-    assert torch.equal(eager.stopped, compiled.stopped)
-    sampled = [generate(TRBPolicy(0.1), PROMPTS * 4, SPACE, 16, torch.Generator().manual_seed(3), student=student,
-                        teacher=teacher, cache="static", compile=c) for c in (False, True)]
-    assert torch.equal(sampled[0].completion_ids, sampled[1].completion_ids)
-    torch.testing.assert_close(sampled[0].beta, sampled[1].beta, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="cache must be"):
-        generate(TRBPolicy(0.0), PROMPTS, SPACE, 4, torch.Generator(), student=student, teacher=teacher,
-                 cache="paged", compile=True)
-
-
 @pytest.mark.parametrize("policy", [
     StudentPolicy(),
     pytest.param(TRBPolicy(0.1), marks=pytest.mark.slow),  # two more compilations: minutes on a CPU
@@ -265,37 +246,6 @@ def test_compiled_dynamic_decoding_samples_what_eager_decoding_samples(policy):
             torch.testing.assert_close(recorded, fresh_token_logp(model, rollouts[1], SPACE), atol=1e-5, rtol=0)
 
 
-def test_graphed_decode_buffers_equal_eager_static_decoding(monkeypatch):
-    """The GPU's captured decode steps read fixed buffers (token, position, additive 4D mask of padding and
-    causality) instead of a growing 2D mask, and the captured policy step takes its sampling noise from a buffer
-    filled by the rollout's generator. Off CUDA the same buffers run without capture: the same rollouts, token for
-    token."""
-    from trb.rollout import engine
-
-    student, teacher = pair()
-    prompts = PROMPTS * 3
-    eager = [generate(TRBPolicy(eps), prompts, SPACE, 20, torch.Generator().manual_seed(4), student=student,
-                      teacher=teacher, greedy=greedy, cache="static") for eps, greedy in ((0.0, True), (0.1, False))]
-    monkeypatch.setattr(engine, "_use_graphs", lambda device: True)
-    calls, choices = [], []
-    original_step, original_choice = engine._GraphedSteps.step, engine._GraphedChoice.step
-    monkeypatch.setattr(engine._GraphedSteps, "step", lambda self, *a: calls.append(1) or original_step(self, *a))
-    monkeypatch.setattr(engine._GraphedChoice, "step", lambda self: choices.append(1) or original_choice(self))
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # the policy's math as is, to compare exactly
-    graphed = [generate(TRBPolicy(eps), prompts, SPACE, 20, torch.Generator().manual_seed(4), student=student,
-                        teacher=teacher, greedy=greedy, cache="static", compile=True)
-               for eps, greedy in ((0.0, True), (0.1, False))]
-    assert len(calls) >= 2 * 19  # every decode step of both rollouts went through the buffers
-    assert len(choices) >= 18  # the sampled rollout's choices too, with the race drawn into a fixed buffer
-    for a, b in zip(eager, graphed):
-        assert torch.equal(a.completion_ids, b.completion_ids)
-        assert torch.equal(a.stopped, b.stopped)
-        for name in ("student_logp", "teacher_logp", "beta"):
-            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=0)
-    # the static caches were kept on the models and reused by the later rollouts
-    assert len(student._trb_static_caches) == 1 and len(teacher._trb_static_caches) == 1
-
-
 @pytest.mark.gpu
 def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
     """On a GPU (`pytest -m gpu`): compiled decoding captures both models' decode steps and the TRB step as CUDA
@@ -305,10 +255,32 @@ def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
     student, teacher = (m.to(device) for m in pair())
     for seed in (0, 1):
         rollout = generate(TRBPolicy(0.05), PROMPTS * 4, SPACE, 24, torch.Generator(device).manual_seed(seed),
-                           student=student, teacher=teacher, cache="static", compile=True)
+                           student=student, teacher=teacher, compile=True, concurrency=8)
         with torch.no_grad():
             for model, recorded in ((student, rollout.student_logp), (teacher, rollout.teacher_logp)):
                 torch.testing.assert_close(recorded, fresh_token_logp(model, rollout, SPACE), atol=1e-4, rtol=0)
         assert float(rollout.realized_kl.max()) <= 0.05
         assert rollout.completion_mask.sum() > len(PROMPTS) * 4
-    assert len(student._trb_static_caches) == 1
+
+
+@pytest.mark.parametrize("policy", [TRBPolicy(0.1), SKDPolicy(top_k=5), MixturePolicy(0.3), StudentPolicy(0.8)])
+def test_a_sequence_is_the_same_whatever_shares_its_batch(policy):
+    """Continuous batching: each sequence's randomness is keyed by (key, position, stream), so two batch
+    compositions (everything at once, three rows at a time) and two queue orders give every sequence the same
+    tokens and records."""
+    student, teacher = pair()
+    prompts = PROMPTS * 4
+    keys = torch.arange(len(prompts)) * 7919 + 3
+    runs = []
+    for concurrency, order in ((len(prompts), torch.arange(len(prompts))),
+                               (3, torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)))):
+        rollout = generate(policy, [prompts[i] for i in order], SPACE, 16, student=student, teacher=teacher,
+                           keys=keys[order], concurrency=concurrency)
+        runs.append(rollout.select(order.argsort()))  # back in the original order
+    a, b = runs
+    assert a.stopped.any() and not a.stopped.all()
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    for name in ("behavior_logp", "student_logp", "teacher_logp", "beta", "realized_kl"):
+        if getattr(a, name) is not None:
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-4, atol=1e-5)  # fp32 rounding
+    assert torch.equal(a.from_teacher, b.from_teacher)

@@ -46,6 +46,9 @@ class ModelsConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters (PEFT) instead of the full student
     lora_alpha: float = 16.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # comma-separated module names
+    # the forward decoding and the loss's training forwards use: auto (the lean Llama-family forward, trb.lean, where
+    # it reproduces the model; Hugging Face's otherwise) | lean (required) | hf (always the model's own forward)
+    forward: str = "auto"
 
     def __post_init__(self):
         _require(bool(self.student), "models.student is required: a checkpoint directory")
@@ -53,6 +56,8 @@ class ModelsConfig:
         dtypes = ("auto", "float32", "bfloat16", "float16")
         _require(self.teacher_dtype in dtypes, f"models.teacher_dtype must be one of {dtypes}, got {self.teacher_dtype!r}")
         _require(self.lora_rank >= 0, f"models.lora_rank must be >= 0, got {self.lora_rank}")
+        forwards = ("auto", "lean", "hf")
+        _require(self.forward in forwards, f"models.forward must be one of {forwards}, got {self.forward!r}")
         _require(bool(self.lora_targets.strip()), "models.lora_targets must name at least one module")
 
 
@@ -104,13 +109,11 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
-    rollout_batch: int = 64  # sequences decoded together
+    rollout_batch: int = 64  # sequences decoding at once per rank; finished rows are refilled from the step's queue
     speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
     autocast: str = "auto"  # bf16 mixed precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (also CPUs with AMX) | fp32
-    # compiled decoding (trb.rollout.compiled_cache): on a GPU static KV caches and CUDA graphs, on a CPU the lean
-    # prompt pass and single-token step with dynamic shapes; pays a compilation once. With speculative_gamma the steps have fixed
-    # shapes: static caches holding the worst case, (max_new_tokens - 1) x (gamma + 1) slots past the prompt.
-    # auto (trb.inference.decode_compile): compiled on a GPU, eager on a CPU (compiling repays itself only in long runs)
+    # the behavior policy's math (beta solve, blend, sampling) through torch.compile, paying a compilation once:
+    # auto (trb.inference.decode_compile) compiles on a GPU and decodes eagerly on a CPU; true / false force either
     compile: bool | str = "auto"
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128

@@ -1,6 +1,6 @@
 """The student as rollouts and evaluation decode it: a plain model holding the full current weights.
 
-Training may hold the student in forms the lean decoder (`trb.rollout.lean.supports`) refuses: FSDP2 shards its
+Training may hold the student in forms the lean decoder (`trb.lean.supports`) refuses: FSDP2 shards its
 layers (module hooks, DTensor parameters) and LoRA puts adapters beside its linear layers. Decoding then runs an
 `InferenceCopy`: a model of the same architecture without shards, hooks or adapters, the LoRA deltas merged into
 the base weights, in the decode dtype (bf16 on a GPU under bf16 autocast: a decode step reads half the bytes, and
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from trb.models import lora_layers, merged_weights
-from trb.rollout import lean
+from trb import lean
 
 
 def decode_compile(setting: bool | str, device: torch.device) -> bool:

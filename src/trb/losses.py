@@ -39,10 +39,8 @@ from trb.core import (
     topk_student_weighted_kl,
 )
 from trb.models import VocabSpace, plain_forward
-from trb.rollout import Rollout, lean
-
-# training forwards of Llama-family models through trb.rollout.lean.final_hidden (False: the Hugging Face forward)
-LEAN_FORWARD = True
+from trb import lean
+from trb.rollout import Rollout
 
 DIVERGENCES = ("reverse_kl", "topk_student_weighted_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
 TOPK_DIVERGENCES = ("topk_student_weighted_kl", "topk_reverse_kl")  # need the teacher only on the student's top-k
@@ -154,16 +152,17 @@ class FinalHidden(nn.Module):
     order, and runs the rows in `groups` groups of similar length with each row's tokens moved to the front
     (`aligned_groups`): rollouts vary in length, and the padding of one rectangle costs as much compute as real
     tokens; aligned rows also need no attention mask. Positions are taken to count attended tokens
-    (`trb.rollout.position_ids`), so no result changes. Llama-family models then run `trb.rollout.lean.final_hidden`
-    (when `lean.trains` says it reproduces them, and LEAN_FORWARD is on), whose last layer skips the positions nobody
-    reads; others the Hugging Face base model. With `compile` the forward runs through torch.compile (dynamic
-    shapes)."""
+    (`trb.rollout.position_ids`), so no result changes. With forward "auto" or "lean" Llama-family models then run
+    `trb.lean.final_hidden` (where `lean.trains` says it reproduces them), whose last layer skips the positions nobody
+    reads; others (and forward "hf") the Hugging Face base model. With `compile` the forward runs through
+    torch.compile (dynamic shapes)."""
 
-    def __init__(self, model: PreTrainedModel, groups: int = 1, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, groups: int = 1, compile: bool = False, forward: str = "auto"):
         super().__init__()
         self.model = model
         self.groups = groups
         self.compile = compile
+        self.forward_kind = forward
 
     def _states(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         base = compiled_base(self.model) if self.compile else self.model.base_model
@@ -177,7 +176,7 @@ class FinalHidden(nn.Module):
         if spans is None:  # tokens with gaps: one padded rectangle under the mask
             return self._states(input_ids, attention_mask, position_ids)[select]  # (N, d)
         lean_forward = None
-        if LEAN_FORWARD and lean.trains(self.model):
+        if self.forward_kind != "hf" and lean.trains(self.model):
             lean_forward = lean.compiled_final_hidden() if self.compile else lean.final_hidden
         flat = torch.arange(select.numel(), device=select.device).view(select.shape)  # (B, L) row-major index
         parts, where = [], []
@@ -235,12 +234,14 @@ def distill_loss(
     token_weight: torch.Tensor,
     target: Target | None = None,
     student_hidden_fn: nn.Module | None = None,
+    teacher_hidden_fn: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted divergence of the student from the target at every valid completion position.
 
     token_weight: (B, T) weight of each completion token (0 where masked), e.g. mask / global token count.
     student_hidden_fn: the module that computes the student's final hidden states (a DDP wrapper of
-    FinalHidden(student) under data parallelism); FinalHidden(student) by default.
+    FinalHidden(student) under data parallelism); FinalHidden(student) by default; teacher_hidden_fn likewise for the
+    teacher.
     Returns (loss, per_token, diagnostics): the differentiable scalar, the detached per-token divergence (B, T),
     and per-token diagnostics (B, T): "teacher_kl" KL(pi_S || pi_T) (equal to per_token for plain OPD; the loss's
     own estimate when it reuses recorded teacher log-probs) and "teacher_entropy" H(pi_T) at each visited prefix
@@ -259,8 +260,8 @@ def distill_loss(
     ):
         return _loss_from_records(student, student_hidden, rollout, vocab, spec, token_weight)
     with torch.no_grad():
-        teacher_hidden = FinalHidden(teacher, spec.length_groups, spec.compile)(input_ids, attention_mask, positions,
-                                                                               select)
+        teacher_fn = teacher_hidden_fn or FinalHidden(teacher, spec.length_groups, spec.compile)
+        teacher_hidden = teacher_fn(input_ids, attention_mask, positions, select)
     tokens = rollout.completion_ids[rollout.completion_mask]  # (N,)
     behavior = rollout.behavior_logp[rollout.completion_mask]  # (N,)
     stop_ids = vocab.stop_tensor(input_ids.device)

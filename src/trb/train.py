@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import signal
 import tempfile
 import threading
 import time
@@ -43,7 +42,7 @@ from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_token
                         resolve_checkpoint, vocab_space)
 from trb.records import write_record
 from trb.report import write_run_report
-from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, compiled_cache, generate, rollout_from_tokens
+from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.stopping import Stopped, StopSignals
 from trb.tasks import SETTINGS, data_splits, format_prompt, tokenize_prompts
@@ -429,10 +428,10 @@ def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
     if world.active and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     sequences = cfg.prompts_per_step * cfg.rollouts_per_prompt
-    if sequences % (world.size * cfg.rollout_batch):
+    if sequences % world.size:
         raise ConfigError(
-            f"prompts_per_step x rollouts_per_prompt = {sequences} sequences must split evenly into rollout batches "
-            f"over the ranks: make it a multiple of world size x rollout_batch = {world.size * cfg.rollout_batch}"
+            f"prompts_per_step x rollouts_per_prompt = {sequences} sequences must split evenly over the ranks: make "
+            f"it a multiple of the world size {world.size}"
         )
     teacher_dtype = cfg.models.teacher_dtype
     if teacher_dtype == "auto":
@@ -502,40 +501,40 @@ class Trainer:
         decode_dtype = torch.bfloat16 if s.bf16 and s.device.type == "cuda" else next(s.student.parameters()).dtype
         self.inference = InferenceCopy(s.student, decode_dtype, sharded=s.world.active and cfg.distributed == "fsdp")
         self.compile = decode_compile(cfg.compile, s.device)
-        hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile)
+        hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
+        self.teacher_hidden = FinalHidden(s.teacher, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.hidden = distributed.wrap(hidden, s.student, cfg.distributed, s.world)
         self.optimizer = torch.optim.AdamW(trainable(s.student), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: linear_ramp(step + 1, 0.0, 1.0, cfg.warmup_steps))
 
-    def my_batches(self, step: int, sequences: list[list[int]]) -> list[tuple[int, list[list[int]]]]:
-        """(global batch index, prompts) of the rollout batches this rank decodes at this step."""
-        size = self.cfg.rollout_batch
-        batches = [sequences[i : i + size] for i in range(0, len(sequences), size)]
-        return [(j, b) for j, b in enumerate(batches) if j % self.s.world.size == self.s.world.rank]
+    def my_sequences(self, count: int) -> list[int]:
+        """Indices of the step's sequences this rank decodes: every world-size-th one."""
+        return list(range(self.s.world.rank, count, self.s.world.size))
 
     def decode(self, step: int, policy, sequences: list[list[int]], teacher_only: bool = False) -> list[Rollout]:
-        """This rank's rollouts of the step; TRB steps use exact speculative sampling when speculative_gamma > 0."""
-        s, cfg, out = self.s, self.cfg, []
+        """This rank's rollouts of the step, rollout_batch sequences decoding at once (continuous batching); TRB steps
+        use exact speculative sampling when speculative_gamma > 0. Sequence i's randomness is keyed by (seed, step,
+        i): the rollouts do not depend on the world size or on which sequences share a batch."""
+        s, cfg = self.s, self.cfg
         models = {"teacher": s.teacher} if teacher_only else {"student": self.inference.model, "teacher": s.teacher}
+        mine = self.my_sequences(len(sequences))
+        prompts = [sequences[i] for i in mine]
+        keys = torch.tensor([stream_seed(cfg.seed, step, i, "rollout") & 0xFFFFFFFF for i in mine])
+        options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward)
         self.speculative = SpeculativeStats()
-        for j, prompts in self.my_batches(step, sequences):
-            generator = torch.Generator(device=s.device).manual_seed(stream_seed(cfg.seed, step, j, "rollout"))
-            with s.autocast:
-                if cfg.speculative_gamma and isinstance(policy, TRBPolicy):
-                    rollout, stats = generate_speculative(policy.eps, prompts, s.vocab, cfg.max_new_tokens, generator,
-                                                          self.inference.model, s.teacher, cfg.speculative_gamma,
-                                                          compile=self.compile)
-                    self.speculative.tested += stats.tested
-                    self.speculative.accepted += stats.accepted
-                    out.append(rollout)
-                else:
-                    reuse = cfg.loss.divergence in TOPK_DIVERGENCES and cfg.loss.reuse_teacher
-                    out.append(generate(policy, prompts, s.vocab, cfg.max_new_tokens, generator,
-                                        record_topk=cfg.loss.top_k if reuse else 0, compile=self.compile,
-                                        cache=compiled_cache(s.device) if self.compile else "dynamic", **models))
-        return out
+        with s.autocast:
+            if cfg.speculative_gamma and isinstance(policy, TRBPolicy):
+                rollout, stats = generate_speculative(policy, prompts, s.vocab, cfg.max_new_tokens, None,
+                                                      self.inference.model,
+                                                      s.teacher, cfg.speculative_gamma, **options)
+                self.speculative = stats
+            else:
+                reuse = cfg.loss.divergence in TOPK_DIVERGENCES and cfg.loss.reuse_teacher
+                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens,
+                                   record_topk=cfg.loss.top_k if reuse else 0, **options, **models)
+        return [rollout]
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
         """loss_fn(micro) -> scalar for each micro-batch; gradients synchronized once, on the last one. Each rank's
@@ -751,7 +750,7 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
             indices = step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)
             student.eval()
             if method.use_data(step, torch.Generator().manual_seed(stream_seed(cfg.seed, step, "coin"))):
-                mine = [indices[j] for j, _ in t.my_batches(step, indices)]
+                mine = [indices[j] for j in t.my_sequences(len(indices))]
                 rollouts = [rollout_from_tokens([s.prompts[i] for i in mine], [s.solutions[i] for i in mine], vocab,
                                                 s.device)]
             else:
@@ -771,7 +770,7 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
             def loss_fn(micro: Rollout) -> torch.Tensor:
                 weight = method.token_weights(micro) / max(num_tokens, 1)  # (b, T)
                 loss, _, per_token = distill_loss(student, teacher, micro, vocab, loss_spec, weight, target,
-                                                  student_hidden_fn=t.hidden)
+                                                  student_hidden_fn=t.hidden, teacher_hidden_fn=t.teacher_hidden)
                 sums["loss"] += loss.item()
                 for name, per_token_values in per_token.items():
                     share = (per_token_values * micro.completion_mask).sum().item() / max(num_tokens, 1)

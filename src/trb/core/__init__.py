@@ -12,7 +12,7 @@ from trb.core.divergences import (
     topk_student_weighted_kl,
 )
 from trb.core.reduce import token_mean
-from trb.core.sampling import sample, with_temperature
+from trb.core.sampling import keyed_sample, keyed_uniform, sample, with_temperature
 from trb.core.schedules import constant, cosine_anneal, linear_anneal, linear_ramp
 from trb.core.vocab import merged_logp
 
@@ -23,6 +23,8 @@ __all__ = [
     "cosine_anneal",
     "forward_kl",
     "generalized_jsd",
+    "keyed_sample",
+    "keyed_uniform",
     "kl_divergence",
     "linear_anneal",
     "linear_ramp",

@@ -1,9 +1,14 @@
-"""The rollout engine and the behavior policies of every method the project compares."""
+"""Rollouts: the decoder interface (`decoder`), its backends (`backends`), the lock-step engine with continuous
+batching (`engine`), exact speculative TRB (`speculative`), the behavior policies (`policies`) and the records
+(`records`)."""
 
-from trb.rollout.engine import Rollout, compiled_cache, generate, left_pad, position_ids, rollout_from_tokens
+from trb.rollout.backends import HFDecoder, PagedDecoder, make_decoder
+from trb.rollout.decoder import Decoder, Reads
+from trb.rollout.engine import RolloutStats, generate, sequence_keys
 from trb.rollout.policies import (
     BehaviorPolicy,
     Choice,
+    Draws,
     MixturePolicy,
     SKDPolicy,
     StudentPolicy,
@@ -11,20 +16,28 @@ from trb.rollout.policies import (
     TRBPolicy,
     skd_logp,
 )
+from trb.rollout.records import Rollout, left_pad, position_ids, rollout_from_tokens
 
 __all__ = [
     "BehaviorPolicy",
     "Choice",
+    "Decoder",
+    "Draws",
+    "HFDecoder",
     "MixturePolicy",
+    "PagedDecoder",
+    "Reads",
     "Rollout",
+    "RolloutStats",
     "SKDPolicy",
     "StudentPolicy",
     "TRBPolicy",
     "TeacherPolicy",
-    "compiled_cache",
     "generate",
     "left_pad",
+    "make_decoder",
     "position_ids",
     "rollout_from_tokens",
+    "sequence_keys",
     "skd_logp",
 ]

@@ -5,21 +5,42 @@ on the shared vocabulary, both (B, V) at temperature 1, and returns a `Choice`. 
 stateless; schedules (an annealed eps, a temperature ramp) live in the training loop, which builds the policy that
 applies at each optimizer step.
 
-`draw(logp) -> (B,)` is the engine's token picker: an exponential race with the rollout's generator, or argmax for
-greedy decoding. Policies with coin flips of their own (SKD, mixture) use `generator` for those.
+`draws` holds the step's randomness: `draws.token(logp) -> (B,)` picks a token (an exponential race, or argmax for
+greedy decoding) and `draws.uniform() -> (B,)` flips a coin. Each call takes a fresh stream keyed by the sequence and
+position (`trb.core.keyed_uniform`), so a sequence's tokens depend on nothing but its own key.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol
+from typing import Protocol
 
 import torch
 
-from trb.core import blend_logp, kl_divergence, solve_beta, with_temperature
+from trb.core import blend_logp, keyed_sample, keyed_uniform, kl_divergence, solve_beta, with_temperature
 
-Draw = Callable[[torch.Tensor], torch.Tensor]
+
+class Draws:
+    """The random draws of one decoding step for B rows. keys (B,): each row's sequence key; positions (B,): the
+    completion position being sampled. Every call uses the next stream number, so the draws a policy makes at one
+    position are independent of each other; greedy decoding replaces token draws by argmax."""
+
+    def __init__(self, keys: torch.Tensor, positions: torch.Tensor, greedy: bool = False, stream: int = 0):
+        self.keys, self.positions, self.greedy, self.stream = keys, positions, greedy, stream
+
+    def _next(self) -> int:
+        self.stream += 1
+        return self.stream - 1
+
+    def token(self, logp: torch.Tensor) -> torch.Tensor:
+        """One token per row from exp(logp) (B, V) -> (B,) int64."""
+        stream = self._next()
+        return logp.argmax(-1) if self.greedy else keyed_sample(logp, self.keys, self.positions, stream)
+
+    def uniform(self) -> torch.Tensor:
+        """One uniform number in (0, 1) per row, (B,)."""
+        return keyed_uniform(self.keys, self.positions, self._next())
 
 
 @dataclass
@@ -39,17 +60,8 @@ class BehaviorPolicy(Protocol):
     name: str
     needs_student: bool
     needs_teacher: bool
-    # True when choose() draws exactly once and uses no generator of its own: compiled decoding may then take the
-    # draw's noise from the generator beforehand (and, on a GPU, capture choose() in a CUDA graph)
-    single_draw: ClassVar[bool]
 
-    def choose(
-        self,
-        student_logp: torch.Tensor | None,
-        teacher_logp: torch.Tensor | None,
-        draw: Draw,
-        generator: torch.Generator,
-    ) -> Choice: ...
+    def choose(self, student_logp: torch.Tensor | None, teacher_logp: torch.Tensor | None, draws: Draws) -> Choice: ...
 
 
 def _check(ok: bool, message: str) -> None:
@@ -72,16 +84,15 @@ class StudentPolicy:
 
     temperature: float = 1.0
     name: str = "student"
-    single_draw: ClassVar[bool] = True
     needs_student: bool = True
     needs_teacher: bool = False
 
     def __post_init__(self):
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
 
-    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+    def choose(self, student_logp, teacher_logp, draws) -> Choice:
         mu = student_logp if self.temperature == 1.0 else with_temperature(student_logp, self.temperature)  # (B, V)
-        token = draw(mu)  # (B,)
+        token = draws.token(mu)  # (B,)
         zeros = torch.zeros(token.shape, device=token.device)
         return _choice_from(mu, student_logp, token, zeros, torch.zeros_like(token, dtype=torch.bool))
 
@@ -93,17 +104,22 @@ class TRBPolicy:
 
     eps: float
     name: str = "trb"
-    single_draw: ClassVar[bool] = True
     needs_student: bool = True
     needs_teacher: bool = True
 
     def __post_init__(self):
-        _check(math.isfinite(self.eps) and self.eps >= 0, f"eps must be a finite number >= 0, got {self.eps}")
+        if not isinstance(self.eps, torch.Tensor):
+            _check(math.isfinite(self.eps) and self.eps >= 0, f"eps must be a finite number >= 0, got {self.eps}")
 
-    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
-        beta = solve_beta(student_logp, teacher_logp, self.eps)  # (B,)
-        mu = blend_logp(student_logp, teacher_logp, beta)  # (B, V)
-        token = draw(mu)  # (B,)
+    def target(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log mu_beta* (..., V) and beta* (...): the distribution this policy samples from at each prefix (lock-step
+        and speculative decoding both draw through it)."""
+        beta = solve_beta(student_logp, teacher_logp, self.eps)  # (...)
+        return blend_logp(student_logp, teacher_logp, beta), beta
+
+    def choose(self, student_logp, teacher_logp, draws) -> Choice:
+        mu, beta = self.target(student_logp, teacher_logp)  # (B, V), (B,)
+        token = draws.token(mu)  # (B,)
         return _choice_from(mu, student_logp, token, beta, torch.zeros_like(token, dtype=torch.bool))
 
 
@@ -113,16 +129,15 @@ class TeacherPolicy:
 
     temperature: float = 1.0
     name: str = "teacher"
-    single_draw: ClassVar[bool] = True
     needs_student: bool = False
     needs_teacher: bool = True
 
     def __post_init__(self):
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
 
-    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+    def choose(self, student_logp, teacher_logp, draws) -> Choice:
         mu = teacher_logp if self.temperature == 1.0 else with_temperature(teacher_logp, self.temperature)  # (B, V)
-        token = draw(mu)  # (B,)
+        token = draws.token(mu)  # (B,)
         ones = torch.ones(token.shape, device=token.device)
         return _choice_from(mu, None, token, ones, torch.ones_like(token, dtype=torch.bool))
 
@@ -149,7 +164,6 @@ class SKDPolicy:
     top_k: int = 25
     teacher_temperature: float = 1.0
     name: str = "skd"
-    single_draw: ClassVar[bool] = False
     needs_student: bool = True
     needs_teacher: bool = True
 
@@ -157,10 +171,10 @@ class SKDPolicy:
         _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         _check(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
 
-    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+    def choose(self, student_logp, teacher_logp, draws) -> Choice:
         mu, in_top = skd_logp(student_logp, teacher_logp, self.top_k, self.teacher_temperature)  # (B, V)
-        proposal = draw(student_logp)  # (B,)
-        injected = draw(with_temperature(teacher_logp, self.teacher_temperature))  # (B,)
+        proposal = draws.token(student_logp)  # (B,)
+        injected = draws.token(with_temperature(teacher_logp, self.teacher_temperature))  # (B,)
         replace = ~_pick(in_top, proposal)  # (B,)
         token = torch.where(replace, injected, proposal)  # (B,)
         zeros = torch.zeros(token.shape, device=token.device)
@@ -175,16 +189,15 @@ class MixturePolicy:
 
     alpha: float = 0.2
     name: str = "mixture"
-    single_draw: ClassVar[bool] = False
     needs_student: bool = True
     needs_teacher: bool = True
 
     def __post_init__(self):
         _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
 
-    def choose(self, student_logp, teacher_logp, draw, generator) -> Choice:
+    def choose(self, student_logp, teacher_logp, draws) -> Choice:
         mu = torch.logaddexp(student_logp + math.log1p(-self.alpha), teacher_logp + math.log(self.alpha))  # (B, V)
-        from_teacher = torch.rand(student_logp.shape[0], generator=generator, device=student_logp.device) < self.alpha
-        token = torch.where(from_teacher, draw(teacher_logp), draw(student_logp))  # (B,)
+        from_teacher = draws.uniform() < self.alpha  # (B,)
+        token = torch.where(from_teacher, draws.token(teacher_logp), draws.token(student_logp))  # (B,)
         zeros = torch.zeros(token.shape, device=token.device)
         return _choice_from(mu, student_logp, token, zeros, from_teacher)

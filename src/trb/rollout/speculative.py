@@ -8,13 +8,12 @@ bonus token is drawn from mu_{gamma+1}. Because beta at a position depends only 
 is an exact sample of mu_beta given its prefix: the rollouts have the lock-step distribution. Acceptance per token is
 1 - TV(mu, pi_S) >= 1 - sqrt(eps / 2).
 
-Batching: rows accept different numbers of drafts. Instead of cropping caches row by row, rejected drafts stay in the
-caches as masked slots (attention mask 0) and positions count valid tokens only, so every row advances by exactly the
-tokens it accepted.
-
-With compile=True the shapes are fixed: static caches with room for the worst case (one token per round), every row
-decoding until all are done, the student's single-token steps and the teacher's window forward reading fixed token,
-position and additive-mask buffers; on a GPU both are captured as CUDA graphs (as lock-step decoding is).
+Both models decode through the decoder interface (`trb.rollout.decoder`): rows accept different numbers of drafts,
+and each decoder forgets exactly the rejected ones (`truncate`). The target mu comes from the policy itself
+(`TRBPolicy.target`), and randomness is keyed by (sequence, position, stream) as in lock-step decoding, so rows are
+refilled from the queue as they finish (continuous batching) without changing any sequence. A (position, stream)
+number can be read again in a later round only after the draft it drew was discarded unread by any emitted decision,
+so every emitted token still sees fresh randomness.
 """
 
 from __future__ import annotations
@@ -24,18 +23,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from trb.core import blend_logp, kl_divergence, sample, solve_beta
+from trb.core import keyed_sample, keyed_uniform, kl_divergence
 from trb.models import VocabSpace
-from trb.rollout.engine import (
-    STATIC_CACHE_ROUND,
-    Rollout,
-    _autocast_now,
-    _capture,
-    _Decoder,
-    _GraphedSteps,
-    left_pad,
-    position_ids,
-)
+from trb.rollout.backends import make_decoder
+from trb.rollout.engine import RECORDS, RolloutStats, sequence_keys
+from trb.rollout.policies import TRBPolicy
+from trb.rollout.records import Rollout, left_pad
+
+DRAFT, ACCEPT, CORRECT = 0, 1, 2  # random streams: the student's draft, the accept test, the corrected/first token
 
 
 @dataclass
@@ -65,207 +60,147 @@ def choose_gamma(acceptance: float, student_cost: float, teacher_cost: float, ma
     return max(range(1, max_gamma + 1), key=tokens_per_cost)
 
 
-class _GraphedWindow:
-    """The teacher's forward over one round's window of w tokens (the pending token and the drafts), over fixed
-    buffers: tokens and positions (b, w) and an additive mask (b, 1, w, S) that opens each row's accepted slots and,
-    for window token i, the window's slots up to i. Captured as a CUDA graph on a GPU after one eager run."""
-
-    def __init__(self, decoder: _Decoder, batch: int, width: int, cache_len: int, device: torch.device):
-        self.decoder = decoder
-        self.autocast = _autocast_now(device)
-        dtype = self.autocast[1] if self.autocast else decoder.model.dtype
-        self.low = torch.finfo(dtype).min
-        self.tokens = torch.zeros((batch, width), dtype=torch.long, device=device)  # (b, w)
-        self.positions = torch.zeros((batch, width), dtype=torch.long, device=device)  # (b, w)
-        self.mask = torch.full((batch, 1, width, cache_len), self.low, dtype=dtype, device=device)  # (b, 1, w, S)
-        self.slots = torch.arange(cache_len, device=device)  # (S,)
-        self.graph = None
-        self.output = None
-
-    def _run(self) -> torch.Tensor:
-        return self.decoder.step(self.tokens, self.mask, self.positions, keep=self.tokens.shape[1])
-
-    def step(self, tokens, positions, valid: torch.Tensor, base: int) -> torch.Tensor:
-        """tokens, positions: (b, w); valid: (b, S) slots holding accepted tokens; the window starts at slot base.
-        Returns the teacher's log-probs after each window token, (b, w, V)."""
-        width = tokens.shape[1]
-        self.tokens.copy_(tokens)
-        self.positions.copy_(positions)
-        window = (self.slots[None] >= base) & (self.slots[None] <= base + torch.arange(width, device=tokens.device)[:, None])
-        allowed = valid[:, None, :] | window[None]  # (b, w, S)
-        self.mask.copy_(torch.where(allowed, 0.0, self.low)[:, None])
-        if self.graph is not None:
-            self.graph.replay()
-            return self.output
-        if tokens.device.type != "cuda":
-            return self._run()
-        first, self.graph, self.output = _capture(self._run, self.autocast)
-        return first
-
-
-def _mu(student_logp: torch.Tensor, teacher_logp: torch.Tensor, eps: float):
-    beta = solve_beta(student_logp, teacher_logp, eps)  # (...)
-    mu = blend_logp(student_logp, teacher_logp, beta)  # (..., V)
-    return mu, beta
-
-
 @torch.no_grad()
 def generate_speculative(
-    eps: float,
+    policy: TRBPolicy | float,
     prompts: list[list[int]],
     vocab: VocabSpace,
     max_new_tokens: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     student: PreTrainedModel,
     teacher: PreTrainedModel,
     gamma: int = 4,
     compile: bool = False,
+    concurrency: int = 0,
+    keys: torch.Tensor | None = None,
+    forward: str = "auto",
+    stats: RolloutStats | None = None,
 ) -> tuple[Rollout, SpeculativeStats]:
-    """TRB rollouts (budget eps) by exact speculative sampling; same record format as `generate`. compile=True:
-    fixed shapes (static caches, fixed buffers, CUDA graphs on a GPU); the rollouts have the same distribution."""
+    """TRB rollouts by exact speculative sampling; same record format and arguments as `generate` (policy: a
+    TRBPolicy or its eps). compile=True runs the policy's target through torch.compile."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
+    policy = policy if isinstance(policy, TRBPolicy) else TRBPolicy(float(policy))
+    target = torch.compile(policy.target, dynamic=True) if compile else policy.target
     device = student.device
-    stats = SpeculativeStats()
+    spec = SpeculativeStats()
+    stats = stats if stats is not None else RolloutStats()
     prompt_ids, prompt_mask = left_pad(prompts, vocab.pad_id, device)  # (B, P)
-    batch, width = prompt_ids.shape
-    if compile:  # the worst case is one token per round, each round taking gamma + 1 slots
-        cache_len = width + max(max_new_tokens - 1, 1) * (gamma + 1)
-        cache_len = -(-cache_len // STATIC_CACHE_ROUND) * STATIC_CACHE_ROUND
-        s_dec = _Decoder(student, vocab, "static", cache_len, batch=batch)
-        t_dec = _Decoder(teacher, vocab, "static", cache_len, batch=batch)
-    else:
-        s_dec, t_dec = _Decoder(student, vocab, "dynamic", 0), _Decoder(teacher, vocab, "dynamic", 0)
+    batch = len(prompts)
+    keys = (keys if keys is not None else sequence_keys(batch, generator)).to(device)  # (B,)
+    concurrency = min(concurrency or batch, batch)
+    stats.concurrency = max(stats.concurrency, concurrency)
+    s_dec, t_dec = make_decoder(student, vocab, forward), make_decoder(teacher, vocab, forward)
 
     tokens = torch.full((batch, max_new_tokens), vocab.pad_id, dtype=torch.long, device=device)  # (B, T)
-    names = ("behavior_logp", "student_logp", "teacher_logp", "beta", "realized_kl")
-    records = {name: torch.zeros((batch, max_new_tokens), device=device) for name in names}  # each (B, T)
-    count = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) tokens emitted per row
+    records = {name: torch.zeros((batch, max_new_tokens), device=device) for name in RECORDS}  # each (B, T)
+    count = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) tokens emitted per sequence
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
-    active = torch.arange(batch, device=device)  # (b,) batch rows still decoding, in cache order
-
-    def emit(rows, values: dict[str, torch.Tensor], valid: torch.Tensor) -> None:
-        """Write per-row runs of new tokens: values[name] (b, k), valid (b, k) leading True entries."""
-        cols = count[rows][:, None] + torch.arange(valid.shape[1], device=device)  # (b, k)
-        keep = valid & (cols < max_new_tokens)  # (b, k)
-        r = rows[:, None].expand_as(cols)[keep]
-        c = cols[keep]
-        tokens[r, c] = values["token"][keep]
-        for name in names:
-            records[name][r, c] = values[name][keep].float()
-
-    # Prefill, then the first token by a plain (lock-step) TRB draw.
-    attention = prompt_mask.long()  # (b, S) valid cache slots
-    s_logp = s_dec.step(prompt_ids, attention, position_ids(attention))  # (b, V)
-    t_logp = t_dec.step(prompt_ids, attention, position_ids(attention))  # (b, V)
-    stats.student_forwards, stats.teacher_forwards = 1, 1
-    counts = torch.zeros(3, dtype=torch.long, device=device)  # drafted, tested, accepted
-    mu, beta = _mu(s_logp, t_logp, eps)
-    pending = sample(mu, generator)  # (b,) emitted, not yet fed to either model
+    counts = torch.zeros(3, dtype=torch.long, device=device)  # drafted, tested, accepted (read once at the end)
     pick = lambda logp, tok: logp.gather(-1, tok[..., None])[..., 0]  # noqa: E731
-    first = {"token": pending, "behavior_logp": pick(mu, pending), "student_logp": pick(s_logp, pending),
-             "teacher_logp": pick(t_logp, pending), "beta": beta, "realized_kl": kl_divergence(mu, s_logp)}
-    emit(active, {k: v[:, None] for k, v in first.items()}, torch.ones((batch, 1), dtype=torch.bool, device=device))
-    count += 1
-    stopped |= pending == vocab.eos_id
-    next_position = position_ids(attention)[:, -1] + 1  # (b,) position of the pending token
-    if compile:  # fixed buffers: the student's single-token steps, the teacher's window, the accepted slots
-        student_steps = _GraphedSteps({"student": s_dec}, prompt_mask, cache_len)
-        teacher_window = _GraphedWindow(t_dec, batch, gamma + 1, cache_len, device)
-        valid = torch.zeros((batch, cache_len), dtype=torch.bool, device=device)  # (b, S) slots of accepted tokens
-        valid[:, :width] = prompt_mask
 
+    def emit(seq: torch.Tensor, values: dict[str, torch.Tensor], valid: torch.Tensor) -> None:
+        """Write per-row runs of new tokens: values[name] (b, k), valid (b, k) leading True entries."""
+        cols = count[seq][:, None] + torch.arange(valid.shape[1], device=device)  # (b, k)
+        keep = valid & (cols < max_new_tokens)  # (b, k)
+        r, c = seq[:, None].expand_as(cols)[keep], cols[keep]
+        tokens[r, c] = values["token"][keep]
+        for name in RECORDS:
+            records[name][r, c] = values[name][keep].float()
+        stopped[seq] |= ((values["token"] == vocab.eos_id) & keep).any(1)
+        count[seq] += keep.sum(1)
+
+    waiting = 0
+    seq = torch.zeros(0, dtype=torch.long, device=device)  # (b,) the sequence each row decodes
+    pending = torch.zeros(0, dtype=torch.long, device=device)  # (b,) emitted, not yet fed to either model
     while True:
-        finished = stopped[active] | (count[active] >= max_new_tokens)  # (b,)
-        if bool(finished.all()):
-            break
-        if finished.any() and not compile:  # finished rows leave both caches
+        free = concurrency - len(seq)
+        if free and waiting < batch:  # refill free rows; their first token is a plain draw from mu
+            new = torch.arange(waiting, min(batch, waiting + free), device=device)  # (n,)
+            waiting += len(new)
+            chosen = [prompts[i] for i in new.tolist()]
+            s_logp, t_logp = s_dec.add(chosen).float(), t_dec.add(chosen).float()  # (n, V) each
+            mu, beta = target(s_logp, t_logp)
+            first = keyed_sample(mu, keys[new], torch.zeros_like(new), CORRECT)  # (n,)
+            values = {"token": first, "behavior_logp": pick(mu, first), "student_logp": pick(s_logp, first),
+                      "teacher_logp": pick(t_logp, first), "beta": beta, "realized_kl": kl_divergence(mu, s_logp)}
+            emit(new, {k: v[:, None] for k, v in values.items()}, torch.ones((len(new), 1), dtype=torch.bool,
+                                                                              device=device))
+            seq, pending = torch.cat([seq, new]), torch.cat([pending, first])
+            stats.prompt_passes += 1
+            spec.student_forwards += 1
+            spec.teacher_forwards += 1
+        finished = stopped[seq] | (count[seq] >= max_new_tokens)  # (b,)
+        if int(finished.sum()):  # finished rows leave both decoders
             keep = (~finished).nonzero()[:, 0]
             s_dec.keep(keep)
             t_dec.keep(keep)
-            active, pending, attention, next_position = active[keep], pending[keep], attention[keep], next_position[keep]
-            finished = finished[keep]
-        live = ~finished  # (b,) with fixed shapes, finished rows keep decoding and emit nothing
-        b = len(active)
-        stats.rounds += 1
+            seq, pending = seq[keep], pending[keep]
+            if waiting < batch:
+                continue
+        if not len(seq):
+            break
+        b = len(seq)
+        spec.rounds += 1
+        row_keys = keys[seq]  # (b,)
+        base = count[seq]  # (b,) completion position of the first draft
 
         # Draft: feed the pending token, then gamma draws from the student, each fed back.
-        fed = [pending]  # tokens fed this round: pending, x_1 .. x_gamma
-        student_dists = []  # pi_S after each fed token: s_1 .. s_{gamma+1}
-        base = student_steps.slot if compile else 0  # the round's first cache slot (fixed shapes)
+        fed = [pending]  # pending, x_1 .. x_gamma
+        student_dists = []  # pi_S after each fed token: s_0 .. s_gamma
         for i in range(gamma + 1):
-            if compile:  # the step's output buffer is overwritten by the next step: keep a copy
-                s_logp = student_steps.step(fed[-1], (next_position + i)[:, None])["student"].clone()  # (b, V)
-            else:
-                attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)  # (b, S + 1)
-                s_logp = s_dec.step(fed[-1][:, None], attention, (next_position + i)[:, None])  # (b, V)
-            stats.student_forwards += 1
-            student_dists.append(s_logp)
+            student_dists.append(s_dec.step(fed[-1][:, None])[:, 0].float())  # (b, V)
+            spec.student_forwards += 1
             if i < gamma:
-                fed.append(sample(s_logp, generator))
+                fed.append(keyed_sample(student_dists[-1], row_keys, base + i, DRAFT))
         drafts = torch.stack(fed[1:], dim=1)  # (b, gamma)
         s_all = torch.stack(student_dists, dim=1)  # (b, gamma + 1, V)
-        # Score: one teacher forward over the pending token and every draft.
-        window = torch.stack(fed, dim=1)  # (b, gamma + 1)
-        positions = next_position[:, None] + torch.arange(gamma + 1, device=device)  # (b, gamma + 1)
-        if compile:
-            t_all = teacher_window.step(window, positions, valid, base)  # (b, gamma + 1, V)
-        else:
-            t_all = t_dec.step(window, attention, positions, keep=gamma + 1)  # (b, gamma + 1, V)
-        stats.teacher_forwards += 1
+        t_all = t_dec.step(torch.stack(fed, dim=1)).float()  # (b, gamma + 1, V): one teacher forward
+        spec.teacher_forwards += 1
+        stats.decode_steps += gamma + 1
 
-        mu_all, beta_all = _mu(s_all, t_all, eps)  # (b, gamma + 1, V), (b, gamma + 1)
-        s_draft = pick(s_all[:, :gamma], drafts)  # (b, gamma)
-        mu_draft = pick(mu_all[:, :gamma], drafts)  # (b, gamma)
-        accept = torch.rand((b, gamma), generator=generator, device=device).log() < (mu_draft - s_draft)
+        mu_all, beta_all = target(s_all, t_all)  # (b, gamma + 1, V), (b, gamma + 1)
+        s_draft, mu_draft = pick(s_all[:, :gamma], drafts), pick(mu_all[:, :gamma], drafts)  # (b, gamma) each
+        coins = torch.stack([keyed_uniform(row_keys, base + i, ACCEPT) for i in range(gamma)], dim=1)  # (b, gamma)
+        accept = coins.log() < (mu_draft - s_draft)
         n = torch.cumprod(accept.long(), dim=1).sum(1)  # (b,) leading accepted drafts
-        # counted on the device (drafted, tested, accepted) and read once at the end: no host sync per round
-        counts += torch.stack([live.sum() * gamma, ((n + (n < gamma).long()) * live).sum(), (n * live).sum()])
+        counts += torch.stack([torch.tensor(b * gamma, device=device), (n + (n < gamma).long()).sum(), n.sum()])
 
         # The token at position n: residual max(0, mu - pi_S) after a rejection, mu itself after full acceptance.
         rows = torch.arange(b, device=device)
         mu_n, s_n = mu_all[rows, n], s_all[rows, n]  # (b, V)
         residual = (mu_n.exp() - s_n.exp()).clamp_min(0.0)  # (b, V)
         use_residual = (n < gamma) & (residual.sum(-1) > 0)  # (b,)
-        corrected_logp = torch.where(use_residual[:, None], residual.log(), mu_n)  # (b, V) unnormalized is fine
-        corrected = sample(corrected_logp - torch.logsumexp(corrected_logp, -1, keepdim=True), generator)  # (b,)
+        corrected_logp = torch.where(use_residual[:, None], residual.log(), mu_n)  # (b, V)
+        corrected_logp = corrected_logp - torch.logsumexp(corrected_logp, -1, keepdim=True)
+        corrected = keyed_sample(corrected_logp, row_keys, base + n, CORRECT)  # (b,)
 
         # Emit x_1 .. x_n and the corrected token; records use the blend at each token's own position.
         round_tokens = torch.cat([drafts, corrected[:, None]], dim=1)  # (b, gamma + 1)
         round_tokens[rows, n] = corrected
-        kl_all = kl_divergence(mu_all, s_all)  # (b, gamma + 1)
         values = {"token": round_tokens, "behavior_logp": pick(mu_all, round_tokens),
                   "student_logp": pick(s_all, round_tokens), "teacher_logp": pick(t_all, round_tokens),
-                  "beta": beta_all, "realized_kl": kl_all}
-        # A stop token ends the row: nothing after the first stop is emitted.
-        valid_slots = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1) pending, x_1..x_n
-        valid_emit = valid_slots & live[:, None]
-        is_stop = (round_tokens == vocab.eos_id) & valid_emit
-        valid_emit &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0
-        emit(active, values, valid_emit)
-        emitted = valid_emit.sum(1)  # (b,)
-        stopped[active] |= is_stop.any(1) & (count[active] + emitted <= max_new_tokens)
-        count[active] += emitted
-
-        # Rejected drafts stay in the caches as masked slots; the pending token and accepted drafts are valid.
-        if compile:
-            valid[:, base : base + gamma + 1] = valid_slots
-            student_steps.set_slots(base, valid_slots)  # the student opened every drafted slot: close the rejected
-        else:
-            attention[:, -(gamma + 1):] = valid_slots.long()
-        next_position = next_position + n + 1
+                  "beta": beta_all, "realized_kl": kl_divergence(mu_all, s_all)}
+        valid = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1)
+        is_stop = (round_tokens == vocab.eos_id) & valid
+        valid &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0  # nothing after the first stop
+        emit(seq, values, valid)
+        stats.tokens += int(valid.sum())
+        # Both models were fed pending, x_1 .. x_gamma; the rejected drafts x_{n+1} .. x_gamma are forgotten.
+        s_dec.truncate(gamma - n)
+        t_dec.truncate(gamma - n)
         pending = corrected
 
-    stats.drafted, stats.tested, stats.accepted = counts.tolist()
-    count = count.clamp_max(max_new_tokens)
-    mask = torch.arange(max_new_tokens, device=device)[None] < count[:, None]  # (B, T)
-    tokens = torch.where(mask, tokens, vocab.pad_id)
-    for name in names:
-        records[name] = torch.where(mask, records[name], 0.0)
+    spec.drafted, spec.tested, spec.accepted = counts.tolist()
+    mask = torch.arange(max_new_tokens, device=device)[None] < count.clamp_max(max_new_tokens)[:, None]  # (B, T)
+    for role, dec in (("student", s_dec), ("teacher", t_dec)):
+        total = stats.reads.setdefault(role, type(dec.reads)())
+        total.read += dec.reads.read
+        total.filled += dec.reads.filled
     rollout = Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
-        completion_ids=tokens,
+        completion_ids=torch.where(mask, tokens, vocab.pad_id),
         completion_mask=mask,
         behavior_logp=records["behavior_logp"],
         student_logp=records["student_logp"],
@@ -275,4 +210,4 @@ def generate_speculative(
         from_teacher=torch.zeros_like(mask),
         stopped=stopped,
     )
-    return rollout, stats
+    return rollout, spec

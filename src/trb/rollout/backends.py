@@ -1,0 +1,313 @@
+"""Decoder backends (`trb.rollout.decoder.Decoder`): a paged KV cache over the lean Llama-family forward, and the
+Hugging Face forward with its DynamicCache for every other model.
+
+`PagedDecoder` keeps each layer's keys and values in a pool of fixed-size pages (PAGE_SLOTS slots each); a row owns
+the pages its tokens fill, so KV memory grows with the tokens actually decoded, and a finished row's pages return to
+the pool for the sequence that replaces it. At every step attention reads each row's filled slots only: rows are
+grouped by length (`length_groups`) and each group gathers its slots up to its own longest row, so the slots read stay
+within READ_SLACK of the slots filled. Rows leave and join the batch by reindexing the page table: no KV is copied.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from trb import lean
+from trb.core import merged_logp
+from trb.models import VocabSpace
+from trb.rollout.decoder import Decoder, Reads
+
+PAGE_SLOTS = 16  # slots per KV page
+READ_SLACK = 1.2  # a length group's rows are all within this factor of its longest row
+MAX_GROUPS = 16  # at most this many length groups per step (each costs a gather and an attention call per layer)
+
+
+def length_groups(lengths: list[int], slack: float = READ_SLACK, max_groups: int = MAX_GROUPS) -> list[list[int]]:
+    """Rows (indices into lengths) grouped so that every row of a group is at least 1/slack of the group's longest;
+    when that takes more than max_groups, neighbouring groups of the fewest rows are merged."""
+    order = sorted(range(len(lengths)), key=lambda r: -lengths[r])
+    groups: list[list[int]] = []
+    for r in order:
+        if groups and lengths[groups[-1][0]] <= slack * lengths[r]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    while len(groups) > max_groups:  # merge the adjacent pair that adds the fewest padded reads
+        cost = [len(groups[i + 1]) * (lengths[groups[i][0]] - lengths[groups[i + 1][0]]) for i in range(len(groups) - 1)]
+        i = min(range(len(cost)), key=cost.__getitem__)
+        groups[i:i + 2] = [groups[i] + groups[i + 1]]
+    return groups
+
+
+def _logp(logits: torch.Tensor, vocab: VocabSpace, stop_ids: torch.Tensor) -> torch.Tensor:
+    return merged_logp(logits, vocab.size, stop_ids, vocab.eos_id)
+
+
+class PagedDecoder:
+    """The lean forward of a Llama-family model (`trb.lean`) over a paged KV cache. See the module docstring."""
+
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, pages: int = 64):
+        self.model, self.vocab = model, vocab
+        config = model.config
+        attn = model.base_model.layers[0].self_attn
+        self.layers = list(model.base_model.layers)
+        self.kv_heads, self.head_dim = config.num_key_value_heads, attn.head_dim
+        self.group = config.num_attention_heads // self.kv_heads
+        self.scaling, self.qk_norm = attn.scaling, hasattr(attn, "q_norm")
+        self.device = model.device
+        self.stop_ids = vocab.stop_tensor(self.device)
+        self.reads = Reads()
+        self.lengths: list[int] = []  # filled slots per row
+        self.pages: list[list[int]] = []  # page ids per row
+        self.free_pages: list[int] = []
+        self.keys: list[torch.Tensor] = []  # per layer (pages * PAGE_SLOTS, H_kv, D)
+        self.values: list[torch.Tensor] = []
+        self.capacity = 0
+        self.initial_pages = pages
+        self.table = torch.zeros((0, 1), dtype=torch.long, device=self.device)  # (b, pages per row) page ids
+        self.updates: list[tuple[int, int, int]] = []  # (row, page index, page id) not yet in `table`
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def _dtype(self) -> torch.dtype:
+        kind = self.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.model.dtype
+
+    def _grow(self, need: int) -> None:
+        """At least `need` free pages: the pool doubles (existing pages keep their ids)."""
+        if len(self.free_pages) >= need:
+            return
+        old = self.capacity
+        self.capacity = max(2 * old, old + need, self.initial_pages)
+        shape = (self.capacity * PAGE_SLOTS, self.kv_heads, self.head_dim)
+        for store in (self.keys, self.values):
+            for i in range(len(self.layers)):
+                grown = torch.zeros(shape, dtype=self._dtype(), device=self.device)  # masked slots: finite
+                if i < len(store):
+                    grown[: old * PAGE_SLOTS] = store[i]
+                    store[i] = grown
+                else:
+                    store.append(grown)
+        self.free_pages.extend(range(self.capacity - 1, old - 1, -1))
+
+    def _reserve(self, row: int, length: int) -> None:
+        """Pages for `length` slots in this row (the page table is updated by `_sync_table`)."""
+        have = len(self.pages[row])
+        need = -(-length // PAGE_SLOTS) - have
+        if need > 0:
+            self._grow(need)
+            for j in range(have, have + need):
+                page = self.free_pages.pop()
+                self.pages[row].append(page)
+                self.updates.append((row, j, page))
+
+    def _sync_table(self) -> None:
+        """Write the pages reserved since the last call into the device page table (one copy)."""
+        if not self.updates:
+            return
+        rows, index, pages = zip(*self.updates)
+        self.updates = []
+        width = max(max(index) + 1, self.table.shape[1])
+        if width > self.table.shape[1]:
+            self.table = torch.cat([self.table, self.table.new_zeros((self.table.shape[0], width - self.table.shape[1]))], 1)
+        values = torch.tensor([rows, index, pages], device=self.device)  # (3, n)
+        self.table[values[0], values[1]] = values[2]
+
+    def _slots(self, rows: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
+        """Flat pool indices of slots start[i] .. start[i] + width - 1 of each row (n,): (n, width). Slots past a row's
+        pages point at page 0 (callers mask them)."""
+        j = start[:, None] + torch.arange(width, device=self.device)  # (n, width)
+        pages = self.table[rows[:, None], (j // PAGE_SLOTS).clamp_max(self.table.shape[1] - 1)]  # (n, width)
+        return pages * PAGE_SLOTS + j % PAGE_SLOTS
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Queries (b, H, w, D) over each row's filled slots, heads concatenated: (b, w, H * D)."""
+        batch, _, width, _ = q.shape
+        out = q.new_empty((batch, width, q.shape[1] * self.head_dim))
+        for rows, slots, mask in groups:  # (b_g,), (b_g, L_g), (b_g, 1, w, L_g)
+            k = keys[slots].transpose(1, 2)  # (b_g, H_kv, L_g, D)
+            v = values[slots].transpose(1, 2)
+            out[rows] = lean.attend(q[rows], k, v, mask, self.scaling, self.group)
+        return out
+
+    @torch.no_grad()
+    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+        """The prompts' forward (right-padded, causal: real tokens never attend padding), their keys and values written
+        to fresh pages."""
+        first = self.rows
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        ids = torch.tensor([p + [self.vocab.pad_id] * (width - len(p)) for p in prompts], device=self.device)  # (n, P)
+        self.table = torch.cat([self.table, self.table.new_zeros((len(prompts), self.table.shape[1]))])
+        for n in lengths:
+            self.lengths.append(n)
+            self.pages.append([])
+            self._reserve(len(self.pages) - 1, n)
+        self._sync_table()
+        rows = torch.arange(first, first + len(prompts), device=self.device)  # (n,)
+        slots = self._slots(rows, torch.zeros_like(rows), width)  # (n, P)
+        real = torch.arange(width, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        positions = torch.arange(width, device=self.device)[None]  # (1, P)
+        hidden, cos, sin = lean.embed(self.model, ids, positions)  # (n, P, d), each (1, 1, P, D)
+        for i, layer in enumerate(self.layers):
+            q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (n, H, P, D), (n, H_kv, P, D)
+            self.keys[i][slots[real]] = k.transpose(1, 2)[real].to(self.keys[i].dtype)  # (tokens, H_kv, D)
+            self.values[i][slots[real]] = v.transpose(1, 2)[real].to(self.values[i].dtype)
+            hidden = lean.finish_layer(layer, hidden, lean.attend(q, k, v, None, self.scaling, self.group))
+        last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return _logp(lean.output_logits(self.model, last), self.vocab, self.stop_ids)  # (n, V)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, width = tokens.shape
+        before = list(self.lengths)
+        after = [n + width for n in before]
+        for row, n in enumerate(after):
+            self._reserve(row, n)
+        self.lengths = after
+        self._sync_table()
+        start = torch.tensor(before, device=self.device)  # (b,)
+        new_slots = self._slots(torch.arange(batch, device=self.device), start, width)  # (b, w)
+        offsets = torch.arange(width, device=self.device)  # (w,)
+        positions = start[:, None] + offsets  # (b, w)
+        groups = []
+        for rows in length_groups(after):
+            longest = after[rows[0]]
+            rows_t = torch.tensor(rows, device=self.device)  # (b_g,)
+            slots = self._slots(rows_t, torch.zeros_like(rows_t), longest)  # (b_g, L_g)
+            # token i of the window sees the row's slots before it and itself: slot j < start + i + 1
+            limit = start[rows_t][:, None, None] + offsets[None, :, None] + 1  # (b_g, w, 1)
+            mask = torch.arange(longest, device=self.device)[None, None] < limit  # (b_g, w, L_g)
+            groups.append((rows_t, slots, mask[:, None]))
+            self.reads.read += len(rows) * longest
+        self.reads.filled += sum(after)
+        hidden, cos, sin = lean.embed(self.model, tokens, positions)  # (b, w, d), each (b, 1, w, D)
+        for i, layer in enumerate(self.layers):
+            q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (b, H, w, D), (b, H_kv, w, D)
+            self.keys[i][new_slots] = k.transpose(1, 2).to(self.keys[i].dtype)  # (b, w, H_kv, D)
+            self.values[i][new_slots] = v.transpose(1, 2).to(self.values[i].dtype)
+            hidden = lean.finish_layer(layer, hidden, self._attend(q, self.keys[i], self.values[i], groups))
+        return _logp(lean.output_logits(self.model, hidden), self.vocab, self.stop_ids)  # (b, w, V)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        kept = rows.tolist()
+        for row in set(range(self.rows)) - set(kept):
+            self.free_pages.extend(self.pages[row])
+        self.lengths = [self.lengths[r] for r in kept]
+        self.pages = [self.pages[r] for r in kept]
+        self._sync_table()
+        self.table = self.table[rows]
+
+    def truncate(self, drop: torch.Tensor) -> None:
+        for row, n in enumerate(drop.tolist()):
+            self.lengths[row] -= n
+            keep_pages = -(-self.lengths[row] // PAGE_SLOTS)
+            self.free_pages.extend(self.pages[row][keep_pages:])
+            del self.pages[row][keep_pages:]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV pool as allocated (it grows with the tokens decoded and never shrinks within a rollout)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class HFDecoder:
+    """Any causal LM through its own forward and a Hugging Face DynamicCache. Rows are left-padded to a common cache
+    width; new rows are prefilled in a cache of their own and joined, the narrower side padded on the left (masked);
+    slots of truncated tokens stay in the cache, masked. Positions count attended tokens only."""
+
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace):
+        self.model, self.vocab = model, vocab
+        self.device = model.device
+        self.stop_ids = vocab.stop_tensor(self.device)
+        self.reads = Reads()
+        self.cache: DynamicCache | None = None
+        self.attention = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (b, S) 1 = attended slot
+        self.next_position = torch.zeros(0, dtype=torch.long, device=self.device)  # (b,)
+
+    @property
+    def rows(self) -> int:
+        return self.attention.shape[0]
+
+    @torch.no_grad()
+    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.vocab.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)  # (n, P)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)  # (n, P)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # (n, P)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]  # (n, V)
+        if self.cache is None or self.rows == 0:
+            self.cache, self.attention = cache, mask
+        else:
+            self.cache, self.attention = _join(self.cache, self.attention, cache, mask)
+        self.next_position = torch.cat([self.next_position, positions[:, -1] + 1])
+        return _logp(logits, self.vocab, self.stop_ids)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, width = tokens.shape
+        self.attention = torch.cat([self.attention, torch.ones_like(tokens)], dim=1)  # (b, S + w)
+        positions = self.next_position[:, None] + torch.arange(width, device=self.device)  # (b, w)
+        logits = self.model(input_ids=tokens, attention_mask=self.attention, position_ids=positions,
+                            past_key_values=self.cache, use_cache=True, logits_to_keep=width).logits[:, -width:]
+        self.next_position = self.next_position + width
+        self.reads.read += self.attention.numel()
+        self.reads.filled += int(self.attention.sum())
+        return _logp(logits, self.vocab, self.stop_ids)  # (b, w, V)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.attention, self.next_position = self.attention[rows], self.next_position[rows]
+
+    def truncate(self, drop: torch.Tensor) -> None:
+        width = self.attention.shape[1]
+        dropped = torch.arange(width, device=self.device)[None] >= width - drop[:, None]  # (b, S)
+        self.attention = self.attention.masked_fill(dropped, 0)
+        self.next_position = self.next_position - drop
+
+
+def _join(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache,
+          new_mask: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Two left-padded caches and masks stacked along the batch, the narrower one padded on the left."""
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+        missing = width - x.shape[dim]
+        if not missing:
+            return x
+        shape = list(x.shape)
+        shape[dim] = missing
+        return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+    for old_layer, new_layer in zip(cache.layers, new.layers):
+        old_layer.keys = torch.cat([pad(old_layer.keys, 2), pad(new_layer.keys, 2)])
+        old_layer.values = torch.cat([pad(old_layer.values, 2), pad(new_layer.values, 2)])
+    return cache, torch.cat([pad(mask, 1), pad(new_mask, 1)])
+
+
+def make_decoder(model: PreTrainedModel, vocab: VocabSpace, forward: str = "auto") -> Decoder:
+    """The backend for this model: forward = "lean" (paged, Llama family only), "hf", or "auto" (lean where
+    `trb.lean.supports` the model, else hf)."""
+    if forward not in ("auto", "lean", "hf"):
+        raise ValueError(f"forward must be 'auto', 'lean' or 'hf', got {forward!r}")
+    if forward == "lean" and not lean.supports(model):
+        raise ValueError(f"the lean forward does not support this {type(model).__name__}; use forward 'auto' or 'hf'")
+    if forward != "hf" and lean.supports(model):
+        return PagedDecoder(model, vocab)
+    return HFDecoder(model, vocab)
+
+
+def kv_bytes_per_token(model: PreTrainedModel, dtype_bytes: int = 2) -> int:
+    """KV cache bytes one token occupies in this model (all layers, keys and values)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
