@@ -24,7 +24,7 @@ from trb import lean
 
 
 def decode_compile(setting: bool | str, device: torch.device) -> bool:
-    """The config's `compile` for a device: `auto` compiles decoding (static caches, CUDA graphs) on a GPU and decodes
+    """The config's `compile` for a device: `auto` compiles the policy's math on a GPU and decodes
     eagerly on a CPU, where compiling repays its minutes of compilation only in long runs (README)."""
     return device.type == "cuda" if setting == "auto" else setting
 
