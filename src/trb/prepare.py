@@ -52,7 +52,7 @@ from trb.models import tiny_causal_lm, vocab_space
 from trb.rollout import left_pad, position_ids
 from trb.tasks import SETTINGS, Problem, load_problems, tokenize_prompts, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
-from trb.train import Preemption
+from trb.stopping import StopSignals
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -604,9 +604,14 @@ def prepare(
         log(f"{role}: {_parameters(model):,} parameters")
         t = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)  # data order; init is isolated by tiny_causal_lm(seed=)
-        with Preemption() as preemption:
-            result = sft(model, prompts, completions, tokenizer.pad_token_id, sft_config, generator, log, role,
-                         resume=earlier.get("resume"), interrupted=lambda: preemption.requested, **stopping)
+        signals = StopSignals().install()  # SIGTERM / SIGINT end the stage after its current step
+        try:
+            with signals.phase(abandon=False):
+                result = sft(model, prompts, completions, tokenizer.pad_token_id, sft_config, generator, log, role,
+                             resume=earlier.get("resume"), interrupted=lambda: signals.received is not None,
+                             **stopping)
+        finally:
+            signals.uninstall()
         wall[f"{role}_sft"] = earlier["wall_s"] + time.perf_counter() - t
         _save_stage(resume_dir / role, model, tokenizer, result, {"wall_s": wall[f"{role}_sft"], **extra()})
         _save_and_reload(model, tokenizer, out_dir / role, config.save_dtype, device)  # usable now, even if stopped
