@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("prepare", help="make a miniature teacher and base student")
-    p.add_argument("source", help="arith, word, or a GSM8K-format JSONL of problems with worked solutions")
+    p.add_argument("source", help="arith, word, chain, or a GSM8K-format JSONL of problems with worked solutions")
     p.add_argument("--out", required=True, help="output folder (teacher/, student/, prepare.json)")
     p.add_argument("--preset", help="size preset for a file source (default: word)")
     p.add_argument("--seed", type=int, default=0)
