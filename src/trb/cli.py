@@ -33,7 +33,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C outside the steps that save a checkpoint first
 
 # The built-in settings, which are also the `trb prepare` presets (trb.tasks.SETTINGS, trb.prepare.PRESETS; a test
 # holds the three equal). Named here so that a bad name fails before torch is imported.
-SETTINGS = ("arith", "word")
+SETTINGS = ("arith", "word", "chain")
 
 
 class UsageError(TrbError):
