@@ -517,8 +517,8 @@ PHASES = {  # phase: (signal, the moment it is sent, what the run says when it s
 }
 
 
-@pytest.mark.parametrize("phase", [pytest.param(p, marks=[pytest.mark.slow] if p != "step-0 evaluation" else [])
-                                   for p in PHASES])
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", list(PHASES))
 def test_signal_during_an_evaluation_exits_75_and_the_resume_repeats_nothing(phase, long_evaluations, tiny_pair,
                                                                              tmp_path):
     """The evaluation is abandoned, the state after the last step saved, and the resume runs that evaluation once."""

@@ -359,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"trb: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as error:  # an I/O error no check above names (run files name themselves through TrbError)
+        if args.debug:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"trb: error: {error.strerror or error}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Stopped as stop:  # raised only while loading, before any checkpoint could exist
         print(f"trb: stopped by signal {stop} before training started; no checkpoint was written: rerun the same "
               "command (with resume=auto if the run folder was created)", file=sys.stderr)

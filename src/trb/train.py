@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from trb import distributed
-from trb.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from trb.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint, sha256_file
 from trb.config import ConfigError, TrainConfig, as_dict, load_config
 from trb.core import linear_ramp
 from trb.errors import TrbError
@@ -107,11 +107,6 @@ MAY_CHANGE = ("resume", "steps", "device", "distributed", "out_dir")
 BY_CONTENT = ("models.student", "models.teacher", "data.source", "data.test_source")
 
 
-def _hash_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def input_digests(cfg: TrainConfig, known: dict | None = None) -> dict:
     """The content of a run's inputs: SHA-256 of the data files and of every file of both model folders (a file
     whose size and modification time match `known`, the record of an earlier start, keeps its recorded digest)."""
@@ -126,13 +121,13 @@ def input_digests(cfg: TrainConfig, known: dict | None = None) -> dict:
             old = before.get(path.name, {})
             same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns
             files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                "sha256": old["sha256"] if same else _hash_file(path)}
+                                "sha256": old["sha256"] if same else sha256_file(path)}
         models[role] = files
     data = {}
     for key in ("source", "test_source"):
         source = getattr(cfg.data, key)
         is_file = source is not None and source not in SETTINGS and Path(source).is_file()
-        data[key] = {"path": source, "sha256": _hash_file(Path(source)) if is_file else None}
+        data[key] = {"path": source, "sha256": sha256_file(Path(source)) if is_file else None}
     return {"models": models, "data": data}
 
 
