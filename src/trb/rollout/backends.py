@@ -127,12 +127,20 @@ class PagedDecoder:
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Queries (b, H, w, D) over each row's filled slots, heads concatenated: (b, w, H * D)."""
-        batch, _, width, _ = q.shape
-        out = q.new_empty((batch, width, q.shape[1] * self.head_dim))
+        batch, heads, width, _ = q.shape
+        out = q.new_empty((batch, width, heads * self.head_dim))
         for rows, slots, mask in groups:  # (b_g,), (b_g, L_g), (b_g, 1, w, L_g)
             k = keys[slots].transpose(1, 2)  # (b_g, H_kv, L_g, D)
             v = values[slots].transpose(1, 2)
-            out[rows] = lean.attend(q[rows], k, v, mask, self.scaling, self.group)
+            if width > 1:
+                out[rows] = lean.attend(q[rows], k, v, mask, self.scaling, self.group)
+                continue
+            # one token: grouped-query attention as batched matmuls (SDPA under a mask takes its slow path here)
+            qg = q[rows].reshape(len(rows), self.kv_heads, self.group, self.head_dim)  # (b_g, H_kv, g, D)
+            exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
+            scores = torch.matmul(qg, k.transpose(-1, -2)).to(exact) * self.scaling  # (b_g, H_kv, g, L_g)
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
+            out[rows] = torch.matmul(weights, v).reshape(len(rows), 1, -1)  # heads (H_kv, g) in order
         return out
 
     @torch.no_grad()
