@@ -120,7 +120,7 @@ BAD = [
     ("eval: bad option", ["eval", "--model", "{run}", "--samples", "3"], "unrecognized arguments"),
     ("prepare: bad source", ["prepare", "/no/problems.jsonl", "--out", "{tmp}/p"], "is neither a setting"),
     ("prepare: bad preset", ["prepare", "word", "--out", "{tmp}/p", "--preset", "big"],
-     "argument --preset: invalid choice: 'big' (choose from 'arith', 'word')"),
+     "argument --preset: invalid choice: 'big' (choose from 'arith', 'word', 'chain')"),
     ("prepare: bad steps", ["prepare", "word", "--out", "{tmp}/p", "--teacher-steps", "0"],
      "argument --teacher-steps: expected a positive integer, got '0'"),
     ("prepare: bad threads", ["prepare", "word", "--out", "{tmp}/p", "--threads", "two"], "--threads"),

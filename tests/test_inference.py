@@ -11,7 +11,8 @@ import torch.distributed as dist
 from trb.config import ConfigError, load_config
 from trb.inference import InferenceCopy, decode_compile
 from trb.models import add_lora, lora_layers, merged_lora_model
-from trb.rollout import TRBPolicy, generate, lean
+from trb import lean
+from trb.rollout import TRBPolicy, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

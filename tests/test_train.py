@@ -48,8 +48,8 @@ def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_
     problems, _ = problem_splits("arith", 64, 6, 0)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems])
     batch = [prompts[i] for i in step_prompts(0, 4, len(prompts), 0) for _ in range(2)]
-    generator = torch.Generator().manual_seed(stream_seed(0, 0, 0, "rollout"))
-    rollout = generate(TRBPolicy(0.05), batch, vocab, 20, generator, student=student, teacher=teacher)
+    keys = torch.tensor([stream_seed(0, 0, i, "rollout") & 0xFFFFFFFF for i in range(len(batch))])
+    rollout = generate(TRBPolicy(0.05), batch, vocab, 20, student=student, teacher=teacher, keys=keys)
     ids, mask, pos = rollout.sequences()
     width, steps = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
     stop = vocab.stop_tensor("cpu")
@@ -80,7 +80,9 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1(tiny_pair, tmp_path):
     one, eight = final_weights(tmp_path / "one"), final_weights(tmp_path / "eight")
     initial = load_file(str(tiny_pair["student"] / "model.safetensors"))
     assert max((one[k] - initial[k]).abs().max().item() for k in one) > 1e-4, "the step must change the weights"
-    assert max((one[k] - eight[k]).abs().max().item() for k in one) <= 1e-6
+    # fp32 summation order differs between the splits; Adam's first step divides each gradient by its own size, so
+    # parameters whose gradient is near Adam's eps (1e-8) carry that rounding into the update: a few 1e-6 at lr 1e-3
+    assert max((one[k] - eight[k]).abs().max().item() for k in one) <= 2e-6
 
 
 def test_sampler_logps_equal_trainer_logps(tiny_pair, loaded_pair):

@@ -352,7 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     # train: SIGTERM/SIGINT handled before the heavy imports, so a signal at any moment gets a clean exit
     args.signals = StopSignals().install() if args.command == "train" else None
     try:
-        _quiet_libraries()
         return args.func(args)
     except TrbError as error:
         if args.debug:

@@ -133,14 +133,14 @@ class PagedDecoder:
             k = keys[slots].transpose(1, 2)  # (b_g, H_kv, L_g, D)
             v = values[slots].transpose(1, 2)
             if width > 1:
-                out[rows] = lean.attend(q[rows], k, v, mask, self.scaling, self.group)
+                out[rows] = lean.attend(q[rows], k, v, mask, self.scaling, self.group).to(out.dtype)
                 continue
             # one token: grouped-query attention as batched matmuls (SDPA under a mask takes its slow path here)
             qg = q[rows].reshape(len(rows), self.kv_heads, self.group, self.head_dim)  # (b_g, H_kv, g, D)
             exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
             scores = torch.matmul(qg, k.transpose(-1, -2)).to(exact) * self.scaling  # (b_g, H_kv, g, L_g)
             weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-            out[rows] = torch.matmul(weights, v).reshape(len(rows), 1, -1)  # heads (H_kv, g) in order
+            out[rows] = torch.matmul(weights, v).reshape(len(rows), 1, -1).to(out.dtype)  # heads (H_kv, g) in order
         return out
 
     @torch.no_grad()
