@@ -62,6 +62,7 @@ def test_two_ranks_equal_one_process(strategy, tiny_pair, tmp_path):
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["decoder"] == "lean"
 
 
+@pytest.mark.slow  # two torchrun launches and a single run: about a minute
 def test_two_fsdp2_ranks_equal_one_process_with_a_lora_student(tiny_pair, tmp_path):
     """Adapters initialized from the run's seed on every rank, rollouts decoded with the merged inference copy, the
     merged export gathered from the shards."""
