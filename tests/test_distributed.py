@@ -81,6 +81,7 @@ def test_two_fsdp2_ranks_equal_one_process_with_a_lora_student(tiny_pair, tmp_pa
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["decoder"] == "lean"
 
 
+@pytest.mark.slow  # a single run, a two-rank FSDP2 resume and a single resume: ~90 s
 def test_checkpoint_resumes_on_a_different_world_size(tiny_pair, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_pair, steps=3)
     run([sys.executable, "-m", "trb", "train", config, f"out_dir={tmp_path / 'single'}"])
