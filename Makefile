@@ -27,7 +27,7 @@ torch-index:
 	      "$(TORCH_CPU_INDEX)/torch/" >/dev/null 2>&1; then \
 	    echo "--extra-index-url $(TORCH_CPU_INDEX)"; \
 	  else \
-	    echo "set-up: $(TORCH_CPU_INDEX) is unreachable; installing $(TORCH_SPEC) from the default index (its CUDA build: a larger download)" >&2; \
+	    echo "set-up: $(TORCH_CPU_INDEX) is unreachable; installing $(TORCH_SPEC) from the default index (on Linux PyPI serves its CUDA build, a larger download, unless a mirror serves a CPU one)" >&2; \
 	  fi; \
 	fi
 
