@@ -21,12 +21,13 @@ MAX_VALUE = 999
 VARIABLES = "abcde"
 
 
-def _draw(rng: random.Random) -> tuple[Problem, str]:
-    n_steps = rng.randint(2, 4)
+def draw_chain(rng: random.Random, n_steps: int, variables: str = VARIABLES) -> tuple[Problem, str]:
+    """One chain of n_steps operations on a starting value (variables[0] = value, each next one from the previous),
+    every result in 0..MAX_VALUE. Returns the problem and its question (the split key)."""
     value = rng.randint(10, 99)
     assignments = [f"a = {value}"]
     lines = []
-    for prev, var in zip(VARIABLES, VARIABLES[1 : n_steps + 1]):
+    for prev, var in zip(variables, variables[1 : n_steps + 1]):
         choices = []  # every operation whose result can stay in 0..MAX_VALUE; subtraction or addition always can
         if value + 10 <= MAX_VALUE:
             choices.append(("+", rng.randint(10, min(99, MAX_VALUE - value))))
@@ -39,9 +40,13 @@ def _draw(rng: random.Random) -> tuple[Problem, str]:
         assignments.append(f"{var} = {prev} {op} {operand}")
         lines.append(f"{var} = {value} {op} {operand} = {result}")
         value = result
-    question = f"{', '.join(assignments)}. Find {VARIABLES[n_steps]}."
+    question = f"{', '.join(assignments)}. Find {variables[n_steps]}."
     solution = "\n".join([*lines, f"\\boxed{{{value}}}"])
     return Problem(question, solution, str(value)), question
+
+
+def _draw(rng: random.Random) -> tuple[Problem, str]:
+    return draw_chain(rng, rng.randint(2, 4))
 
 
 def generate(split: str, n: int, seed: int) -> list[Problem]:

@@ -19,34 +19,15 @@ from __future__ import annotations
 
 import random
 
-from trb.tasks.arith import MAX_VALUE
-from trb.tasks.problems import OPS, Problem, draw_split
+from trb.tasks.arith import draw_chain
+from trb.tasks.problems import Problem, draw_split
 
 MIN_STEPS, MAX_STEPS = 6, 10
 VARIABLES = "abcdefghijk"  # a plus up to MAX_STEPS results
 
 
 def _draw(rng: random.Random) -> tuple[Problem, str]:
-    n_steps = rng.randint(MIN_STEPS, MAX_STEPS)
-    value = rng.randint(10, 99)
-    assignments = [f"a = {value}"]
-    lines = []
-    for prev, var in zip(VARIABLES, VARIABLES[1 : n_steps + 1]):
-        choices = []  # every operation whose result stays in 0..MAX_VALUE; subtraction or addition always can
-        if value + 10 <= MAX_VALUE:
-            choices.append(("+", rng.randint(10, min(99, MAX_VALUE - value))))
-        if value >= 10:
-            choices.append(("-", rng.randint(10, min(99, value))))
-        if 2 * value <= MAX_VALUE:
-            choices.append(("*", rng.randint(2, min(9, MAX_VALUE // max(value, 1)))))
-        op, operand = rng.choice(choices)
-        result = OPS[op](value, operand)
-        assignments.append(f"{var} = {prev} {op} {operand}")
-        lines.append(f"{var} = {value} {op} {operand} = {result}")
-        value = result
-    question = f"{', '.join(assignments)}. Find {VARIABLES[n_steps]}."
-    solution = "\n".join([*lines, f"\\boxed{{{value}}}"])
-    return Problem(question, solution, str(value)), question
+    return draw_chain(rng, rng.randint(MIN_STEPS, MAX_STEPS), VARIABLES)
 
 
 def generate(split: str, n: int, seed: int) -> list[Problem]:
