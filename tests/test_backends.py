@@ -7,7 +7,7 @@ import torch
 from trb.core import merged_logp
 from trb.models import VocabSpace
 from trb.rollout import HFDecoder, PagedDecoder
-from trb.rollout.backends import length_groups
+from trb.rollout.backends import PAGE_SLOTS, kv_bytes_per_token, length_groups
 
 from test_lean import FAMILIES, family_model
 
@@ -69,6 +69,7 @@ def test_paged_reads_stay_near_the_filled_slots():
     assert dec.reads.read <= 1.2 * dec.reads.filled
     # KV memory follows the tokens: the pool holds at least the filled slots and is sized in pages
     assert dec.kv_bytes >= 2 * 2 * (sum(lengths) + len(lengths)) * 2 * 8 * 4
+    assert dec.kv_bytes == dec.capacity * PAGE_SLOTS * kv_bytes_per_token(model, dtype_bytes=4)
 
 
 def test_length_groups_bound_padding_and_cover_every_row():

@@ -15,7 +15,6 @@ The one host synchronization per step is the stop check (how many sequences just
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +40,11 @@ class RolloutStats:
     concurrency: int = 0
     reads: dict[str, Reads] = field(default_factory=dict)
 
+    def add_reads(self, role: str, reads: Reads) -> None:
+        total = self.reads.setdefault(role, Reads())
+        total.read += reads.read
+        total.filled += reads.filled
+
     @property
     def steps_over_ideal(self) -> float:
         """Decode steps relative to total tokens / concurrency (1 = every step decodes a full batch)."""
@@ -58,11 +62,6 @@ def _for_compile(policy: BehaviorPolicy, device: torch.device) -> BehaviorPolicy
     if isinstance(policy, TRBPolicy) and not isinstance(policy.eps, torch.Tensor):
         return dataclasses.replace(policy, eps=torch.tensor(float(policy.eps), device=device))
     return policy
-
-
-@functools.cache
-def _compiled(choose):
-    return torch.compile(choose, dynamic=True)
 
 
 @torch.no_grad()
@@ -106,7 +105,8 @@ def generate(
     keys = keys.to(device)  # (B,)
     concurrency = min(concurrency or batch, batch)
     decoders = {role: make_decoder(model, vocab, forward) for role, (needed, model) in roles.items() if needed}
-    choose = _compiled(_for_compile(policy, device).choose) if compile else policy.choose
+    # compiled code is cached by code object, so a fresh wrapper per call recompiles nothing; eps is a tensor input
+    choose = torch.compile(_for_compile(policy, device).choose, dynamic=True) if compile else policy.choose
 
     tokens = torch.full((batch, max_new_tokens), vocab.pad_id, dtype=torch.long, device=device)  # (B, T)
     records = {name: torch.zeros((batch, max_new_tokens), device=device) for name in RECORDS}  # each (B, T)
@@ -165,9 +165,7 @@ def generate(
             stats.decode_steps += 1
 
     for role, dec in decoders.items():
-        total = stats.reads.setdefault(role, Reads())
-        total.read += dec.reads.read
-        total.filled += dec.reads.filled
+        stats.add_reads(role, dec.reads)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,

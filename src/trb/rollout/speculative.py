@@ -193,10 +193,8 @@ def generate_speculative(
 
     spec.drafted, spec.tested, spec.accepted = counts.tolist()
     mask = torch.arange(max_new_tokens, device=device)[None] < count.clamp_max(max_new_tokens)[:, None]  # (B, T)
-    for role, dec in (("student", s_dec), ("teacher", t_dec)):
-        total = stats.reads.setdefault(role, type(dec.reads)())
-        total.read += dec.reads.read
-        total.filled += dec.reads.filled
+    stats.add_reads("student", s_dec.reads)
+    stats.add_reads("teacher", t_dec.reads)
     rollout = Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
