@@ -105,7 +105,7 @@ def generate(
     keys = keys.to(device)  # (B,)
     concurrency = min(concurrency or batch, batch)
     decoders = {role: make_decoder(model, vocab, forward) for role, (needed, model) in roles.items() if needed}
-    # compiled code is cached by code object, so a fresh wrapper per call recompiles nothing; eps is a tensor input
+    # a wrapper per call (the policy changes every step); TRB's eps is a tensor input, so its value is not specialized
     choose = torch.compile(_for_compile(policy, device).choose, dynamic=True) if compile else policy.choose
 
     tokens = torch.full((batch, max_new_tokens), vocab.pad_id, dtype=torch.long, device=device)  # (B, T)
