@@ -118,6 +118,12 @@ BAD = [
     ("eval: missing data", ["eval", "--model", "{run}", "--data", "/no/test.jsonl"], "--data '/no/test.jsonl'"),
     ("eval: --all on a setting", ["eval", "--model", "{run}", "--all"], "--all scores every problem of a file"),
     ("eval: bad option", ["eval", "--model", "{run}", "--samples", "3"], "unrecognized arguments"),
+    ("eval: zero samples", ["eval", "--model", "{run}", "--n", "0"], "argument --n: expected a positive integer"),
+    ("eval: zero batch", ["eval", "--model", "{run}", "--batch", "0"], "argument --batch: expected a positive"),
+    ("eval: negative problems", ["eval", "--model", "{run}", "--problems", "-2"], "argument --problems"),
+    ("eval: negative length", ["eval", "--model", "{run}", "--max-new-tokens", "-5"], "--max-new-tokens"),
+    ("eval: bad device", ["eval", "--model", "{run}", "--device", "gpu0"],
+     "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu0'"),
     ("prepare: bad source", ["prepare", "/no/problems.jsonl", "--out", "{tmp}/p"], "is neither a setting"),
     ("prepare: bad preset", ["prepare", "word", "--out", "{tmp}/p", "--preset", "big"],
      "argument --preset: invalid choice: 'big' (choose from 'arith', 'word', 'chain')"),
@@ -129,6 +135,13 @@ BAD = [
      "is not a prepared teacher folder"),
     ("compare: missing config", ["compare", "/no/such.yaml", "--methods", "opd", "--out", "{tmp}/c"], "not found"),
     ("compare: out is a file", ["compare", "{config}", "--methods", "opd", "--out", "{config}"], "is a file"),
+    ("compare: zero jobs", ["compare", "{config}", "--methods", "opd", "--out", "{tmp}/c", "--jobs", "0"],
+     "argument --jobs: expected a positive integer, got '0'"),
+    ("probe: negative eps", ["probe", "--student", "{run}", "--teacher", "{run}", "--out", "{tmp}/o", "--eps", "-1"],
+     "argument --eps: expected a finite number >= 0"),
+    ("tables: not a result folder", ["tables", "{tmp}"], "holds neither plan.json"),
+    ("inspect: negative step", ["inspect", "{run}", "--steps", "-1"], "argument --steps: expected an integer >= 0"),
+    ("demo: zero steps", ["demo", "--steps", "0"], "argument --steps: expected a positive integer"),
     ("probe: missing student", ["probe", "--student", "/no/s", "--teacher", "{run}", "--out", "{tmp}/o"],
      "--student '/no/s': no such file or folder"),
     ("inspect: not a run", ["inspect", "{tmp}"], "is not a run folder"),
@@ -173,7 +186,9 @@ def test_setting_names_of_the_command_line_are_the_settings_and_presets():
     ["prepare", "word", "--out", "/tmp/unused", "--preset", "big"],
     ["eval", "--model", "/no/model"],
     ["inspect", "/no/run"],
-], ids=["train", "prepare source", "prepare preset", "eval", "inspect"])
+    ["tables", "/no/results"],
+    ["eval", "--model", "/tmp", "--n", "0"],
+], ids=["train", "prepare source", "prepare preset", "eval", "inspect", "tables", "eval option"])
 def test_path_and_option_errors_print_in_under_a_second_without_torch(args):
     code = "\n".join([
         "import sys, time",

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -138,12 +140,14 @@ def cmd_prepare(args) -> int:
     from tqdm import tqdm
 
     from trb.prepare import PRESETS, prepare, with_steps
+    from trb.train import resolve_device
 
+    device = str(resolve_device(args.device))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     preset = args.preset or (args.source if args.source in PRESETS else "word")
     config = with_steps(replace(PRESETS[preset], seed=args.seed), args.teacher_steps, args.student_steps)
-    report = prepare(args.source, Path(args.out), config, device=args.device,
+    report = prepare(args.source, Path(args.out), config, device=device,
                      log=lambda message: tqdm.write(message, file=sys.stderr), teacher_from=args.teacher_from)
     if report["status"] == "stopped":
         print(json.dumps(report))
@@ -206,8 +210,10 @@ def cmd_probe(args) -> int:
 
 
 def cmd_tables(args) -> int:
+    for folder in map(Path, args.folders):  # every folder checked before the heavy imports
+        if not (folder / "plan.json").is_file() and not (folder / "probe.json").is_file():
+            raise TrbError(f"{str(folder)!r} holds neither plan.json (trb compare) nor probe.json (trb probe)")
     from trb.compare import rebuild_results
-    from trb.errors import TrbError
     from trb.probe import probe_tables
 
     for folder in map(Path, args.folders):
@@ -215,8 +221,6 @@ def cmd_tables(args) -> int:
             rebuild_results(folder)
         elif (folder / "probe.json").is_file():
             probe_tables(folder)
-        else:
-            raise TrbError(f"{str(folder)!r} holds neither plan.json (trb compare) nor probe.json (trb probe)")
         print(f"rebuilt {folder}")
     return 0
 
@@ -252,16 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint folder: also report the teacher-KL on the samples")
     p.add_argument("--data", default="arith", help="a built-in setting or a problem file (JSONL/parquet)")
     p.add_argument("--all", action="store_true", help="score every problem of the --data file (your test file)")
-    p.add_argument("--problems", type=int, default=200,
+    p.add_argument("--problems", type=_positive, default=200,
                    help="number of test problems (without --all: a setting's test split, or a held-out slice of a "
                    "file)")
-    p.add_argument("--n", type=int, default=4, help="samples per problem (avg@n)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--n", type=_positive, default=4, help="samples per problem (avg@n)")
+    p.add_argument("--max-new-tokens", type=_positive, default=128)
+    p.add_argument("--batch", type=_positive, default=256)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--data-seed", type=int, default=0, help="problem generation / split seed")
     p.add_argument("--system-prompt")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--out", help="write the full result (with per-problem scores) to this JSON file")
     p.set_defaults(func=cmd_eval)
 
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("compare", help="methods x seeds with confidence intervals and paired differences")
@@ -291,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method specs: name or name:key=value,... ; a|b in a value expands into a grid")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--out", required=True, help="output folder (runs/, results.md, results.csv, plots)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads are split among them)")
-    p.add_argument("--threads", type=int, help="torch threads per run (default: cores // jobs)")
+    p.add_argument("--jobs", type=_positive, default=1, help="runs in parallel (threads are split among them)")
+    p.add_argument("--threads", type=_positive, help="torch threads per run (default: cores // jobs)")
     p.add_argument("--baseline", default="opd", help="variant the paired differences are taken against")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     p.set_defaults(func=cmd_compare)
@@ -301,14 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", required=True)
     p.add_argument("--teacher", required=True)
     p.add_argument("--data", default="arith")
-    p.add_argument("--eps", type=float, default=0.02, help="TRB's step-0 budget eps0")
-    p.add_argument("--lengths", type=int, nargs="+", default=[0, 4, 8, 16, 24, 32])
-    p.add_argument("--problems", type=int, default=200)
-    p.add_argument("--samples", type=int, default=2, help="rollouts per problem and behavior")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--eps", type=_budget, default=0.02, help="TRB's step-0 budget eps0")
+    p.add_argument("--lengths", type=_non_negative, nargs="+", default=[0, 4, 8, 16, 24, 32])
+    p.add_argument("--problems", type=_positive, default=200)
+    p.add_argument("--samples", type=_positive, default=2, help="rollouts per problem and behavior")
+    p.add_argument("--max-new-tokens", type=_positive, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_probe)
 
@@ -318,14 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="an HTML page of a run's logged rollouts, shaded by beta")
     p.add_argument("run", help="run folder")
-    p.add_argument("--steps", type=int, nargs="*", help="steps to show (default: all logged)")
+    p.add_argument("--steps", type=_non_negative, nargs="*", help="steps to show (default: all logged)")
     p.add_argument("--out", help="HTML file (default: RUN/rollouts.html)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="the embedded miniature: vanilla OPD and TRB side by side")
     p.add_argument("--out", help="output folder (default: runs/demo-<time>)")
     p.add_argument("--setting", default="arith", choices=SETTINGS)
-    p.add_argument("--steps", type=int, help="optimizer steps per method (default: the config's)")
+    p.add_argument("--steps", type=_positive, help="optimizer steps per method (default: the config's)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for both runs")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -339,6 +343,32 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text) is None:
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
