@@ -113,6 +113,27 @@ def test_reverse_kl_gradient_matches_closed_form():
     torch.testing.assert_close(z.grad, expected)
 
 
+def test_reverse_kl_gradient_is_finite_where_the_student_has_zero_mass():
+    # Regression: tokens masked to -inf in the student's logits (a sliced or restricted vocabulary) gave NaN
+    # gradients to every logit; the gradient must equal the closed form over the tokens that have mass.
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    z[:, [1, 4]] = float("-inf")
+    z.requires_grad_(True)
+    q = torch.log_softmax(torch.randn(2, 7, generator=g, dtype=torch.float64), -1)
+    for fn in (reverse_kl, forward_kl):
+        z.grad = None
+        fn(torch.log_softmax(z, -1), q).sum().backward()
+        assert torch.isfinite(z.grad).all(), fn.__name__
+    z.grad = None
+    kl = reverse_kl(torch.log_softmax(z, -1), q)
+    kl.sum().backward()
+    p = torch.softmax(z.detach(), -1)
+    expected = torch.where(p > 0, p * (p.log() - q - kl.detach()[..., None]), 0.0)
+    torch.testing.assert_close(z.grad, expected)
+    torch.testing.assert_close(kl, (p * torch.where(p > 0, p.log() - q, 0.0)).sum(-1))
+
+
 def test_sampled_estimator_is_unbiased_for_value_and_gradient():
     # E_{y ~ pi_S}[estimator] = KL(pi_S || pi_T), and the mean surrogate gradient equals grad KL.
     g = torch.Generator().manual_seed(5)

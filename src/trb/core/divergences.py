@@ -18,8 +18,10 @@ from trb.core.numerics import upcast
 
 
 def _xlogy_diff(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Elementwise p (log p - log q) with 0 where p = 0, (..., V)."""
-    return torch.where(p > 0, p * (log_p - log_q), 0.0)
+    """Elementwise p (log p - log q) with 0 where p = 0, (..., V). The difference is zeroed before the product, not
+    after: p * (-inf) at p = 0 would give NaN in the forward and, through the product's backward, NaN gradients
+    even where the where() discards it."""
+    return p * torch.where(p > 0, log_p - log_q, 0.0)
 
 
 def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
