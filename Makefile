@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $$($(MAKE) --no-print-directory -s torch-index)
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,trl]"
 	touch $@
 
 # The pip option that selects the CPU wheel index, or nothing (GPU machine, or the index is unreachable).

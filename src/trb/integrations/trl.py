@@ -1,0 +1,211 @@
+"""TRB inside TRL's `DistillationTrainer`: TRL's loop, loss, config and logging, with the on-policy rollouts sampled
+from a `trb` behavior policy.
+
+TRL's trainer samples completions from the student and trains it towards the teacher with its generalized JSD
+(`beta = 1`: reverse KL) at `temperature`. `TRBDistillationTrainer` changes only where those completions come from:
+`_generate_single_turn`, the trainer's generation seam, decodes with `trb.rollout.generate`, student and teacher in
+lock-step, from the behavior policy of a `trb` method at TRL's optimizer step (`state.global_step`), e.g. TRB's
+blend with its annealed budget eps_k. The loss needs no importance weights (METHOD.md section 1), so nothing else
+changes. After the warmup (eps_k = 0) the rollouts are the student's, as in the plain trainer.
+
+Temperature: the policy acts on the student's and teacher's distributions at TRL's `temperature`, the ones the
+trainer samples from and compares in its loss; eps = 0 therefore samples exactly the plain trainer's distribution.
+
+Logged per generation through TRL's metrics (averaged over each logging window): `trb/beta` and `trb/realized_kl`
+(means over completion tokens of the blend weight and of KL(mu || pi_S), the budget spent), `trb/teacher_tokens`
+(share of tokens drawn from the teacher: SKD injections, mixture draws) and the method's scheduled values
+(`trb/eps`, ...). Evaluation rollouts come from the student, like the plain trainer's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+try:
+    from trl import DistillationConfig, DistillationTrainer
+    from trl.extras.profiling import profiling_context
+    from trl.models.utils import unwrap_model_for_generation
+except ImportError as error:
+    raise ImportError(
+        "trb.integrations.trl needs TRL's DistillationTrainer; install it with: pip install 'trb[trl]'"
+    ) from error
+
+from trb.core import with_temperature
+from trb.methods import METHODS, Method
+from trb.models import vocab_space
+from trb.rollout import BehaviorPolicy, Draws, Rollout, StudentPolicy, generate
+from trb.train import stream_seed
+
+__all__ = ["FixedBehavior", "SAMPLER_METHODS", "TRBDistillationTrainer", "TemperedPolicy", "resolve_method"]
+
+# Methods that change only where the prefixes come from. The others change what TRL's trainer owns (GKD: the data
+# and the divergence; Veto: the target; MiniLLM: per-token loss weights; SFT warmup: a phase before training;
+# adaptive TRB: a budget fed by the loop's teacher-KL), so running them here would silently train something else.
+SAMPLER_METHODS = ("opd", "trb", "fixed_eps", "skd", "temperature")
+
+
+@dataclass(frozen=True)
+class FixedBehavior(Method):
+    """One behavior policy at every step (e.g. `MixturePolicy(0.2)`: mixture sampling without MiniLLM's weights)."""
+
+    name: ClassVar[str] = "fixed_behavior"
+    policy: BehaviorPolicy
+
+    def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        return self.policy
+
+
+@dataclass(frozen=True)
+class TemperedPolicy:
+    """`policy` applied to the student's and teacher's distributions at temperature tau: log softmax(logp / tau)."""
+
+    policy: BehaviorPolicy
+    temperature: float
+
+    @property
+    def name(self) -> str:
+        return self.policy.name
+
+    @property
+    def needs_student(self) -> bool:
+        return self.policy.needs_student
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.policy.needs_teacher
+
+    def choose(self, student_logp, teacher_logp, draws: Draws):
+        student_logp = None if student_logp is None else with_temperature(student_logp, self.temperature)  # (B, V)
+        teacher_logp = None if teacher_logp is None else with_temperature(teacher_logp, self.temperature)  # (B, V)
+        return self.policy.choose(student_logp, teacher_logp, draws)
+
+
+def resolve_method(method: Method | BehaviorPolicy | str, params: dict | None) -> Method:
+    """A method object, a method name with its parameters, or a behavior policy used at every step."""
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; one of {sorted(METHODS)}")
+        method = METHODS[method](**(params or {}))
+    elif params:
+        raise ValueError("method_params go with a method name, e.g. method='trb', method_params={'eps0': 0.02}")
+    elif not isinstance(method, Method):
+        return FixedBehavior(method)
+    if method.name not in SAMPLER_METHODS:
+        raise ValueError(
+            f"method {method.name!r} changes the loss, the target or the data, which TRL's DistillationTrainer owns; "
+            f"run it with `trb train`. Here: {', '.join(SAMPLER_METHODS)}, or a behavior policy for every step"
+        )
+    return method
+
+
+def _check_args(args: DistillationConfig, tools: list) -> None:
+    unsupported = {
+        "use_vllm": args.use_vllm,
+        "tools": bool(tools),
+        "top_p != 1": args.top_p != 1.0,
+        "top_k > 0": bool(args.top_k),
+        "min_p": args.min_p is not None,
+        "repetition_penalty != 1": args.repetition_penalty != 1.0,
+        "generation_kwargs": bool(args.generation_kwargs),
+        "max_completion_length=None": args.max_completion_length is None,
+    }
+    named = [name for name, set_ in unsupported.items() if set_]
+    if named:
+        raise ValueError(
+            f"TRBDistillationTrainer samples with trb's engine, which does not support {', '.join(named)}; the "
+            "behavior policy sees the full distributions at `temperature`"
+        )
+
+
+class TRBDistillationTrainer(DistillationTrainer):
+    """TRL's `DistillationTrainer` whose on-policy completions come from a `trb` method's behavior policy.
+
+    method: a `trb.methods` object (`TRB(eps0=0.02, horizon=50)`), a name with `method_params`
+    (`method="trb", method_params={"eps0": 0.02}`), or a behavior policy used at every step (`MixturePolicy(0.2)`).
+    Everything else is `DistillationTrainer`'s. `last_rollout` holds the `trb.rollout.Rollout` record of the latest
+    generation (tokens, behavior / student / teacher log-probs, beta and realized KL per token).
+    """
+
+    _tag_names = ["trl", "distillation", "trb"]
+
+    def __init__(
+        self,
+        model,
+        teacher_model,
+        args: DistillationConfig | None = None,
+        *,
+        method: Method | BehaviorPolicy | str = "trb",
+        method_params: dict | None = None,
+        **kwargs,
+    ):
+        if teacher_model is None:
+            raise ValueError("TRBDistillationTrainer needs a teacher_model: the teacher decodes beside the student")
+        self.method = resolve_method(method, method_params)
+        super().__init__(model, teacher_model, args, **kwargs)
+        _check_args(self.args, self.tools)
+        if self._is_vlm:
+            raise ValueError("TRBDistillationTrainer supports text models only (the processing class is a processor)")
+        student = self.accelerator.unwrap_model(self.model)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        self.vocab = vocab_space(self._tokenizer, None, student, teacher)
+        self.method_state: dict = {}
+        self.last_rollout: Rollout | None = None
+        self._calls = (None, 0)  # ((mode, step), generations so far at it): distinct keys for each eval batch
+
+    def _policy(self, mode: str) -> BehaviorPolicy:
+        step = self.state.global_step
+        policy = self.method.behavior(step, self.method_state) if mode == "train" else StudentPolicy()
+        return policy if self.temperature == 1.0 else TemperedPolicy(policy, self.temperature)
+
+    def _keys(self, mode: str, count: int) -> torch.Tensor:
+        """Sequence i's random key from (seed, mode, step, rank, call, i): the rollouts of a step are the same after a
+        resume and differ across ranks and evaluation batches."""
+        at = (mode, self.state.global_step)
+        call = self._calls[1] if self._calls[0] == at else 0
+        self._calls = (at, call + 1)
+        rank = self.accelerator.process_index
+        return torch.tensor([stream_seed(self.args.seed, *at, rank, call, i, "rollout") & 0xFFFFFFFF
+                             for i in range(count)])  # (B,)
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+        mode = "train" if self.model.training else "eval"
+        policy = self._policy(mode)
+        keys = self._keys(mode, len(prompt_ids))  # (B,)
+        with (
+            profiling_context(self, "trb.generate"),
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as student,
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            was_training = student.training
+            student.eval()
+            teacher = self.accelerator.unwrap_model(self.teacher_model).eval()
+            rollout = generate(policy, [list(p) for p in prompt_ids], self.vocab, self.max_completion_length,
+                               student=student, teacher=teacher, keys=keys)
+            student.train(was_training)
+        self.last_rollout = rollout
+        self._log_rollout(mode, rollout)
+        ids, mask = rollout.completion_ids.cpu(), rollout.completion_mask.cpu()  # (B, T)
+        return [row[row_mask].tolist() for row, row_mask in zip(ids, mask, strict=True)]
+
+    def _log_rollout(self, mode: str, rollout: Rollout) -> None:
+        """Token means of beta, realized KL and teacher draws over all ranks, and the method's scheduled values."""
+        mask = rollout.completion_mask.float()  # (B, T)
+        per_token = torch.stack([rollout.beta, rollout.realized_kl, rollout.from_teacher.float()])  # (3, B, T)
+        sums = torch.cat([(per_token * mask).sum((1, 2)), mask.sum()[None]])  # (4,)
+        sums = self.accelerator.gather(sums.to(self.accelerator.device)).view(-1, 4).sum(0)  # (4,)
+        beta, kl, teacher_tokens = (sums[:3] / sums[3].clamp_min(1)).tolist()
+        metrics = self._metrics[mode]
+        metrics["trb/beta"].append(beta)
+        metrics["trb/realized_kl"].append(kl)
+        metrics["trb/teacher_tokens"].append(teacher_tokens)
+        if mode == "train":
+            for name, value in self.method.schedule_metrics(self.state.global_step, self.method_state).items():
+                metrics[f"trb/{name}"].append(value)
