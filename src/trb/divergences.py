@@ -80,6 +80,10 @@ def register_divergence(name: str, fn: PerToken, reads: str = "vocab",
 
 @dataclass(frozen=True)
 class LossSpec:
+    """The loss of a run (config section `loss`): which divergence (a name in DIVERGENCES), its parameters (top_k for
+    the top-k forms, jsd_beta for "jsd"), and how it is computed (chunks, reuse of decode records, length groups,
+    compilation); none of the latter changes its value."""
+
     divergence: str = "reverse_kl"
     top_k: int = 16
     jsd_beta: float = 0.5
