@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, peak_memory_mib, time_ms  # noqa: E402
 
 from trb.core import blend, chunked_divergence, realized_kl, reverse_kl, reverse_kl_with_grad, solve_beta  # noqa: E402
-from trb.losses import _compiled_reverse_kl  # noqa: E402
+from trb.divergences import DIVERGENCES  # noqa: E402
+from trb.losses import _compiled as compiled_closed_form  # noqa: E402
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,7 +63,8 @@ def per_token(path: str):
 
 def logit_grad(path: str, vocab: int, device):
     """The closed form (`reverse_kl_with_grad`): loss and logit gradient in one pass, no autograd."""
-    fn = _compiled_reverse_kl() if path == "fused_compiled" else reverse_kl_with_grad  # as loss.compile does
+    closed_form = DIVERGENCES["reverse_kl"].logit_grad
+    fn = compiled_closed_form(closed_form) if path == "fused_compiled" else reverse_kl_with_grad  # as loss.compile does
     no_stops = torch.zeros(1, dtype=torch.long, device=device)  # one stop id: nothing to merge
 
     def logit_grad_fn(logits_s, logits_t, rows, weight):

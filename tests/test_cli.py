@@ -182,14 +182,17 @@ def test_setting_names_of_the_command_line_are_the_settings_and_presets():
 
 @pytest.mark.parametrize("args", [
     ["train", "/no/such.yaml"],
+    ["train", "trb:configs/miniature_word.yaml", "stesp=3"],
+    ["train", "trb:configs/miniature_arith.yaml", "loss.divergence=kl"],
     ["prepare", "/no/problems.jsonl", "--out", "/tmp/unused"],
     ["prepare", "word", "--out", "/tmp/unused", "--preset", "big"],
     ["eval", "--model", "/no/model"],
     ["inspect", "/no/run"],
     ["tables", "/no/results"],
     ["eval", "--model", "/tmp", "--n", "0"],
-], ids=["train", "prepare source", "prepare preset", "eval", "inspect", "tables", "eval option"])
-def test_path_and_option_errors_print_in_under_a_second_without_torch(args):
+], ids=["train", "train config key", "train config value", "prepare source", "prepare preset", "eval", "inspect",
+        "tables", "eval option"])
+def test_path_option_and_config_errors_print_in_under_a_second_without_torch(args):
     code = "\n".join([
         "import sys, time",
         "started = time.perf_counter()",
@@ -209,3 +212,36 @@ def test_path_and_option_errors_print_in_under_a_second_without_torch(args):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "error:" in result.stderr
     assert (torch_loaded, transformers_loaded) == ("False", "False")
     assert float(seconds) < 1.0, f"the command itself took {float(seconds):.2f} s (process {wall:.2f} s)"
+
+
+def test_config_and_the_api_names_load_without_torch():
+    """`import trb`, its torch-free names and a config with every section built and checked import no torch."""
+    code = "\n".join([
+        "import sys",
+        "import trb",
+        "from trb.config import load_config",
+        "cfg = load_config('trb:configs/miniature_arith.yaml', ['method.name=sft_warmup', 'loss.top_k=8',",
+        "                  'loss.divergence=topk_student_weighted_kl'])",
+        "assert (trb.LossSpec, trb.register_method, trb.register_divergence, trb.METHODS) is not None",
+        "print(cfg.method.name, cfg.loss.top_k, 'torch' in sys.modules, 'transformers' in sys.modules)",
+    ])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["sft_warmup", "8", "False", "False"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("method.eps0=-1", "method: eps0 must be a finite number >= 0, got -1.0"),
+    ("loss.divergence=kl", "loss: unknown divergence 'kl'; choose one of reverse_kl, topk_student_weighted_kl"),
+    ("method.name=trbb", "unknown method 'trbb'; choose one of"),
+    ("steps=many", "steps must be an integer, got 'many'"),
+])
+def test_bad_config_value_through_python_m_trb_is_one_line_exit_2(override, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "trb", "train", "trb:configs/miniature_arith.yaml", override,
+                             f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=60,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(lines) == 1 and lines[0].startswith("trb: error: ") and message in lines[0], lines
+    assert not (tmp_path / "run").exists()

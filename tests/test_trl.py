@@ -6,6 +6,8 @@ import copy
 import importlib
 import math
 import sys
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -17,10 +19,10 @@ from datasets import Dataset  # noqa: E402  (a dependency of trl)
 from trl import DistillationConfig, DistillationTrainer  # noqa: E402  (DistillationTrainer: the plain one)
 
 from trb.core import merged_logp, with_temperature  # noqa: E402
-from trb.integrations.trl import TRBDistillationTrainer, resolve_method  # noqa: E402
-from trb.methods import TRB, FixedEps  # noqa: E402
+from trb.integrations.trl import TRBDistillationTrainer, resolve_method, sampler_methods  # noqa: E402
+from trb.methods import TRB, FixedEps, Method  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer  # noqa: E402
-from trb.rollout import MixturePolicy, TRBPolicy  # noqa: E402
+from trb.rollout import MixturePolicy, StudentPolicy, TRBPolicy  # noqa: E402
 from trb.tasks import SETTINGS  # noqa: E402
 
 PAIR = "trb:miniature/arith"
@@ -184,6 +186,27 @@ def test_behavior_policy_and_metrics_through_trls_logging(pair, tmp_path):
 def test_methods_that_change_the_loss_target_or_data_are_refused(name):
     with pytest.raises(ValueError, match="TRL's DistillationTrainer owns"):
         resolve_method(name, None)
+
+
+def test_which_methods_run_in_trl_follows_the_hooks_they_override():
+    # the built-ins split as their hooks say; a method that overrides only behavior runs, one more hook is refused
+    assert sampler_methods() == ["fixed_eps", "opd", "skd", "temperature", "trb"]
+
+    @dataclass(frozen=True)
+    class Greedyish(Method):
+        name: ClassVar[str] = "greedyish_for_trl_test"
+
+        def behavior(self, step, state):
+            return StudentPolicy(0.5)
+
+    @dataclass(frozen=True)
+    class Reweighted(Greedyish):
+        def token_weights(self, rollout):
+            return rollout.completion_mask.float() * 2
+
+    assert resolve_method(Greedyish(), None) == Greedyish()
+    with pytest.raises(ValueError, match="TRL's DistillationTrainer owns"):
+        resolve_method(Reweighted(), None)
 
 
 def test_resolve_method_by_name_and_params():

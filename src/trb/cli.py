@@ -11,7 +11,8 @@
 
 User errors (bad options, config, data, paths, incompatible models, non-finite training, a run folder in use, a
 full disk) print one line `trb: error: ...` and exit with code 2, without a traceback unless --debug is given.
-Options and paths are checked before torch and transformers are imported, so such errors come back at once. A
+Options, paths and config values are checked before torch and transformers are imported, so such errors come back
+at once. A
 training run stopped by SIGTERM/SIGINT, at any moment from start to exit, saves any new state and exits with code
 75 (rerun with resume=true); so does `trb prepare` (rerun the same command).
 """
@@ -78,11 +79,12 @@ def _existing(path: str | None, option: str) -> None:
 def cmd_train(args) -> int:
     if not args.config.startswith("trb:") and not Path(args.config).is_file():
         raise UsageError(f"config file {args.config!r} not found")
-    _quiet_libraries()
     from trb.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # checked before torch is imported: a bad value fails at once
+    _quiet_libraries()
     from trb.train import dry_run, train
 
-    cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(json.dumps(dry_run(cfg, log=lambda message: None, signals=args.signals)))
         return 0

@@ -5,7 +5,8 @@
 A config file is a nested mapping that mirrors `TrainConfig`. Overrides use dotted paths and YAML scalars
 (`method.name=trb`, `data.system_prompt=null`, `adam_betas=[0.9,0.95]`). Unknown keys are errors that name the
 closest known key; values are type-checked and range-checked at construction. The `method` section is the method's
-own dataclass (`trb.methods.METHODS[name]`), so each method carries exactly the parameters it uses.
+own dataclass (`trb.methods.METHODS[name]`, every method registered with `register_method`), so each method carries
+exactly the parameters it uses. Building and checking a config imports no torch.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from typing import Any
 
 import yaml
 
+from trb.divergences import LossSpec
 from trb.errors import TrbError
-
-from trb.losses import LossSpec
 from trb.methods import METHODS, Method, VanillaOPD
-from trb.models import resolve_builtin
+from trb.paths import resolve_builtin
 
 
 class ConfigError(TrbError):

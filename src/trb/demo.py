@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from trb.config import load_config
-from trb.models import BUILTIN_PREFIX
+from trb.paths import BUILTIN_PREFIX
 from trb.report import markdown_table, plot_learning_curves, read_metrics, series, summary_row
 
 METHODS = {"OPD": ["method.name=opd"], "TRB": ["method.name=trb"]}

@@ -6,75 +6,35 @@ put on the pair's shared vocabulary (sliced, EOS-merged) before any divergence. 
 token weights (1 / global token count, times an importance weight for MiniLLM), so a step's loss does not depend
 on how it is split into micro-batches or ranks.
 
-Divergences (one switch, METHOD.md section 1):
-- "reverse_kl": full-vocabulary KL(pi_S || target), the exact OPD loss;
-- "topk_student_weighted_kl": the paper's estimator (top-k OPD): on the student's top-k, full-vocabulary log-probs,
-  weights pi_S(v) / (top-k mass) held constant (`trb.core.topk_student_weighted_kl`);
-- "topk_reverse_kl": the KL between student and teacher both renormalized over the student's top-k (not the paper's:
-  it also differentiates through the renormalization);
-- "sampled_reverse_kl": single sampled-token estimator in policy-gradient form (importance-weighted when the tokens
-  came from another behavior policy);
-- "forward_kl" and "jsd" (generalized JSD, TRL's beta) for GKD-style runs.
+The divergence (`LossSpec.divergence`, one switch, METHOD.md section 1) is looked up in the table of
+`trb.divergences`: "reverse_kl" (exact), "topk_student_weighted_kl" (the paper's estimator), "topk_reverse_kl",
+"sampled_reverse_kl", "forward_kl", "jsd", and any divergence added with `register_divergence`. What an entry reads
+of the teacher (the vocabulary, the student's top-k, the sampled token) decides whether the teacher log-probs recorded
+while decoding can replace the teacher pass.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from trb.core import (
-    chunked_divergence,
-    reverse_kl_with_grad,
-    forward_kl,
-    generalized_jsd,
-    merged_logp,
-    reverse_kl,
-    sampled_reverse_kl,
-    topk_reverse_kl,
-    topk_student_weighted_kl,
-)
+from trb.core import chunked_divergence, merged_logp, reverse_kl
+from trb.divergences import Divergence, LossSpec, Sampled
 from trb.models import VocabSpace, plain_forward
 from trb import lean
 from trb.rollout import Rollout
-
-DIVERGENCES = ("reverse_kl", "topk_student_weighted_kl", "topk_reverse_kl", "sampled_reverse_kl", "forward_kl", "jsd")
-TOPK_DIVERGENCES = ("topk_student_weighted_kl", "topk_reverse_kl")  # need the teacher only on the student's top-k
 
 # target(student_logp (n, V) detached, teacher_logp (n, V)) -> target log-probs (n, V); the teacher by default.
 Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    divergence: str = "reverse_kl"
-    top_k: int = 16
-    jsd_beta: float = 0.5
-    chunk_size: int = 1024
-    reuse_teacher: bool = True  # take teacher log-probs recorded while decoding where they suffice (distill_loss)
-    length_groups: int = 8  # training forwards run rows in this many groups of similar length (less padding)
-    # torch.compile the training forwards (final hidden states, dynamic shapes) and the closed-form reverse KL; pays
-    # one compilation per model and grad mode, in the first training step
-    compile: bool = False
-
-    def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-        if self.length_groups < 1:
-            raise ValueError(f"length_groups must be >= 1, got {self.length_groups}")
-        if self.top_k < 1:  # the upper bound, the vocabulary, is checked once the models are loaded
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}; the smallest valid value is 1")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (tokens per loss chunk), got {self.chunk_size}; try 1024")
-
-
 @functools.cache
-def _compiled_reverse_kl():
-    return torch.compile(reverse_kl_with_grad, dynamic=None)
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=None)
 
 
 def veto_target(b: float) -> Target:
@@ -251,14 +211,15 @@ def distill_loss(
     select = completion_select(rollout)  # (B, L)
     hidden_fn = student_hidden_fn or FinalHidden(student, spec.length_groups, spec.compile)
     student_hidden = hidden_fn(input_ids, attention_mask, positions, select)  # (N, d_s)
-    # Reuse the teacher's log-probs recorded while decoding where the loss needs nothing else: the sampled-token
-    # estimator needs log pi_T(y); the top-k loss needs log pi_T on the student's top-k (recorded with record_topk).
+    divergence = spec.entry
+    # Reuse the teacher's log-probs recorded while decoding where the divergence reads nothing else: the sampled
+    # token's (teacher_logp), or the student's top-k (recorded with record_topk = spec.top_k).
     if target is None and spec.reuse_teacher and (
-        (spec.divergence == "sampled_reverse_kl" and rollout.teacher_logp is not None)
-        or (spec.divergence in TOPK_DIVERGENCES and rollout.teacher_topk_logp is not None
+        (divergence.reads == "sampled_token" and rollout.teacher_logp is not None)
+        or (divergence.reads == "student_topk" and rollout.teacher_topk_logp is not None
             and rollout.teacher_topk_logp.shape[-1] == spec.top_k)
     ):
-        return _loss_from_records(student, student_hidden, rollout, vocab, spec, token_weight)
+        return _loss_from_records(student, student_hidden, rollout, vocab, spec, divergence, token_weight)
     with torch.no_grad():
         teacher_fn = teacher_hidden_fn or FinalHidden(teacher, spec.length_groups, spec.compile)
         teacher_hidden = teacher_fn(input_ids, attention_mask, positions, select)
@@ -269,14 +230,14 @@ def distill_loss(
     teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
     def fused_fn(student_logits, teacher_logits, chunk, weight):
-        fused = _compiled_reverse_kl() if spec.compile else reverse_kl_with_grad
-        kl, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
-        teacher_kl[chunk] = kl
+        fused = _compiled(divergence.logit_grad) if spec.compile else divergence.logit_grad
+        value, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
+        teacher_kl[chunk] = value
         teacher_entropy[chunk] = entropy
-        return kl, grad
+        return value, grad
 
-    # the exact OPD loss has a closed-form logit gradient: loss and gradient in one pass, no autograd
-    logit_grad_fn = fused_fn if spec.divergence == "reverse_kl" and target is None else None
+    # a divergence with a closed-form logit gradient (the exact OPD loss): loss and gradient in one pass, no autograd
+    logit_grad_fn = fused_fn if divergence.logit_grad is not None and target is None else None
 
     def per_token_fn(student_logits, teacher_logits, chunk):
         s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
@@ -285,18 +246,7 @@ def distill_loss(
         teacher_entropy[chunk] = -torch.where(t > float("-inf"), t.exp() * t, 0.0).sum(-1)
         if target is not None:
             t = target(s.detach(), t)
-        if spec.divergence == "reverse_kl":
-            return reverse_kl(s, t)
-        if spec.divergence == "topk_student_weighted_kl":
-            return topk_student_weighted_kl(s, t, spec.top_k)
-        if spec.divergence == "topk_reverse_kl":
-            return topk_reverse_kl(s, t, spec.top_k)
-        if spec.divergence == "forward_kl":
-            return forward_kl(s, t)
-        if spec.divergence == "jsd":
-            return generalized_jsd(s, t, spec.jsd_beta)
-        y = tokens[chunk, None]  # (n, 1)
-        return sampled_reverse_kl(s.gather(-1, y)[:, 0], t.gather(-1, y)[:, 0], behavior[chunk])
+        return divergence.fn(s, t, spec, Sampled(tokens[chunk, None], behavior[chunk]))
 
     loss, values = chunked_divergence(
         student_hidden,
@@ -318,32 +268,23 @@ def distill_loss(
 
 
 def _loss_from_records(student, student_hidden, rollout: Rollout, vocab: VocabSpace, spec: LossSpec,
-                       token_weight: torch.Tensor):
-    """distill_loss without a teacher pass, from the teacher log-probs recorded during decoding."""
+                       divergence: Divergence, token_weight: torch.Tensor):
+    """distill_loss without a teacher pass: the divergence on the support it reads (the sampled token, or the
+    student's top-k ids recorded during decoding, in descending order), from the teacher log-probs recorded there."""
     mask = rollout.completion_mask
     stop_ids = vocab.stop_tensor(student_hidden.device)
-    if spec.divergence == "sampled_reverse_kl":
-        tokens, teacher_token = rollout.completion_ids[mask], rollout.teacher_logp[mask]  # (N,)
-        behavior = rollout.behavior_logp[mask]  # (N,)
-
-        def per_token_fn(student_logits, _teacher_logits, chunk):
-            s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
-            return sampled_reverse_kl(s.gather(-1, tokens[chunk, None])[:, 0], teacher_token[chunk], behavior[chunk])
-    elif spec.divergence == "topk_student_weighted_kl":
-        # the recorded ids are the student's top-k at decoding, by descending probability: its top-k here too
-        ids, teacher_k = rollout.topk_ids[mask], rollout.teacher_topk_logp[mask]  # (N, k)
-
-        def per_token_fn(student_logits, _teacher_logits, chunk):
-            s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id).gather(-1, ids[chunk])  # (n, k)
-            return topk_student_weighted_kl(s, teacher_k[chunk], s.shape[-1])
+    if divergence.reads == "sampled_token":
+        ids, teacher = rollout.completion_ids[mask][:, None], rollout.teacher_logp[mask][:, None]  # (N, 1)
     else:
-        ids, teacher_k = rollout.topk_ids[mask], rollout.teacher_topk_logp[mask]  # (N, k)
+        ids, teacher = rollout.topk_ids[mask], rollout.teacher_topk_logp[mask]  # (N, k)
+    behavior = rollout.behavior_logp[mask]  # (N,)
 
-        def per_token_fn(student_logits, _teacher_logits, chunk):
-            s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id).gather(-1, ids[chunk])  # (n, k)
-            s = s - torch.logsumexp(s, -1, keepdim=True)
-            t = teacher_k[chunk] - torch.logsumexp(teacher_k[chunk], -1, keepdim=True)  # (n, k)
-            return reverse_kl(s, t)
+    def per_token_fn(student_logits, _teacher_logits, chunk):
+        s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id).gather(-1, ids[chunk])  # (n, m)
+        # on the sampled token's support the token sits at index 0; a top-k divergence is given no sampled token
+        on_token = divergence.reads == "sampled_token"
+        sampled = Sampled(torch.zeros_like(ids[chunk]), behavior[chunk]) if on_token else None  # index (n, 1)
+        return divergence.fn(s, teacher[chunk], spec, sampled)
 
     loss, values = chunked_divergence(student_hidden, output_weight(student, vocab), None, None, token_weight[mask],
                                       per_token_fn, spec.chunk_size)

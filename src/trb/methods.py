@@ -7,21 +7,42 @@ dataclass holding exactly its own parameters; the training loop asks it, at ever
 - `behavior(step, state)`: the behavior policy of this step's rollouts,
 - `target(step)`: a target transform of the teacher's distribution (None: the teacher itself),
 - and a few hooks with neutral defaults (see `Method`).
+
+A method is registered by name with `@register_method`, after which `method.name=<name>` selects it in a config.
+This module imports no torch: configs are built and checked without it (a bad value is reported at once), so the
+hooks import the policies and torch when they first run.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
-import torch
+from trb.divergences import LossSpec
 
-from trb.core import constant, cosine_anneal, linear_anneal, linear_ramp
-from trb.losses import LossSpec, Target, veto_target
-from trb.rollout import BehaviorPolicy, MixturePolicy, Rollout, SKDPolicy, StudentPolicy, TRBPolicy
+if TYPE_CHECKING:
+    import torch
 
-SCHEDULES = {"linear": linear_anneal, "cosine": cosine_anneal}
+    from trb.losses import Target
+    from trb.rollout import BehaviorPolicy, Rollout
+    from trb.train import Trainer
+
+SCHEDULES = ("linear", "cosine")  # trb.core.linear_anneal, trb.core.cosine_anneal
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a Method subclass (a frozen dataclass with a unique `name`) selectable by name in a
+    config (`method.name=<name>`); its fields become the config's `method.*` keys."""
+    own = vars(cls).get("__dataclass_params__") if isinstance(cls, type) else None  # not one inherited from Method
+    if not (own is not None and own.frozen and issubclass(cls, Method)):
+        raise TypeError(f"register_method takes a frozen dataclass subclass of Method, got {cls!r}")
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is already registered (by {METHODS[cls.name].__qualname__})")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def _require(ok: bool, message: str) -> None:
@@ -41,11 +62,16 @@ class Method:
     - loss_spec(base): the divergence (GKD swaps in its generalized JSD);
     - schedule_metrics(step, state): scheduled values to log; observe(step, metrics, state): feedback for
       methods that adapt (state is a JSON-able dict the loop checkpoints).
+    and, once, before the first step of a fresh run:
+    - before_training(trainer, write, log): work on the student before OPD starts (SFT warmup); returns whether it
+      changed the student, in which case the loop checkpoints it.
     """
 
     name: ClassVar[str] = "base"
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        from trb.rollout import StudentPolicy
+
         return StudentPolicy()
 
     def use_data(self, step: int, generator: torch.Generator) -> bool:
@@ -66,7 +92,11 @@ class Method:
     def observe(self, step: int, metrics: dict, state: dict) -> None:
         return None
 
+    def before_training(self, trainer: Trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
+        return False
 
+
+@register_method
 @dataclass(frozen=True)
 class VanillaOPD(Method):
     """Pure student rollouts at temperature 1 throughout."""
@@ -74,6 +104,7 @@ class VanillaOPD(Method):
     name: ClassVar[str] = "opd"
 
 
+@register_method
 @dataclass(frozen=True)
 class TRB(Method):
     """Trust-Region behavior Blending: rollouts from mu_beta* with budget eps_k, annealed from eps0 to 0 over
@@ -91,9 +122,13 @@ class TRB(Method):
         _require(self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
 
     def eps(self, step: int) -> float:
-        return SCHEDULES[self.schedule](step, self.eps0, self.horizon)
+        from trb.core import cosine_anneal, linear_anneal
+
+        return (linear_anneal if self.schedule == "linear" else cosine_anneal)(step, self.eps0, self.horizon)
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        from trb.rollout import StudentPolicy, TRBPolicy
+
         eps = self.eps(step)
         return TRBPolicy(eps) if eps > 0 else StudentPolicy()
 
@@ -101,6 +136,7 @@ class TRB(Method):
         return {"eps": self.eps(step)}
 
 
+@register_method
 @dataclass(frozen=True)
 class AdaptiveTRB(Method):
     """TRB whose budget follows the student's progress instead of a fixed horizon (the paper's future work).
@@ -123,6 +159,8 @@ class AdaptiveTRB(Method):
         _require(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        from trb.rollout import StudentPolicy, TRBPolicy
+
         eps = state.get("eps", self.eps0)
         return TRBPolicy(eps) if eps > 0 else StudentPolicy()
 
@@ -138,6 +176,7 @@ class AdaptiveTRB(Method):
         state["eps"] = min(state.get("eps", self.eps0), self.eps0 * min(max(progress, 0.0), 1.0))
 
 
+@register_method
 @dataclass(frozen=True)
 class FixedEps(Method):
     """Fixed-eps blending: the TRB solver with a constant budget for the whole run."""
@@ -149,12 +188,15 @@ class FixedEps(Method):
         _require(math.isfinite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        return TRBPolicy(constant(step, self.eps))
+        from trb.rollout import TRBPolicy
+
+        return TRBPolicy(self.eps)
 
     def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
         return {"eps": self.eps}
 
 
+@register_method
 @dataclass(frozen=True)
 class SKD(Method):
     """Interleaved teacher injection (SKD-style), every step: a student token outside the teacher's top-k is
@@ -170,9 +212,12 @@ class SKD(Method):
         _require(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        from trb.rollout import SKDPolicy
+
         return SKDPolicy(self.top_k, self.teacher_temperature)
 
 
+@register_method
 @dataclass(frozen=True)
 class TemperatureWarmup(Method):
     """Rollout temperature rising linearly from tau0 to 1.0 by step `horizon` (paper: tau0 in {0.8, 0.9, 0.95},
@@ -187,15 +232,20 @@ class TemperatureWarmup(Method):
         _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
 
     def temperature(self, step: int) -> float:
+        from trb.core import linear_ramp
+
         return linear_ramp(step, self.tau0, 1.0, self.horizon)
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        from trb.rollout import StudentPolicy
+
         return StudentPolicy(self.temperature(step))
 
     def schedule_metrics(self, step: int, state: dict) -> dict[str, float]:
         return {"temperature": self.temperature(step)}
 
 
+@register_method
 @dataclass(frozen=True)
 class SFTWarmup(Method):
     """Before OPD: sample `samples_per_prompt` teacher responses for the prompts of the first `prompt_steps` steps,
@@ -212,7 +262,14 @@ class SFTWarmup(Method):
         _require(self.prompt_steps > 0, f"prompt_steps must be > 0, got {self.prompt_steps}")
         _require(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
 
+    def before_training(self, trainer: Trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
+        from trb.train import sft_warmup
 
+        sft_warmup(trainer, self, write, log)
+        return True
+
+
+@register_method
 @dataclass(frozen=True)
 class Veto(Method):
     """Veto changes the target, not the sampler: Q proportional to pi_T * pi_S^b with the student detached, b
@@ -227,9 +284,13 @@ class Veto(Method):
         _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
 
     def b(self, step: int) -> float:
+        from trb.core import linear_ramp
+
         return linear_ramp(step, self.b_start, 0.0, self.horizon)
 
     def target(self, step: int) -> Target | None:
+        from trb.losses import veto_target
+
         b = self.b(step)
         return veto_target(b) if b > 0 else None
 
@@ -237,6 +298,7 @@ class Veto(Method):
         return {"veto_b": self.b(step)}
 
 
+@register_method
 @dataclass(frozen=True)
 class MiniLLM(Method):
     """MiniLLM teacher-mixed sampling: rollouts from alpha pi_T + (1 - alpha) pi_S (alpha = 0.2), the loss at each
@@ -250,14 +312,19 @@ class MiniLLM(Method):
         _require(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
+        from trb.rollout import MixturePolicy
+
         return MixturePolicy(self.alpha)
 
     def token_weights(self, rollout: Rollout) -> torch.Tensor:
+        import torch
+
         ratio = torch.exp(rollout.student_logp - rollout.behavior_logp)  # (B, T) weight of the token sampled at t
         previous = torch.cat([torch.ones_like(ratio[:, :1]), ratio[:, :-1]], dim=1)  # (B, T) prefix h_t ends at t-1
         return rollout.completion_mask.float() * previous
 
 
+@register_method
 @dataclass(frozen=True)
 class GKD(Method):
     """GKD (TRL's GKDTrainer): each step a coin with probability `lmbda` picks on-policy student rollouts,
@@ -273,13 +340,10 @@ class GKD(Method):
         _require(0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}")
 
     def use_data(self, step: int, generator: torch.Generator) -> bool:
+        import torch
+
         return bool(torch.rand((), generator=generator) >= self.lmbda)
 
     def loss_spec(self, base: LossSpec) -> LossSpec:
         return replace(base, divergence="jsd", jsd_beta=self.beta)
 
-
-METHODS: dict[str, type[Method]] = {
-    cls.name: cls
-    for cls in (VanillaOPD, TRB, AdaptiveTRB, FixedEps, SKD, TemperatureWarmup, SFTWarmup, Veto, MiniLLM, GKD)
-}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from trb.checkpoint import LATEST, latest_checkpoint
 from trb.errors import TrbError
+from trb.paths import resolve_builtin
 
 
 class CompatibilityError(TrbError):
@@ -141,16 +141,6 @@ def tiny_causal_lm(
 
 class ModelLoadError(TrbError):
     """A model or tokenizer path that cannot be loaded; the message names the path and the fix."""
-
-
-BUILTIN_PREFIX = "trb:"
-
-
-def resolve_builtin(path: str) -> Path:
-    """trb:<name> names a file shipped with the package (under trb/assets); anything else is a filesystem path."""
-    if path.startswith(BUILTIN_PREFIX):
-        return Path(str(resources.files("trb") / "assets")) / path[len(BUILTIN_PREFIX) :]
-    return Path(path).expanduser()
 
 
 def resolve_checkpoint(path: str) -> Path:

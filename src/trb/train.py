@@ -35,14 +35,14 @@ from trb.config import ConfigError, TrainConfig, as_dict, load_config
 from trb.core import linear_ramp
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
-from trb.losses import TOPK_DIVERGENCES, FinalHidden, distill_loss, sft_loss
+from trb.losses import FinalHidden, distill_loss, sft_loss
 from trb.inference import InferenceCopy, decode_compile
 from trb.methods import SFTWarmup
 from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model,
                         resolve_checkpoint, vocab_space)
 from trb.records import write_record
 from trb.report import write_run_report
-from trb.rollout import Rollout, TeacherPolicy, TRBPolicy, generate, rollout_from_tokens
+from trb.rollout import BehaviorPolicy, Rollout, TeacherPolicy, generate, rollout_from_tokens
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
 from trb.stopping import Stopped, StopSignals
 from trb.tasks import SETTINGS, data_splits, format_prompt, tokenize_prompts
@@ -508,10 +508,11 @@ class Trainer:
         """Indices of the step's sequences this rank decodes: every world-size-th one."""
         return list(range(self.s.world.rank, count, self.s.world.size))
 
-    def decode(self, step: int, policy, sequences: list[list[int]], teacher_only: bool = False) -> list[Rollout]:
-        """This rank's rollouts of the step, rollout_batch sequences decoding at once (continuous batching); TRB steps
-        use exact speculative sampling when speculative_gamma > 0. Sequence i's randomness is keyed by (seed, step,
-        i): the rollouts do not depend on the world size or on which sequences share a batch."""
+    def decode(self, step: int, policy: BehaviorPolicy, sequences: list[list[int]],
+               teacher_only: bool = False) -> list[Rollout]:
+        """This rank's rollouts of the step, rollout_batch sequences decoding at once (continuous batching); a policy
+        that can be sampled speculatively (TRB's blend) is, when speculative_gamma > 0. Sequence i's randomness is
+        keyed by (seed, step, i): the rollouts do not depend on the world size or on which sequences share a batch."""
         s, cfg = self.s, self.cfg
         models = {"teacher": s.teacher} if teacher_only else {"student": self.inference.model, "teacher": s.teacher}
         mine = self.my_sequences(len(sequences))
@@ -520,13 +521,13 @@ class Trainer:
         options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward)
         self.speculative = SpeculativeStats()
         with s.autocast:
-            if cfg.speculative_gamma and isinstance(policy, TRBPolicy):
+            if cfg.speculative_gamma and policy.speculative:
                 rollout, stats = generate_speculative(policy, prompts, s.vocab, cfg.max_new_tokens, None,
                                                       self.inference.model,
                                                       s.teacher, cfg.speculative_gamma, **options)
                 self.speculative = stats
             else:
-                reuse = cfg.loss.divergence in TOPK_DIVERGENCES and cfg.loss.reuse_teacher
+                reuse = cfg.loss.entry.reads == "student_topk" and cfg.loss.reuse_teacher
                 rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens,
                                    record_topk=cfg.loss.top_k if reuse else 0, **options, **models)
         return [rollout]
@@ -557,10 +558,11 @@ class Trainer:
         return grad_norm, lr
 
 
-def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: MetricsLog | None, log) -> None:
-    """The SFT-warmup baseline's first phase: teacher samples for the prompts of the first `prompt_steps` steps,
-    `updates` AdamW updates of token-mean cross-entropy on them (a fresh optimizer), before OPD starts."""
-    s = t.s
+def sft_warmup(t: Trainer, method: SFTWarmup, write, log) -> None:
+    """The SFT-warmup baseline's first phase (`SFTWarmup.before_training`): teacher samples for the prompts of the
+    first `prompt_steps` steps, `updates` AdamW updates of token-mean cross-entropy on them (a fresh optimizer),
+    before OPD starts. write(step, values) logs a metrics line."""
+    cfg, s = t.cfg, t.s
     indices = [i for step in range(method.prompt_steps)
                for i in step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)]
     samples = t.decode(-1, TeacherPolicy(), [s.prompts[i] for i in indices for _ in range(method.samples_per_prompt)],
@@ -590,8 +592,7 @@ def sft_warmup(cfg: TrainConfig, t: Trainer, method: SFTWarmup, metrics: Metrics
         distributed.clip_grad_norm(trainable(s.student), cfg.grad_clip)
         optimizer.step()
         loss_value = distributed.all_reduce_sum(total[0], s.world, s.device)
-        if metrics is not None:
-            metrics.write(0, {"sft/update": update + 1, "sft/loss": loss_value})
+        write(0, {"sft/update": update + 1, "sft/loss": loss_value})
     t.inference.refresh()
     log(f"SFT warmup: {method.updates} updates on {len(pairs) * s.world.size} teacher samples")
 
@@ -734,8 +735,7 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
         # step 0, or a resume from a checkpoint saved when a signal abandoned this evaluation
         if start_step < cfg.steps and eval_due(start_step) and evaluate_at(start_step):
             log(f"step {start_step}: pass@1 {last_eval['values']['eval/pass_at_1']:.3f}")
-        if checkpoint is None and isinstance(method, SFTWarmup):
-            sft_warmup(cfg, t, method, metrics, log)
+        if checkpoint is None and method.before_training(t, write, log):
             save(0)
         for step in bar:
             if stop_requested():

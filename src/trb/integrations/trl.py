@@ -39,12 +39,32 @@ from trb.models import vocab_space
 from trb.rollout import BehaviorPolicy, Draws, Rollout, StudentPolicy, generate
 from trb.train import stream_seed
 
-__all__ = ["FixedBehavior", "SAMPLER_METHODS", "TRBDistillationTrainer", "TemperedPolicy", "resolve_method"]
+__all__ = [
+    "FixedBehavior", "TRBDistillationTrainer", "TemperedPolicy", "resolve_method", "sampler_methods", "sampling_only",
+]
 
-# Methods that change only where the prefixes come from. The others change what TRL's trainer owns (GKD: the data
-# and the divergence; Veto: the target; MiniLLM: per-token loss weights; SFT warmup: a phase before training;
-# adaptive TRB: a budget fed by the loop's teacher-KL), so running them here would silently train something else.
-SAMPLER_METHODS = ("opd", "trb", "fixed_eps", "skd", "temperature")
+# The hooks of a method that reach beyond the rollouts, into what TRL's trainer owns (GKD: the data and the divergence;
+# Veto: the target; MiniLLM: per-token loss weights; SFT warmup: a phase before training; adaptive TRB: a budget fed
+# by the loop's teacher-KL). A method that overrides any of them would silently train something else here.
+TRAINER_HOOKS = ("use_data", "target", "token_weights", "loss_spec", "observe", "before_training")
+
+
+def sampling_only(method: Method | type[Method]) -> bool:
+    """Whether a method (or method class) changes nothing but where the prefixes come from: its behavior policy and
+    schedule, none of TRAINER_HOOKS."""
+    cls = method if isinstance(method, type) else type(method)
+    return all(getattr(cls, hook) is getattr(Method, hook) for hook in TRAINER_HOOKS)
+
+
+def sampler_methods() -> list[str]:
+    """The registered methods that run inside TRL's trainer."""
+    return sorted(name for name, cls in METHODS.items() if sampling_only(cls))
+
+
+def sampler_methods() -> list[str]:
+    """The registered methods that run inside TRL's trainer."""
+    return sorted(name for name, cls in METHODS.items()
+                  if all(getattr(cls, hook) is getattr(Method, hook) for hook in TRAINER_HOOKS))
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,7 @@ class TemperedPolicy:
 
     policy: BehaviorPolicy
     temperature: float
+    speculative: bool = False  # speculative decoding drafts and verifies at temperature 1
 
     @property
     def name(self) -> str:
@@ -93,10 +114,10 @@ def resolve_method(method: Method | BehaviorPolicy | str, params: dict | None) -
         raise ValueError("method_params go with a method name, e.g. method='trb', method_params={'eps0': 0.02}")
     elif not isinstance(method, Method):
         return FixedBehavior(method)
-    if method.name not in SAMPLER_METHODS:
+    if not sampling_only(method):
         raise ValueError(
             f"method {method.name!r} changes the loss, the target or the data, which TRL's DistillationTrainer owns; "
-            f"run it with `trb train`. Here: {', '.join(SAMPLER_METHODS)}, or a behavior policy for every step"
+            f"run it with `trb train`. Here: {', '.join(sampler_methods())}, or a behavior policy for every step"
         )
     return method
 

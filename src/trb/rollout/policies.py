@@ -57,9 +57,15 @@ class Choice:
 
 
 class BehaviorPolicy(Protocol):
+    """What the decode engine asks of a behavior policy. needs_student / needs_teacher: which models must run.
+    speculative: the policy can also be sampled exactly by speculative decoding (`trb.rollout.speculative`): it has
+    `target(student_logp, teacher_logp) -> (log mu (..., V), beta (...))`, the distribution it samples at a prefix,
+    which depends on nothing but that prefix (TRB's blend)."""
+
     name: str
     needs_student: bool
     needs_teacher: bool
+    speculative: bool
 
     def choose(self, student_logp: torch.Tensor | None, teacher_logp: torch.Tensor | None, draws: Draws) -> Choice: ...
 
@@ -86,6 +92,7 @@ class StudentPolicy:
     name: str = "student"
     needs_student: bool = True
     needs_teacher: bool = False
+    speculative: bool = False
 
     def __post_init__(self):
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -106,6 +113,7 @@ class TRBPolicy:
     name: str = "trb"
     needs_student: bool = True
     needs_teacher: bool = True
+    speculative: bool = True
 
     def __post_init__(self):
         if not isinstance(self.eps, torch.Tensor):
@@ -131,6 +139,7 @@ class TeacherPolicy:
     name: str = "teacher"
     needs_student: bool = False
     needs_teacher: bool = True
+    speculative: bool = False
 
     def __post_init__(self):
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
@@ -166,6 +175,7 @@ class SKDPolicy:
     name: str = "skd"
     needs_student: bool = True
     needs_teacher: bool = True
+    speculative: bool = False
 
     def __post_init__(self):
         _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
@@ -191,6 +201,7 @@ class MixturePolicy:
     name: str = "mixture"
     needs_student: bool = True
     needs_teacher: bool = True
+    speculative: bool = False
 
     def __post_init__(self):
         _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")

@@ -27,7 +27,7 @@ from trb.core import keyed_sample, keyed_uniform, kl_divergence
 from trb.models import VocabSpace
 from trb.rollout.backends import make_decoder
 from trb.rollout.engine import RECORDS, RolloutStats, sequence_keys
-from trb.rollout.policies import TRBPolicy
+from trb.rollout.policies import BehaviorPolicy, TRBPolicy
 from trb.rollout.records import Rollout, left_pad
 
 DRAFT, ACCEPT, CORRECT = 0, 1, 2  # random streams: the student's draft, the accept test, the corrected/first token
@@ -62,7 +62,7 @@ def choose_gamma(acceptance: float, student_cost: float, teacher_cost: float, ma
 
 @torch.no_grad()
 def generate_speculative(
-    policy: TRBPolicy | float,
+    policy: BehaviorPolicy | float,
     prompts: list[list[int]],
     vocab: VocabSpace,
     max_new_tokens: int,
@@ -76,11 +76,14 @@ def generate_speculative(
     forward: str = "auto",
     stats: RolloutStats | None = None,
 ) -> tuple[Rollout, SpeculativeStats]:
-    """TRB rollouts by exact speculative sampling; same record format and arguments as `generate` (policy: a
-    TRBPolicy or its eps). compile=True runs the policy's target through torch.compile."""
+    """TRB rollouts by exact speculative sampling; same record format and arguments as `generate` (policy: one whose
+    `speculative` is true, such as a TRBPolicy, or TRB's eps). compile=True runs the policy's target through
+    torch.compile."""
     if gamma < 1:
         raise ValueError(f"gamma must be >= 1, got {gamma}")
-    policy = policy if isinstance(policy, TRBPolicy) else TRBPolicy(float(policy))
+    policy = TRBPolicy(float(policy)) if isinstance(policy, (int, float)) else policy
+    if not policy.speculative:
+        raise ValueError(f"the {policy.name!r} behavior policy cannot be sampled speculatively")
     target = torch.compile(policy.target, dynamic=True) if compile else policy.target
     device = student.device
     spec = SpeculativeStats()
