@@ -184,14 +184,17 @@ def test_setting_names_of_the_command_line_are_the_settings_and_presets():
     ["train", "/no/such.yaml"],
     ["train", "trb:configs/miniature_word.yaml", "stesp=3"],
     ["train", "trb:configs/miniature_arith.yaml", "loss.divergence=kl"],
+    ["train", "trb:configs/miniature_arith.yaml", "models.student=/no/student"],
+    ["compare", "trb:configs/miniature_arith.yaml", "--methods", "trb:eps0=x", "--out", "/tmp/unused"],
+    ["demo", "method.eps0=-1"],
     ["prepare", "/no/problems.jsonl", "--out", "/tmp/unused"],
     ["prepare", "word", "--out", "/tmp/unused", "--preset", "big"],
     ["eval", "--model", "/no/model"],
     ["inspect", "/no/run"],
     ["tables", "/no/results"],
     ["eval", "--model", "/tmp", "--n", "0"],
-], ids=["train", "train config key", "train config value", "prepare source", "prepare preset", "eval", "inspect",
-        "tables", "eval option"])
+], ids=["train", "train config key", "train config value", "train model path", "compare config value",
+        "demo config value", "prepare source", "prepare preset", "eval", "inspect", "tables", "eval option"])
 def test_path_option_and_config_errors_print_in_under_a_second_without_torch(args):
     code = "\n".join([
         "import sys, time",

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from trb.cli import main
-from trb.compare import parse_variants, run_compare
-from trb.compare import rebuild_results
+from trb.compare import rebuild_results, run_compare
+from trb.config import parse_variants
 from trb.probe import continuation_probe, probe_stats
 from trb.records import read_text
 from trb.stats import area_under_curve, mean_ci

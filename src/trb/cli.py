@@ -82,6 +82,9 @@ def cmd_train(args) -> int:
     from trb.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # checked before torch is imported: a bad value fails at once
+    for option, path in (("models.student", cfg.models.student), ("models.teacher", cfg.models.teacher),
+                         ("data.source", cfg.data.source), ("data.test_source", cfg.data.test_source)):
+        _existing(path, option)
     _quiet_libraries()
     from trb.train import dry_run, train
 
@@ -163,6 +166,11 @@ def cmd_prepare(args) -> int:
 def cmd_demo(args) -> int:
     if args.out is not None:
         _writable_folder(args.out, "--out")
+    from trb.config import load_config
+    from trb.paths import demo_config
+
+    steps = [f"steps={args.steps}"] if args.steps else []
+    load_config(demo_config(args.setting), [*args.overrides, *steps, "method.name=trb"])  # as run_demo checks it
     _quiet_libraries()
     from trb.demo import run_demo
 
@@ -174,6 +182,9 @@ def cmd_compare(args) -> int:
     if not args.config.startswith("trb:") and not Path(args.config).is_file():
         raise UsageError(f"config file {args.config!r} not found")
     _writable_folder(args.out, "--out")
+    from trb.config import check_variants
+
+    check_variants(args.config, args.methods, args.overrides, Path(args.out))  # bad values fail before the imports
     _quiet_libraries()
     from trb.compare import run_compare
 

@@ -19,7 +19,6 @@ OUT/plan.json names the variants and seeds; with the runs' compact records (`trb
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import math
 import os
@@ -32,41 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from trb.config import ConfigError, load_config
+from trb.config import ConfigError, Variant, check_variants
 from trb.report import plt, read_metrics, series
 from trb.stats import MIN_INTERVAL, Estimate, area_under_curve, holm, mean_ci, paired_difference
 
 METRICS = ("selected", "final", "auc", "best")
 METRIC_NAMES = {"selected": "pass@1 at val-best step", "final": "final pass@1", "auc": "AUC pass@1",
                 "best": "max over test evals (paper)"}
-
-
-@dataclass(frozen=True)
-class Variant:
-    label: str  # e.g. trb(eps0=0.02,horizon=50)
-    overrides: tuple[str, ...]
-
-    @property
-    def slug(self) -> str:
-        return self.label.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "-")
-
-
-def parse_variants(spec: str) -> list[Variant]:
-    """'name' or 'name:key=v1|v2,key2=w' -> one Variant per combination of choices."""
-    name, _, params = spec.partition(":")
-    if not name:
-        raise ConfigError(f"method spec {spec!r} has no method name")
-    choices = []
-    for item in filter(None, params.split(",")):
-        key, sep, values = item.partition("=")
-        if not sep or not values:
-            raise ConfigError(f"method spec {spec!r}: {item!r} is not key=value")
-        choices.append([(key, v) for v in values.split("|")])
-    variants = []
-    for combo in itertools.product(*choices) if choices else [()]:
-        label = name + (f"({','.join(f'{k}={v}' for k, v in combo)})" if combo else "")
-        variants.append(Variant(label, (f"method.name={name}", *(f"method.{k}={v}" for k, v in combo))))
-    return variants
 
 
 def _run_one(config: str, variant: Variant, seed: int, folder: Path, overrides: list[str], threads: int) -> int:
@@ -321,12 +292,8 @@ def plot_grid(rows: list[dict], baseline: str | None, path: Path, title: str) ->
 def run_compare(config: str, specs: list[str], seeds: list[int], out: Path, jobs: int, overrides: list[str],
                 baseline: str | None = "opd", log=print, threads: int | None = None) -> list[dict]:
     """threads: torch threads of each run (default: the machine's cores divided among the parallel runs)."""
-    variants = [v for spec in specs for v in parse_variants(spec)]
+    variants = check_variants(config, specs, overrides, out)  # every config validates before anything runs
     labels = [v.label for v in variants]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"methods repeat: {labels}")
-    for variant in variants:  # every config must validate before anything runs
-        load_config(config, [*overrides, *variant.overrides, f"out_dir={out}/check"])
     baseline = baseline if baseline in labels else None
     runs = {v.label: {s: out / "runs" / v.slug / f"seed_{s}" for s in seeds} for v in variants}
     out.mkdir(parents=True, exist_ok=True)

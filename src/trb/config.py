@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import itertools
 import math
 import types
 import typing
@@ -298,3 +299,47 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def save_config(config: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(as_dict(config), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Method specs of `trb compare`: one spec, several configs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # e.g. trb(eps0=0.02,horizon=50)
+    overrides: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        return self.label.replace("(", "_").replace(")", "").replace(",", "_").replace("=", "-")
+
+
+def parse_variants(spec: str) -> list[Variant]:
+    """'name' or 'name:key=v1|v2,key2=w' -> one Variant per combination of choices."""
+    name, _, params = spec.partition(":")
+    if not name:
+        raise ConfigError(f"method spec {spec!r} has no method name")
+    choices = []
+    for item in filter(None, params.split(",")):
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"method spec {spec!r}: {item!r} is not key=value")
+        choices.append([(key, v) for v in values.split("|")])
+    variants = []
+    for combo in itertools.product(*choices) if choices else [()]:
+        label = name + (f"({','.join(f'{k}={v}' for k, v in combo)})" if combo else "")
+        variants.append(Variant(label, (f"method.name={name}", *(f"method.{k}={v}" for k, v in combo))))
+    return variants
+
+
+def check_variants(config: str, specs: list[str], overrides: list[str], out: Path) -> list[Variant]:
+    """The variants of `specs`, each one's config loaded and validated (a ConfigError names the first bad one)."""
+    variants = [v for spec in specs for v in parse_variants(spec)]
+    labels = [v.label for v in variants]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"methods repeat: {labels}")
+    for variant in variants:
+        load_config(config, [*overrides, *variant.overrides, f"out_dir={out}/check"])
+    return variants

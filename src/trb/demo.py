@@ -18,14 +18,10 @@ from datetime import datetime
 from pathlib import Path
 
 from trb.config import load_config
-from trb.paths import BUILTIN_PREFIX
+from trb.paths import demo_config
 from trb.report import markdown_table, plot_learning_curves, read_metrics, series, summary_row
 
 METHODS = {"OPD": ["method.name=opd"], "TRB": ["method.name=trb"]}
-
-
-def demo_config(setting: str) -> str:
-    return f"{BUILTIN_PREFIX}configs/miniature_{setting}.yaml"
 
 
 def _progress(runs: dict[str, Path], total: int, started: float) -> str:
