@@ -6,7 +6,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from trb.core import constant, cosine_anneal, linear_anneal, linear_ramp, merged_logp, sample, with_temperature
+from trb.core import (constant, cosine_anneal, keyed_sample, keyed_uniform, linear_anneal, linear_ramp, merged_logp,
+                      sample, with_temperature)
 
 
 def test_paper_eps_schedule():
@@ -74,3 +75,36 @@ def test_merged_logp_slices_padding_and_merges_stop_ids():
     torch.testing.assert_close(merged.exp().sum(-1), torch.ones(2, 3))
     keep = [i for i in range(10) if i not in (4, 9)]
     torch.testing.assert_close(merged[..., keep], single[..., keep])
+
+
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_keyed_uniform_is_the_lowbias32_hash_in_exact_integers():
+    """The int64 tensor hash equals the hash in Python integers, for keys and factors at the top of 32 bits."""
+    keys = torch.tensor([0, 1, 2**31, 2**32 - 1])
+    positions = torch.tensor([0, 7, 2**31 - 1, 2**32 - 1])
+    stream, width, golden = 3, 5, 0x9E3779B9
+    got = keyed_uniform(keys, positions, stream, width)  # (4, 5)
+    for r, (key, position) in enumerate(zip(keys.tolist(), positions.tolist())):
+        row = _lowbias32(_lowbias32(key) ^ position)
+        row = _lowbias32((row + stream * golden) & 0xFFFFFFFF)
+        for i in range(width):
+            value = _lowbias32(_lowbias32(row ^ ((i * golden) & 0xFFFFFFFF)) + golden & 0xFFFFFFFF)
+            assert got[r, i] == (torch.tensor(value >> 8, dtype=torch.float32) + 0.5) * 2.0**-24  # fp32 as the hash
+
+
+def test_keyed_sample_over_blocks_is_one_argmax_of_the_race():
+    """keyed_sample races a wide vocabulary block by block; the winner is the argmax of the whole race."""
+    generator = torch.Generator().manual_seed(0)
+    logp = torch.randn(3, 70_000, generator=generator).log_softmax(-1)  # (3, V) several blocks per row
+    logp[2, 12_345] = logp[2, 60_001] = 10.0  # a tie across blocks: the first index wins, as in argmax
+    keys, positions = torch.tensor([5, 6, 7]), torch.tensor([0, 3, 9])
+    race = -torch.log(keyed_uniform(keys, positions, 2, logp.shape[-1]))  # (3, V) ~ Exp(1)
+    expected = (logp - race.log()).argmax(-1)  # (3,)
+    assert torch.equal(keyed_sample(logp, keys, positions, 2), expected)

@@ -25,23 +25,45 @@ def with_temperature(logp: torch.Tensor, temperature: float | torch.Tensor) -> t
 # Keyed randomness: every random number of a rollout is a hash of (sequence key, position, stream, index), so a
 # sequence's tokens do not depend on which other sequences share its batch, on their order, or on the number of ranks,
 # and no generator state is carried between steps (the draws need no host synchronization and can be captured in a
-# graph). The hash is Wellons' lowbias32 (a bijection of 32-bit integers with low avalanche bias), evaluated in int64
-# with 16-bit limbs so that no product overflows.
+# graph). The hash is Wellons' lowbias32 (a bijection of 32-bit integers with low avalanche bias), evaluated in int64:
+# a constant c >= 2^31 multiplies as c - 2^32 (the same product mod 2^32), so no product leaves int64's range.
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_BLOCK = 32_768  # entries per block of keyed_sample's race: the hash's passes over a block stay in cache
+
+
+def _signed(c: int) -> int:
+    """c in [0, 2^32) as the int64 factor with the same product mod 2^32 and |factor| < 2^31."""
+    return c - 2**32 if c >= 2**31 else c
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a constant c < 2^32; products stay below 2^49."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _MASK32
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a constant c < 2^32."""
+    return (x * _signed(c)) & _MASK32
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 of int64 x in [0, 2^32), in place (x is a fresh tensor of the caller's); returns x."""
+    x ^= x >> 16
+    x.mul_(_signed(0x7FEB352D)).bitwise_and_(_MASK32)
+    x ^= x >> 15
+    x.mul_(_signed(0x846CA68B)).bitwise_and_(_MASK32)
+    x ^= x >> 16
+    return x
+
+
+def _row_hash(keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """The hash of (key, position, stream) per row, (B,) int64 in [0, 2^32)."""
+    row = _mix32_(_mix32_(keys & _MASK32) ^ (positions & _MASK32))  # (B,)
+    return _mix32_((row + _mul32(torch.full_like(row, stream & _MASK32), _GOLDEN)) & _MASK32)  # (B,)
+
+
+def _index_uniform(row: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Uniforms of indices start .. stop - 1 of each row hash (B,): (B, stop - start) fp32."""
+    index = torch.arange(start, stop, device=row.device, dtype=torch.int64)  # (n,)
+    x = _mix32_(row[:, None] ^ _mul32(index, _GOLDEN))  # (B, n)
+    x = _mix32_(x.add_(_GOLDEN).bitwise_and_(_MASK32))  # a second round: neighboring indices decorrelate fully
+    return (x >> 8).float().add_(0.5).mul_(2.0**-24)
 
 
 def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, stream: int, width: int = 0) -> torch.Tensor:
@@ -50,16 +72,29 @@ def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, stream: int, widt
     keys, positions: (B,) int64 (keys in [0, 2^32)). width = 0 gives one number per row, (B,); width = V gives
     (B, V). Distinct (key, position, stream) triples give independent-looking streams; 24 random bits each.
     """
-    row = _mix32((_mix32(keys & _MASK32) ^ (positions & _MASK32)) & _MASK32)  # (B,)
-    row = _mix32((row + _mul32(torch.full_like(row, stream & _MASK32), _GOLDEN)) & _MASK32)  # (B,)
+    row = _row_hash(keys, positions, stream)  # (B,)
     if width:
-        index = torch.arange(width, device=keys.device, dtype=torch.int64)  # (V,)
-        row = _mix32((row[:, None] ^ _mul32(index, _GOLDEN)) & _MASK32)  # (B, V)
-        row = _mix32((row + _GOLDEN) & _MASK32)  # (B, V) a second round: neighboring indices decorrelate fully
+        return _index_uniform(row, 0, width)  # (B, V)
     return ((row >> 8).float() + 0.5) * 2.0**-24
 
 
 def keyed_sample(logp: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
-    """`sample` with the exponential race taken from keyed_uniform: (B, V) -> (B,) int64."""
-    race = -torch.log(keyed_uniform(keys, positions, stream, logp.shape[-1]))  # (B, V) ~ Exp(1)
-    return (logp.float() - race.log()).argmax(dim=-1)
+    """`sample` with the exponential race taken from keyed_uniform: (B, V) -> (B,) int64.
+
+    The race runs over blocks of columns, each hashed, raced and reduced while it is in cache (the hash makes about
+    thirty passes over its entries); the first block holding the row's maximum gives the first maximal index, as
+    one argmax over the row would."""
+    batch, width = logp.shape
+    row = _row_hash(keys, positions, stream)  # (B,)
+    step = max(1024, _BLOCK // max(batch, 1))
+    best, where = [], []
+    for start in range(0, width, step):
+        stop = min(width, start + step)
+        race = _index_uniform(row, start, stop).log_().neg_().log_()  # (B, n) log of an Exp(1) draw
+        value, index = (logp[:, start:stop].float() - race).max(-1)  # (B,), (B,)
+        best.append(value)
+        where.append(index + start)
+    if len(best) == 1:
+        return where[0]
+    block = torch.stack(best, -1).argmax(-1, keepdim=True)  # (B, 1) the first block holding the maximum
+    return torch.stack(where, -1).gather(-1, block)[:, 0]  # (B,)

@@ -62,12 +62,15 @@ class PagedDecoder:
         self.lengths: list[int] = []  # filled slots per row
         self.pages: list[list[int]] = []  # page ids per row
         self.free_pages: list[int] = []
-        self.keys: list[torch.Tensor] = []  # per layer (pages * PAGE_SLOTS, H_kv, D)
+        # per layer (H_kv, pages * PAGE_SLOTS, D): a gather of slots is then (H_kv, b, L, D), whose batch dimensions
+        # merge into one, so attention's batched matmuls read it without another copy
+        self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.capacity = 0
         self.initial_pages = pages
         self.table = torch.zeros((0, 1), dtype=torch.long, device=self.device)  # (b, pages per row) page ids
         self.updates: list[tuple[int, int, int]] = []  # (row, page index, page id) not yet in `table`
+        self.slot_map: torch.Tensor | None = None  # `_slot_map` of the current table
 
     @property
     def rows(self) -> int:
@@ -83,12 +86,12 @@ class PagedDecoder:
             return
         old = self.capacity
         self.capacity = max(2 * old, old + need, self.initial_pages)
-        shape = (self.capacity * PAGE_SLOTS, self.kv_heads, self.head_dim)
+        shape = (self.kv_heads, self.capacity * PAGE_SLOTS, self.head_dim)
         for store in (self.keys, self.values):
             for i in range(len(self.layers)):
                 grown = torch.zeros(shape, dtype=self._dtype(), device=self.device)  # masked slots: finite
                 if i < len(store):
-                    grown[: old * PAGE_SLOTS] = store[i]
+                    grown[:, : old * PAGE_SLOTS] = store[i]
                     store[i] = grown
                 else:
                     store.append(grown)
@@ -116,31 +119,44 @@ class PagedDecoder:
             self.table = torch.cat([self.table, self.table.new_zeros((self.table.shape[0], width - self.table.shape[1]))], 1)
         values = torch.tensor([rows, index, pages], device=self.device)  # (3, n)
         self.table[values[0], values[1]] = values[2]
+        self.slot_map = None
 
-    def _slots(self, rows: torch.Tensor, start: torch.Tensor, width: int) -> torch.Tensor:
-        """Flat pool indices of slots start[i] .. start[i] + width - 1 of each row (n,): (n, width). Slots past a row's
-        pages point at page 0 (callers mask them)."""
-        j = start[:, None] + torch.arange(width, device=self.device)  # (n, width)
-        pages = self.table[rows[:, None], (j // PAGE_SLOTS).clamp_max(self.table.shape[1] - 1)]  # (n, width)
-        return pages * PAGE_SLOTS + j % PAGE_SLOTS
+    def _slot_map(self) -> torch.Tensor:
+        """Flat pool index of every slot of every row, (b, pages per row * PAGE_SLOTS); slots past a row's pages point
+        into page 0 (callers mask them). Built again only after the page table changed."""
+        if self.slot_map is None:
+            within = torch.arange(PAGE_SLOTS, device=self.device)  # (PAGE_SLOTS,)
+            self.slot_map = (self.table[:, :, None] * PAGE_SLOTS + within).flatten(1)  # (b, S)
+        return self.slot_map
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Queries (b, H, w, D) over each row's filled slots, heads concatenated: (b, w, H * D)."""
+                groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+        """Queries (b, H, w, D) over each row's filled slots, heads concatenated: (b, w, H * D). A group is (rows
+        (b_g,), or None for all rows in order; slots (b_g, L_g); mask (b_g, 1, w, L_g) True = attended, or None when
+        a single token attends every slot)."""
         batch, heads, width, _ = q.shape
-        out = q.new_empty((batch, width, heads * self.head_dim))
-        for rows, slots, mask in groups:  # (b_g,), (b_g, L_g), (b_g, 1, w, L_g)
-            k = keys[slots].transpose(1, 2)  # (b_g, H_kv, L_g, D)
-            v = values[slots].transpose(1, 2)
+        out = None
+        for rows, slots, mask in groups:
+            shape = (self.kv_heads, *slots.shape, self.head_dim)
+            k = keys.index_select(1, slots.flatten()).view(shape)  # (H_kv, b_g, L_g, D)
+            v = values.index_select(1, slots.flatten()).view(shape)
+            q_g = q if rows is None else q[rows]  # (b_g, H, w, D)
             if width > 1:
-                out[rows] = lean.attend(q[rows], k, v, mask, self.scaling, self.group).to(out.dtype)
-                continue
-            # one token: grouped-query attention as batched matmuls (SDPA under a mask takes its slow path here)
-            qg = q[rows].reshape(len(rows), self.kv_heads, self.group, self.head_dim)  # (b_g, H_kv, g, D)
-            exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
-            scores = torch.matmul(qg, k.transpose(-1, -2)).to(exact) * self.scaling  # (b_g, H_kv, g, L_g)
-            weights = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype)
-            out[rows] = torch.matmul(weights, v).reshape(len(rows), 1, -1).to(out.dtype)  # heads (H_kv, g) in order
+                attended = lean.attend(q_g, k.transpose(0, 1), v.transpose(0, 1), mask, self.scaling, self.group)
+            else:  # grouped-query attention as batched matmuls (SDPA under a mask takes its slow path here)
+                n = len(slots)
+                qg = q_g.reshape(n, self.kv_heads, self.group, self.head_dim).transpose(0, 1)  # (H_kv, b_g, g, D)
+                exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
+                scores = torch.matmul(qg, k.transpose(-1, -2)).to(exact) * self.scaling  # (H_kv, b_g, g, L_g)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask[:, 0], float("-inf"))  # mask (b_g, 1, L_g) per KV head
+                weights = scores.softmax(-1).to(v.dtype)
+                attended = torch.matmul(weights, v).transpose(0, 1).reshape(n, 1, -1)  # (b_g, 1, H * D) heads in order
+            if rows is None:  # the only group
+                return attended.to(q.dtype)
+            if out is None:
+                out = q.new_empty((batch, width, heads * self.head_dim))
+            out[rows] = attended.to(out.dtype)
         return out
 
     @torch.no_grad()
@@ -152,20 +168,21 @@ class PagedDecoder:
         width = max(lengths)
         ids = torch.tensor([p + [self.vocab.pad_id] * (width - len(p)) for p in prompts], device=self.device)  # (n, P)
         self.table = torch.cat([self.table, self.table.new_zeros((len(prompts), self.table.shape[1]))])
+        self.slot_map = None
         for n in lengths:
             self.lengths.append(n)
             self.pages.append([])
             self._reserve(len(self.pages) - 1, n)
         self._sync_table()
-        rows = torch.arange(first, first + len(prompts), device=self.device)  # (n,)
-        slots = self._slots(rows, torch.zeros_like(rows), width)  # (n, P)
+        slots = self._slot_map()[first:, :width]  # (n, P)
         real = torch.arange(width, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
         positions = torch.arange(width, device=self.device)[None]  # (1, P)
+        filled = slots[real]  # (tokens,)
         hidden, cos, sin = lean.embed(self.model, ids, positions)  # (n, P, d), each (1, 1, P, D)
         for i, layer in enumerate(self.layers):
             q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (n, H, P, D), (n, H_kv, P, D)
-            self.keys[i][slots[real]] = k.transpose(1, 2)[real].to(self.keys[i].dtype)  # (tokens, H_kv, D)
-            self.values[i][slots[real]] = v.transpose(1, 2)[real].to(self.values[i].dtype)
+            self.keys[i][:, filled] = k.transpose(0, 1)[:, real].to(self.keys[i].dtype)  # (H_kv, tokens, D)
+            self.values[i][:, filled] = v.transpose(0, 1)[:, real].to(self.values[i].dtype)
             hidden = lean.finish_layer(layer, hidden, lean.attend(q, k, v, None, self.scaling, self.group))
         last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return _logp(lean.output_logits(self.model, last), self.vocab, self.stop_ids)  # (n, V)
@@ -173,32 +190,36 @@ class PagedDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         batch, width = tokens.shape
-        before = list(self.lengths)
+        before = self.lengths
         after = [n + width for n in before]
         for row, n in enumerate(after):
             self._reserve(row, n)
         self.lengths = after
         self._sync_table()
         start = torch.tensor(before, device=self.device)  # (b,)
-        new_slots = self._slots(torch.arange(batch, device=self.device), start, width)  # (b, w)
         offsets = torch.arange(width, device=self.device)  # (w,)
         positions = start[:, None] + offsets  # (b, w)
+        slot_map = self._slot_map()  # (b, S)
+        new_slots = slot_map.gather(1, positions).flatten()  # (b * w,)
         groups = []
-        for rows in length_groups(after):
-            longest = after[rows[0]]
-            rows_t = torch.tensor(rows, device=self.device)  # (b_g,)
-            slots = self._slots(rows_t, torch.zeros_like(rows_t), longest)  # (b_g, L_g)
-            # token i of the window sees the row's slots before it and itself: slot j < start + i + 1
-            limit = start[rows_t][:, None, None] + offsets[None, :, None] + 1  # (b_g, w, 1)
-            mask = torch.arange(longest, device=self.device)[None, None] < limit  # (b_g, w, L_g)
-            groups.append((rows_t, slots, mask[:, None]))
+        for rows in length_groups(after):  # each group's rows by decreasing length
+            longest, shortest = after[rows[0]], after[rows[-1]]
+            rows_t = None if len(rows) == batch else torch.tensor(rows, device=self.device)  # (b_g,)
+            slots = (slot_map if rows_t is None else slot_map[rows_t])[:, :longest].contiguous()  # (b_g, L_g)
+            mask = None
+            if width > 1 or shortest < longest:
+                # token i of the window sees the row's slots before it and itself: slot j < start + i + 1
+                limit = (start if rows_t is None else start[rows_t])[:, None, None] + offsets[None, :, None] + 1
+                mask = (torch.arange(longest, device=self.device)[None, None] < limit)[:, None]  # (b_g, 1, w, L_g)
+            groups.append((rows_t, slots, mask))
             self.reads.read += len(rows) * longest
         self.reads.filled += sum(after)
         hidden, cos, sin = lean.embed(self.model, tokens, positions)  # (b, w, d), each (b, 1, w, D)
         for i, layer in enumerate(self.layers):
             q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (b, H, w, D), (b, H_kv, w, D)
-            self.keys[i][new_slots] = k.transpose(1, 2).to(self.keys[i].dtype)  # (b, w, H_kv, D)
-            self.values[i][new_slots] = v.transpose(1, 2).to(self.values[i].dtype)
+            shape = (self.kv_heads, batch * width, self.head_dim)
+            self.keys[i].index_copy_(1, new_slots, k.transpose(0, 1).reshape(shape).to(self.keys[i].dtype))
+            self.values[i].index_copy_(1, new_slots, v.transpose(0, 1).reshape(shape).to(self.values[i].dtype))
             hidden = lean.finish_layer(layer, hidden, self._attend(q, self.keys[i], self.values[i], groups))
         return _logp(lean.output_logits(self.model, hidden), self.vocab, self.stop_ids)  # (b, w, V)
 
@@ -210,6 +231,7 @@ class PagedDecoder:
         self.pages = [self.pages[r] for r in kept]
         self._sync_table()
         self.table = self.table[rows]
+        self.slot_map = None
 
     def truncate(self, drop: torch.Tensor) -> None:
         for row, n in enumerate(drop.tolist()):

@@ -109,7 +109,8 @@ def generate(
     choose = torch.compile(_for_compile(policy, device).choose, dynamic=True) if compile else policy.choose
 
     tokens = torch.full((batch, max_new_tokens), vocab.pad_id, dtype=torch.long, device=device)  # (B, T)
-    records = {name: torch.zeros((batch, max_new_tokens), device=device) for name in RECORDS}  # each (B, T)
+    table = torch.zeros((len(RECORDS), batch, max_new_tokens), device=device)  # (R, B, T) one write per step
+    records = dict(zip(RECORDS, table))  # each (B, T)
     from_teacher = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # (B, T)
     mask = torch.zeros((batch, max_new_tokens), dtype=torch.bool, device=device)  # (B, T)
     topk = record_topk if len(decoders) == 2 else 0
@@ -137,14 +138,16 @@ def generate(
             break
         choice = choose(logp.get("student"), logp.get("teacher"), Draws(keys[seq], pos, greedy))
         token = choice.token  # (b,)
-        tokens[seq, pos] = token
-        mask[seq, pos] = True
-        records["behavior_logp"][seq, pos] = choice.behavior_logp
-        records["beta"][seq, pos] = choice.beta
-        records["realized_kl"][seq, pos] = choice.kl
-        from_teacher[seq, pos] = choice.from_teacher
-        for role, role_logp in logp.items():
-            records[f"{role}_logp"][seq, pos] = role_logp.gather(-1, token[:, None])[:, 0]
+        flat = seq * max_new_tokens + pos  # (b,) index into the flattened (B, T) records
+        tokens.view(-1).index_copy_(0, flat, token)
+        mask.view(-1).index_fill_(0, flat, True)
+        from_teacher.view(-1).index_copy_(0, flat, choice.from_teacher)
+        picked = {role: role_logp.gather(-1, token[:, None])[:, 0] for role, role_logp in logp.items()}  # each (b,)
+        values = {"behavior_logp": choice.behavior_logp, "beta": choice.beta, "realized_kl": choice.kl,
+                  **{f"{role}_logp": value for role, value in picked.items()}}
+        zeros = torch.zeros_like(choice.beta)  # a role that does not run records zeros
+        row = torch.stack([values.get(name, zeros).float() for name in RECORDS])  # (R, b)
+        table.view(len(RECORDS), -1).index_copy_(1, flat, row)
         if topk:
             ids = logp["student"].topk(topk, dim=-1).indices  # (b, k)
             topk_ids[seq, pos] = ids

@@ -101,7 +101,10 @@ class StudentPolicy:
         mu = student_logp if self.temperature == 1.0 else with_temperature(student_logp, self.temperature)  # (B, V)
         token = draws.token(mu)  # (B,)
         zeros = torch.zeros(token.shape, device=token.device)
-        return _choice_from(mu, student_logp, token, zeros, torch.zeros_like(token, dtype=torch.bool))
+        no_teacher = torch.zeros_like(token, dtype=torch.bool)
+        if mu is student_logp:  # KL(pi_S || pi_S) = 0: no pass over the vocabulary for it
+            return Choice(token, _pick(mu, token), zeros, zeros, no_teacher)
+        return _choice_from(mu, student_logp, token, zeros, no_teacher)
 
 
 @dataclass(frozen=True)
