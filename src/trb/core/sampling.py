@@ -81,12 +81,13 @@ def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, stream: int, widt
 def keyed_sample(logp: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """`sample` with the exponential race taken from keyed_uniform: (B, V) -> (B,) int64.
 
-    The race runs over blocks of columns, each hashed, raced and reduced while it is in cache (the hash makes about
-    thirty passes over its entries); the first block holding the row's maximum gives the first maximal index, as
+    On a CPU the race runs over blocks of columns, each hashed, raced and reduced while it is in cache (the hash makes
+    about thirty passes over its entries); the first block holding the row's maximum gives the first maximal index, as
     one argmax over the row would."""
     batch, width = logp.shape
     row = _row_hash(keys, positions, stream)  # (B,)
-    step = max(1024, _BLOCK // max(batch, 1))
+    # blocks pay on a CPU (cache); on an accelerator each block is a few more kernel launches per drawn token
+    step = max(1024, _BLOCK // max(batch, 1)) if logp.device.type == "cpu" else width
     best, where = [], []
     for start in range(0, width, step):
         stop = min(width, start + step)
