@@ -154,7 +154,8 @@ def trace_lengths(count: int, cap: int, seed: int = 0) -> torch.Tensor:
 def realistic(args, student, teacher, space, device) -> None:
     """One step's rollouts: `sequences` prompts in a queue, `concurrency` decoding at once, lengths from
     `trace_lengths`. Reports tokens/s and the two counts that set GPU speed: decode steps relative to the ideal
-    (total tokens / concurrency) and KV slots attention read relative to the slots filled; for this engine
+    (total tokens / concurrency; beside it the floor no schedule can beat, set by the longest sequence) and KV slots
+    attention read relative to the slots filled; for this engine
     (continuous batching, paged KV) and for decoding the same queue in fixed batches of `concurrency` over left-padded
     dense caches (every row reads the batch's full width; the previous engine's scheme)."""
     lengths = trace_lengths(args.sequences, args.cap)
@@ -167,7 +168,11 @@ def realistic(args, student, teacher, space, device) -> None:
     out = {"benchmark": "rollout_realistic", "device": device_name(device), "torch": torch.__version__,
            "models": args.models, "sequences": args.sequences, "concurrency": args.concurrency, "cap": args.cap,
            "tokens": tokens, "mean_length": round(tokens / args.sequences, 1), "max_length": int(lengths.max()),
-           "prompt_tokens": [int(prompt_lengths.min()), int(prompt_lengths.max())], "policies": {}}
+           "prompt_tokens": [int(prompt_lengths.min()), int(prompt_lengths.max())],
+           # no schedule of one step's queue ends before its longest sequence (length - 1 decode steps after the
+           # prompt pass): the smallest steps_over_ideal any engine can reach on this workload
+           "floor_over_ideal": round(max(1.0, (int(lengths.max()) - 1) * args.concurrency / tokens), 3),
+           "policies": {}}
     # fixed batches over dense caches, counted from the lengths: each batch decodes until its longest row ends, every
     # row present reading the batch's widest prompt plus the step (finished rows leave)
     steps = read = filled = 0
