@@ -81,13 +81,15 @@ def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, stream: int, widt
 def keyed_sample(logp: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """`sample` with the exponential race taken from keyed_uniform: (B, V) -> (B,) int64.
 
-    On a CPU the race runs over blocks of columns, each hashed, raced and reduced while it is in cache (the hash makes
+    In eager CPU code the race runs over blocks of columns, each hashed, raced and reduced while it is in cache (the hash makes
     about thirty passes over its entries); the first block holding the row's maximum gives the first maximal index, as
     one argmax over the row would."""
     batch, width = logp.shape
     row = _row_hash(keys, positions, stream)  # (B,)
-    # blocks pay on a CPU (cache); on an accelerator each block is a few more kernel launches per drawn token
-    step = max(1024, _BLOCK // max(batch, 1)) if logp.device.type == "cpu" else width
+    # blocks pay in eager CPU code (cache); on an accelerator each block is a few more kernel launches per drawn token,
+    # and compiled code fuses the hash itself (a batch-dependent block count would also recompile per batch size)
+    blocked = logp.device.type == "cpu" and not torch.compiler.is_compiling()
+    step = max(1024, _BLOCK // max(batch, 1)) if blocked else width
     best, where = [], []
     for start in range(0, width, step):
         stop = min(width, start + step)
