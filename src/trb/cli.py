@@ -12,9 +12,8 @@
 User errors (bad options, config, data, paths, incompatible models, non-finite training, a run folder in use, a
 full disk) print one line `trb: error: ...` and exit with code 2, without a traceback unless --debug is given.
 Options, paths and config values are checked before torch and transformers are imported, so such errors come back
-at once. A
-training run stopped by SIGTERM/SIGINT, at any moment from start to exit, saves any new state and exits with code
-75 (rerun with resume=true); so does `trb prepare` (rerun the same command).
+at once. A training run stopped by SIGTERM/SIGINT, at any moment from start to exit, saves any new state and exits
+with code 75 (rerun with resume=true); so does `trb prepare` (rerun the same command).
 """
 
 from __future__ import annotations
@@ -166,13 +165,10 @@ def cmd_prepare(args) -> int:
 def cmd_demo(args) -> int:
     if args.out is not None:
         _writable_folder(args.out, "--out")
-    from trb.config import load_config
-    from trb.paths import demo_config
+    from trb.demo import check_demo, run_demo
 
-    steps = [f"steps={args.steps}"] if args.steps else []
-    load_config(demo_config(args.setting), [*args.overrides, *steps, "method.name=trb"])  # as run_demo checks it
+    check_demo(args.setting, args.steps, args.overrides)  # a bad value fails before the heavy imports
     _quiet_libraries()
-    from trb.demo import run_demo
 
     run_demo(Path(args.out) if args.out else None, setting=args.setting, steps=args.steps, overrides=args.overrides)
     return 0
@@ -232,7 +228,7 @@ def cmd_tables(args) -> int:
     for folder in map(Path, args.folders):
         if (folder / "plan.json").is_file():
             rebuild_results(folder)
-        elif (folder / "probe.json").is_file():
+        else:
             probe_tables(folder)
         print(f"rebuilt {folder}")
     return 0

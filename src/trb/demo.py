@@ -17,14 +17,24 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from trb.config import load_config
-from trb.paths import demo_config
-from trb.report import markdown_table, plot_learning_curves, read_metrics, series, summary_row
+from trb.config import TrainConfig, load_config
+from trb.paths import BUILTIN_PREFIX
 
+# trb.report (matplotlib) is imported where it is used: `check_demo` answers before any heavy import
 METHODS = {"OPD": ["method.name=opd"], "TRB": ["method.name=trb"]}
 
 
+def check_demo(setting: str, steps: int | None, overrides: list[str]) -> tuple[str, list[str], TrainConfig]:
+    """The demo's config file, its overrides (`overrides` plus the step budget) and TRB's validated config, so that a
+    bad value fails before anything starts."""
+    config = f"{BUILTIN_PREFIX}configs/miniature_{setting}.yaml"
+    extra = list(overrides) + ([f"steps={steps}"] if steps else [])
+    return config, extra, load_config(config, extra + METHODS["TRB"])
+
+
 def _progress(runs: dict[str, Path], total: int, started: float) -> str:
+    from trb.report import read_metrics, series
+
     parts = []
     for name, run in runs.items():
         records = read_metrics(run)
@@ -36,9 +46,7 @@ def _progress(runs: dict[str, Path], total: int, started: float) -> str:
 
 def run_demo(out: Path | None, setting: str = "arith", steps: int | None = None, overrides: list[str] = ()) -> dict:
     out = out if out is not None else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
-    config = demo_config(setting)
-    extra = list(overrides) + ([f"steps={steps}"] if steps else [])
-    cfg = load_config(config, extra + METHODS["TRB"])  # validate before starting anything
+    config, extra, cfg = check_demo(setting, steps, overrides)
     out.mkdir(parents=True, exist_ok=True)
     parallel = (os.cpu_count() or 1) >= 2
     threads = max(1, (os.cpu_count() or 1) // len(METHODS)) if parallel else (os.cpu_count() or 1)
@@ -78,6 +86,8 @@ def run_demo(out: Path | None, setting: str = "arith", steps: int | None = None,
         raise SystemExit(1)
 
     wall = time.monotonic() - started
+    from trb.report import markdown_table, plot_learning_curves, summary_row
+
     rows = {name: summary_row(run) for name, run in runs.items()}
     table = markdown_table(rows)
     plot_learning_curves(runs, out / "learning_curves.png", f"{setting} miniature: student pass@1 under OPD and TRB")

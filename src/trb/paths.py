@@ -14,7 +14,3 @@ def resolve_builtin(path: str) -> Path:
         return Path(str(resources.files("trb") / "assets")) / path[len(BUILTIN_PREFIX) :]
     return Path(path).expanduser()
 
-
-def demo_config(setting: str) -> str:
-    """The shipped config of a miniature setting (`trb demo --setting`)."""
-    return f"{BUILTIN_PREFIX}configs/miniature_{setting}.yaml"
