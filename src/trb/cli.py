@@ -135,8 +135,14 @@ def cmd_prepare(args) -> int:
     if args.source not in SETTINGS and not Path(args.source).is_file():
         raise UsageError(f"source {args.source!r} is neither a setting ({', '.join(SETTINGS)}) nor a problem file")
     _writable_folder(args.out, "--out")
-    if args.teacher_from is not None and not (Path(args.teacher_from) / "config.json").is_file():
-        raise UsageError(f"--teacher-from {args.teacher_from!r} is not a prepared teacher folder (no config.json)")
+    if (args.teacher_more_steps or args.student_from) and not args.teacher_from:
+        raise UsageError("--teacher-more-steps and --student-from need --teacher-from (the tokenizer comes with it)")
+    from trb.paths import resolve_builtin
+
+    for role in ("teacher", "student"):
+        folder = getattr(args, f"{role}_from")
+        if folder is not None and not (resolve_builtin(folder) / "config.json").is_file():
+            raise UsageError(f"--{role}-from {folder!r} is not a prepared {role} folder (no config.json)")
     _quiet_libraries()
     from dataclasses import replace
 
@@ -152,7 +158,8 @@ def cmd_prepare(args) -> int:
     preset = args.preset or (args.source if args.source in PRESETS else "word")
     config = with_steps(replace(PRESETS[preset], seed=args.seed), args.teacher_steps, args.student_steps)
     report = prepare(args.source, Path(args.out), config, device=device,
-                     log=lambda message: tqdm.write(message, file=sys.stderr), teacher_from=args.teacher_from)
+                     log=lambda message: tqdm.write(message, file=sys.stderr), teacher_from=args.teacher_from,
+                     teacher_more_steps=args.teacher_more_steps or 0, student_from=args.student_from)
     if report["status"] == "stopped":
         print(json.dumps(report))
         return EXIT_PREEMPTED
@@ -294,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-steps", type=_positive, help="the student's SFT steps (default: the preset's)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
+    p.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder, "
+                   "or trb:miniature/<setting>/teacher")
+    p.add_argument("--teacher-more-steps", type=_positive,
+                   help="train the reused teacher this many more steps on SOURCE (half the preset's lr, cosine)")
+    p.add_argument("--student-from", help="reuse the student of an earlier run (same tokenizer): its student/ folder")
     p.add_argument("--device", type=_device, default="cpu")
     p.set_defaults(func=cmd_prepare)
 

@@ -19,13 +19,12 @@ EOS) right after it, position ids counted over real tokens from 0 (`trb.rollout.
 completion tokens only. The tokenizer's prompt format ends in a newline, an isolated token, so prompt tokens +
 solution tokens are the tokens of the joined text.
 
-    python -m trb.prepare arith src/trb/assets/miniature/arith     # the shipped checkpoints, preset "arith"
-    python -m trb.prepare my_gsm8k.jsonl runs/pair --preset word    # a user's problems with worked solutions
+    trb prepare arith --out src/trb/assets/miniature/arith     # the shipped checkpoints, preset "arith"
+    trb prepare my_gsm8k.jsonl --out runs/pair --preset word    # a user's problems with worked solutions
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -49,6 +48,7 @@ from trb.checkpoint import _flatten_optimizer, _unflatten_optimizer
 from trb.errors import TrbError
 from trb.evaluate import EvalResult, evaluate
 from trb.models import tiny_causal_lm, vocab_space
+from trb.paths import resolve_builtin
 from trb.rollout import left_pad, position_ids
 from trb.tasks import SETTINGS, Problem, load_problems, tokenize_prompts, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
@@ -151,7 +151,7 @@ class PrepareConfig:
 # Label smoothing of the students: chosen so that the trained student's pass@1 at temperature 1.0 lands in the window.
 ARITH_SMOOTHING = 0.06
 WORD_SMOOTHING = 0.06
-CHAIN_SMOOTHING = 0.10
+CHAIN_SMOOTHING = 0.04
 
 PRESETS = {
     "arith": PrepareConfig(
@@ -188,7 +188,7 @@ PRESETS = {
         num_val=256,
         num_test=400,
         teacher=ModelSize(layers=6, hidden=256, heads=8, kv_heads=2, intermediate=768),
-        student=ModelSize(layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256),
+        student=ModelSize(layers=3, hidden=128, heads=4, kv_heads=2, intermediate=256),
         teacher_sft=SFTConfig(batch_size=64, steps=2500, lr=2e-3, warmup=100, weight_decay=0.1, schedule="cosine"),
         student_sft=SFTConfig(batch_size=64, steps=1500, lr=2e-3, warmup=50, weight_decay=0.1, schedule="cosine",
                               label_smoothing=CHAIN_SMOOTHING),
@@ -468,7 +468,7 @@ def _load_stage(folder: Path, device: torch.device) -> tuple[PreTrainedModel, Pr
 
 
 def _prepared_folder(folder: str | Path, role: str) -> Path:
-    folder = Path(folder)
+    folder = resolve_builtin(str(folder))  # a folder, or trb:miniature/<setting>/<role>
     if not (folder / "config.json").is_file():
         raise PrepareError(f"{role}_from must be a prepared {role} folder (config.json, weights, tokenizer); "
                          f"{folder} has no config.json")
@@ -745,34 +745,3 @@ def with_steps(config: PrepareConfig, teacher_steps: int | None, student_steps: 
 
     return replace(config, teacher_sft=budget(config.teacher_sft, teacher_steps),
                    student_sft=budget(config.student_sft, student_steps))
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trb.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help=f"a setting ({', '.join(SETTINGS)}) or a problem file (GSM8K JSONL)")
-    parser.add_argument("out_dir")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: the setting's own preset")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder")
-    parser.add_argument("--teacher-more-steps", type=int, default=0,
-                        help="continue the reused teacher's SFT for this many steps")
-    parser.add_argument("--student-from", help="reuse the student of an earlier run (same tokenizer): its student/ folder")
-    parser.add_argument("--teacher-steps", type=int, help="the teacher's SFT steps (default: the preset's)")
-    parser.add_argument("--student-steps", type=int, help="the student's SFT steps (default: the preset's)")
-    args = parser.parse_args(argv)
-    if (args.teacher_more_steps or args.student_from) and not args.teacher_from:
-        parser.error("--teacher-more-steps and --student-from need --teacher-from (the tokenizer comes with it)")
-    if args.preset is None and args.source not in PRESETS:
-        parser.error(f"{args.source} is not a setting: pass --preset ({', '.join(PRESETS)})")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    config = with_steps(replace(PRESETS[args.preset or args.source], seed=args.seed), args.teacher_steps,
-                        args.student_steps)
-    prepare(args.source, args.out_dir, config, device=args.device, log=lambda line: print(line, flush=True),
-            teacher_from=args.teacher_from, teacher_more_steps=args.teacher_more_steps, student_from=args.student_from)
-
-
-if __name__ == "__main__":
-    main()
