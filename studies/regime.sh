@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The "chain" regime study (configs/miniature_chain.yaml): does TRB pay where early rollouts stay uninformative?
+# The "chain" regime study (trb:configs/miniature_chain.yaml): does TRB pay where early rollouts stay uninformative?
 # One command, resumable (rerun it and finished runs are kept):
 #
 #   studies/regime.sh [OUT]        (default OUT=runs/regime)
 #
-#   1. pair:       trb prepare chain (teacher + weak student), skipped when OUT/pair/prepare.json exists
+#   1. pair:       remake the shipped pair (trb:miniature/chain) in PAIR when PAIR is a folder: the arith teacher
+#                  trained 400 + 800 more steps on chain problems, a 3-layer student from scratch, then both
+#                  evaluated; skipped when PAIR/prepare.json exists. Default PAIR=trb:miniature/chain: the shipped one.
 #   2. grid:       TRB eps0 x horizon on GRID_SEEDS; the cell with the best validation pass@1 is chosen (never test)
 #   3. main:       vanilla OPD and TRB at the paper's setting (eps0 = 0.02, K = 50) on MAIN_SEEDS (default 10)
 #   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), against the
@@ -23,13 +25,20 @@ OTHER_SEEDS=${OTHER_SEEDS:-0 1 2 3 4}
 GRID_SEEDS=${GRID_SEEDS:-0 1 2}
 PARTS=${PARTS:-pair grid main others estimators probe}
 THREADS=${THREADS:+--threads $THREADS}
-CONFIG=configs/miniature_chain.yaml
-PAIR="$OUT/pair"
+CONFIG=trb:configs/miniature_chain.yaml
+PAIR=${PAIR:-trb:miniature/chain}
 MODELS="models.student=$PAIR/student models.teacher=$PAIR/teacher"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 
-if has pair && [[ ! -f "$PAIR/prepare.json" ]]; then
-  $TRB prepare chain --out "$PAIR"
+if has pair && [[ ! -f "$PAIR/prepare.json" && $PAIR != trb:* ]]; then
+  # The chain teacher starts from the arith teacher (same alphabet and operations, shorter chains): two fine-tuning
+  # runs of 400 and 800 steps cost ~1.2 h on 2 cores, where the preset's 6-layer teacher from scratch needs ~3 h.
+  $TRB prepare chain --out "$OUT/teacher_400" --teacher-from trb:miniature/arith/teacher --teacher-more-steps 400 \
+    --student-steps 1
+  $TRB prepare chain --out "$OUT/teacher_1200" --teacher-from "$OUT/teacher_400/teacher" --teacher-more-steps 800 \
+    --student-steps 1
+  $TRB prepare chain --out "$OUT/student" --teacher-from "$OUT/teacher_400/teacher"
+  $TRB prepare chain --out "$PAIR" --teacher-from "$OUT/teacher_1200/teacher" --student-from "$OUT/student/student"
 fi
 if has grid; then
   # shellcheck disable=SC2086

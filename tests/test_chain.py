@@ -43,9 +43,9 @@ def test_preset_budget_holds_the_longest_solution_and_its_student_is_weaker():
     longest = max(len(tokenizer(p.solution, add_special_tokens=False)["input_ids"]) for p in problems)
     assert longest + 1 <= preset.max_new_tokens, "solution + EOS within the rollout budget"
     assert preset.student_window[1] <= 0.08
+    # The student is no larger than the other settings' students: its weakness comes from the chain's length.
     for other in ("arith", "word"):
-        assert parameters(preset.student) < parameters(PRESETS[other].student)
-        assert preset.student_sft.label_smoothing > PRESETS[other].student_sft.label_smoothing
+        assert parameters(preset.student) <= parameters(PRESETS[other].student)
     assert parameters(preset.teacher) > 4 * parameters(preset.student)
 
 
@@ -67,12 +67,10 @@ def test_prepare_chain_end_to_end_on_tiny_models(tmp_path):
 
 
 def test_regime_config_matches_the_preset():
-    from pathlib import Path
-
     from trb.config import load_config
 
-    root = Path(__file__).resolve().parents[1]
-    cfg = load_config(root / "configs" / "miniature_chain.yaml")
+    cfg = load_config("trb:configs/miniature_chain.yaml")
+    assert cfg.models.student == "trb:miniature/chain/student"
     assert cfg.data.source == "chain" and cfg.data.val_count > 0
     assert cfg.max_new_tokens == PRESETS["chain"].max_new_tokens
     assert cfg.loss.divergence == "topk_student_weighted_kl" and cfg.loss.top_k == 16

@@ -12,8 +12,10 @@ from trb.evaluate import evaluate
 from trb.models import load_causal_lm, load_tokenizer, resolve_builtin, vocab_space
 from trb.tasks import SETTINGS
 
-SETTING_NAMES = ["arith", "word"]
-MAX_NEW_TOKENS = {"arith": 96, "word": 64}
+SETTING_NAMES = ["arith", "word", "chain"]
+MAX_NEW_TOKENS = {"arith": 96, "word": 64, "chain": 160}
+# The student's pass@1 at T = 1: under-confident (arith, word), or a weak base student whose rollouts derail (chain).
+STUDENT_RANGE = {"arith": (0.01, 0.5), "word": (0.01, 0.5), "chain": (0.0, 0.15)}
 
 
 @pytest.fixture(scope="module", params=SETTING_NAMES)
@@ -45,7 +47,8 @@ def test_teacher_is_strong_and_student_weak_on_fresh_problems(pair):
     teacher_pass = evaluate(teacher, tokenizer, problems, vocab, **kwargs).pass_at_1
     student_pass = evaluate(student, tokenizer, problems, vocab, **kwargs).pass_at_1
     assert teacher_pass >= 0.85, f"{setting} teacher pass@1 {teacher_pass:.3f}"
-    assert 0.0 < student_pass <= 0.5, f"{setting} student pass@1 {student_pass:.3f}"
+    lo, hi = STUDENT_RANGE[setting]
+    assert lo <= student_pass <= hi, f"{setting} student pass@1 {student_pass:.3f}"
 
 
 @pytest.mark.parametrize("setting", SETTING_NAMES)

@@ -185,6 +185,13 @@ def cmd_compare(args) -> int:
     if not args.config.startswith("trb:") and not Path(args.config).is_file():
         raise UsageError(f"config file {args.config!r} not found")
     _writable_folder(args.out, "--out")
+    # key=value overrides may follow the methods (--methods opd trb steps=100): a method spec is name or
+    # name:key=value, so an item whose "=" comes before any ":" is an override
+    overrides = [m for m in args.methods if "=" in m.partition(":")[0]]
+    args.methods = [m for m in args.methods if m not in overrides]
+    args.overrides = [*overrides, *args.overrides]
+    if not args.methods:
+        raise UsageError("--methods names no method (key=value items are overrides)")
     from trb.config import check_variants
 
     check_variants(args.config, args.methods, args.overrides, Path(args.out))  # bad values fail before the imports
