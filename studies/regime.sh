@@ -11,7 +11,8 @@
 #   3. main:       vanilla OPD and TRB at the paper's setting (eps0 = 0.02, K = 50) on MAIN_SEEDS (default 10)
 #   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), against the
 #                  same OPD runs as 3 (linked, not rerun)
-#   5. estimators: OPD and TRB with the paper's top-k estimator, the renormalized top-k KL and the full KL
+#   5. estimators: OPD and TRB with the paper's top-k estimator and the renormalized top-k KL (k = 16), beside
+#                  part 3's exact full-vocabulary KL
 #   6. probe:      the continuation probe on step-0 prefixes
 # Then `studies/collect.sh OUT results/regime` puts the per-run data and tables into the repository.
 # Environment: JOBS runs in parallel (default 2), THREADS per run (default cores / JOBS), PARTS (default all).
@@ -32,7 +33,8 @@ has() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if has pair && [[ ! -f "$PAIR/prepare.json" && $PAIR != trb:* ]]; then
   # The chain teacher starts from the arith teacher (same alphabet and operations, shorter chains): two fine-tuning
-  # runs of 400 and 800 steps cost ~1.2 h on 2 cores, where the preset's 6-layer teacher from scratch needs ~3 h.
+  # runs of 400 and 800 steps took 18 min (2 threads) and 60 min (1 thread beside another job), where the preset's
+  # 6-layer teacher from scratch would need ~3 h on 2 cores.
   $TRB prepare chain --out "$OUT/teacher_400" --teacher-from trb:miniature/arith/teacher --teacher-more-steps 400 \
     --student-steps 1
   $TRB prepare chain --out "$OUT/teacher_1200" --teacher-from "$OUT/teacher_400/teacher" --teacher-more-steps 800 \
@@ -62,7 +64,7 @@ if has others; then
     --methods opd "$BEST_SPEC" skd sft_warmup:prompt_steps=50,updates=25 trb_adaptive $MODELS
 fi
 if has estimators; then
-  for DIVERGENCE in topk_student_weighted_kl topk_reverse_kl reverse_kl; do
+  for DIVERGENCE in topk_student_weighted_kl topk_reverse_kl; do  # the exact KL (the config's) is part 3's runs
     # shellcheck disable=SC2086
     $TRB compare "$CONFIG" --out "$OUT/estimators/$DIVERGENCE" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS \
       --methods opd "trb:eps0=0.02,horizon=50" $MODELS loss.divergence=$DIVERGENCE

@@ -73,5 +73,5 @@ def test_regime_config_matches_the_preset():
     assert cfg.models.student == "trb:miniature/chain/student"
     assert cfg.data.source == "chain" and cfg.data.val_count > 0
     assert cfg.max_new_tokens == PRESETS["chain"].max_new_tokens
-    assert cfg.loss.divergence == "topk_student_weighted_kl" and cfg.loss.top_k == 16
+    assert cfg.loss.divergence == "reverse_kl"
     assert (cfg.method.eps0, cfg.method.horizon) == (0.02, 50)
