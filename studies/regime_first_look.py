@@ -46,10 +46,13 @@ def main(root: Path) -> None:
         curves[run.name] = [(r["step"], r["eval/pass_at_1"], r.get("val/pass_at_1")) for r in rows
                             if "eval/pass_at_1" in r]
     print("\nteacher-KL per token of the step's rollouts (mean rollout length in tokens)\n")
-    print("| run | pass@1 test / validation at each evaluation (step: test / val) |")
-    print("|---|---|")
+    print("| run | pass@1 test / validation at each evaluation (step: test / val) | validation-best step: test |"
+          " max over test (the paper's) |")
+    print("|---|---|---|---|")
     for name, points in curves.items():
-        print(f"| {name} | " + ", ".join(f"{s}: {t:.3f} / {v:.3f}" for s, t, v in points) + " |")
+        best_step, best_test, _ = max(points, key=lambda point: (point[2], -point[0]))  # earliest of equal ones
+        print(f"| {name} | " + ", ".join(f"{s}: {t:.3f} / {v:.3f}" for s, t, v in points)
+              + f" | {best_step}: {best_test:.3f} | {max(t for _, t, _ in points):.3f} |")
 
 
 if __name__ == "__main__":
