@@ -35,7 +35,7 @@ def test_every_step_uses_the_previous_result():
     assert lengths == set(range(6, 11))
 
 
-def test_preset_budget_holds_the_longest_solution_and_its_student_is_weaker():
+def test_preset_budget_holds_the_longest_solution_and_its_student_is_no_larger():
     preset = PRESETS["chain"]
     problems = SETTINGS["chain"]("train", 3000, seed=0)
     tokenizer = train_tokenizer([PROMPT_FORMAT.format(question=p.question) + p.solution for p in problems],
