@@ -8,7 +8,8 @@
 #    to the same place under DEST (no checkpoints, no rollout logs, no TensorBoard files).
 # 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
 #    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back
-#    identically.
+#    identically. A study still running gets tables from the seeds every variant has finished, and their title says
+#    how many of the planned seeds that is (`trb tables --finished-seeds`).
 set -euo pipefail
 OUT=${1:-runs/study}
 DEST=${2:-results/miniature}
@@ -27,5 +28,5 @@ if [[ ${#FOLDERS[@]} -eq 0 ]]; then
   exit 2
 fi
 # shellcheck disable=SC2086
-$TRB tables "${FOLDERS[@]}"
+$TRB tables --finished-seeds "${FOLDERS[@]}"
 echo "$DEST: $(find "$DEST" -type f | wc -l) files, $(du -sh "$DEST" | cut -f1)"

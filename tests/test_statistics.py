@@ -181,6 +181,28 @@ def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path
     assert "| trb(eps0=0.02,horizon=8) | 3 |" in (results / "arith" / "methods" / "results.md").read_text()
 
 
+def test_a_study_still_running_gives_tables_only_from_the_seeds_every_variant_finished(tmp_path):
+    from trb.config import ConfigError
+
+    hand_made_study(tmp_path, gz=True)  # compact records: 2 variants x seeds 0, 1, 2, all finished
+    methods = tmp_path / "arith" / "methods"
+    running = methods / "runs" / "trb_eps0-0.02_horizon-8" / "seed_1"
+    (running / "metrics.jsonl.gz").unlink()  # seed 1 of TRB still training: a partial curve, no summary.json
+    write_run(running, [0.1, 0.9, 0.9, 0.9], [0.1, 0.9, 0.9, 0.9])
+    with pytest.raises(ConfigError, match="1 runs are not finished.*--finished-seeds"):
+        rebuild_results(methods)
+    rows = rebuild_results(methods, finished_seeds=True)
+    assert [r["seeds"] for r in rows] == [[0, 2], [0, 2]], "seed 1 is left out of both variants, so pairs stay paired"
+    assert (methods / "results.md").read_text().startswith(
+        "# miniature_arith (2 of 3 planned seeds finished: 0 2)\n")
+    (running / "summary.json").write_text("{}")  # the run completes
+    assert [r["seeds"] for r in rebuild_results(methods)] == [[0, 1, 2], [0, 1, 2]]
+    for seed in (0, 1, 2):
+        (methods / "runs" / "opd" / f"seed_{seed}" / "metrics.jsonl.gz").unlink()
+    with pytest.raises(ConfigError, match="no seed is finished by every variant"):
+        rebuild_results(methods, finished_seeds=True)
+
+
 def test_rebuild_refuses_a_folder_without_plan(tmp_path):
     from trb.config import ConfigError
 

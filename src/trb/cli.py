@@ -241,7 +241,7 @@ def cmd_tables(args) -> int:
 
     for folder in map(Path, args.folders):
         if (folder / "plan.json").is_file():
-            rebuild_results(folder)
+            rebuild_results(folder, finished_seeds=args.finished_seeds)
         else:
             probe_tables(folder)
         print(f"rebuilt {folder}")
@@ -345,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tables", help="rebuild the tables and plots of compare / probe folders from their data")
     p.add_argument("folders", nargs="+", help="trb compare --out folders (plan.json + runs) or trb probe --out folders")
+    p.add_argument("--finished-seeds", action="store_true",
+                   help="a study still running: tables from the seeds every variant has finished (the title says so)")
     p.set_defaults(func=cmd_tables)
 
     p = sub.add_parser("inspect", help="an HTML page of a run's logged rollouts, shaded by beta")

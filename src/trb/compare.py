@@ -343,15 +343,34 @@ def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | N
     return rows
 
 
-def rebuild_results(out: Path) -> list[dict]:
+def finished(run: Path) -> bool:
+    """Whether a run completed: its folder's summary.json (written last by `trb train`), or a compact record
+    (`studies/collect.sh` copies records only of completed runs)."""
+    return (run / "summary.json").is_file() or (run / "metrics.jsonl.gz").is_file()
+
+
+def rebuild_results(out: Path, finished_seeds: bool = False) -> list[dict]:
     """The tables and plots of a comparison from OUT/plan.json and the runs' data alone (run folders, or the compact
-    records `studies/collect.sh` keeps in results/), without training anything."""
+    records `studies/collect.sh` keeps in results/), without training anything.
+
+    A study still running has unfinished runs (partial curves) and runs not started. By default that is an error;
+    with finished_seeds the tables use the seeds every variant has finished, and their title says how many of the
+    planned seeds that is."""
     plan_path = out / "plan.json"
     if not plan_path.is_file():
         raise ConfigError(f"{str(out)!r} holds no plan.json: not the output folder of trb compare")
     plan = json.loads(plan_path.read_text())
-    runs = {label: {s: out / "runs" / slug / f"seed_{s}" for s in plan["seeds"]} for label, slug in plan["variants"]}
-    missing = [str(path) for seeds in runs.values() for path in seeds.values() if not read_metrics(path)]
-    if missing:
-        raise ConfigError(f"no metrics for {len(missing)} runs, e.g. {missing[0]}; finish them with trb compare")
-    return write_results(runs, out, plan["baseline"], plan["title"])
+    planned = plan["seeds"]
+    folders = {label: {s: out / "runs" / slug / f"seed_{s}" for s in planned} for label, slug in plan["variants"]}
+    done = [s for s in planned if all(finished(seeds[s]) for seeds in folders.values())]
+    title = plan["title"]
+    if len(done) < len(planned):
+        missing = [str(seeds[s]) for seeds in folders.values() for s in planned if not finished(seeds[s])]
+        if not finished_seeds:
+            raise ConfigError(f"{len(missing)} runs are not finished, e.g. {missing[0]}; finish them with trb compare, "
+                              f"or build the tables from the finished seeds with --finished-seeds")
+        if not done:
+            raise ConfigError(f"{str(out)!r}: no seed is finished by every variant ({len(missing)} runs unfinished)")
+        title = f"{title} ({len(done)} of {len(planned)} planned seeds finished: {' '.join(map(str, done))})"
+    runs = {label: {s: seeds[s] for s in done} for label, seeds in folders.items()}
+    return write_results(runs, out, plan["baseline"], title)
