@@ -1,0 +1,64 @@
+"""A comparison's learning curves step by step: test pass@1 at every evaluation, mean over the seeds every variant
+has finished, and each variant's paired difference from the baseline (same seed) with a t-interval and a
+Holm-adjusted p-value over the table's comparisons (every step of every variant). Also the teacher-KL of the
+rollouts at the first steps, where the warmups act. Markdown on stdout.
+
+    python studies/paired_curves.py results/regime/main [> results/regime/main/paired_curves.md]
+
+The folder is a `trb compare` output (plan.json + runs/<variant>/seed_<s>/, run folders or compact records).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from trb.compare import finished
+from trb.report import read_metrics, series
+from trb.stats import holm, mean_ci, paired_difference
+
+KL_STEPS = (1, 10, 25, 50, 100)  # rollouts' teacher-KL per token at these steps (TRB's budget ends at K = 50)
+
+
+def fmt(estimate, sign: str = "") -> str:
+    if not estimate.has_interval:
+        return f"{estimate.mean:{sign}.3f} ({', '.join(f'{v:{sign}.3f}' for v in estimate.values)})"
+    return f"{estimate.mean:{sign}.3f} [{estimate.low:{sign}.3f}, {estimate.high:{sign}.3f}]"
+
+
+def main(folder: Path) -> None:
+    plan = json.loads((folder / "plan.json").read_text())
+    runs = {label: {s: folder / "runs" / slug / f"seed_{s}" for s in plan["seeds"]} for label, slug in plan["variants"]}
+    seeds = [s for s in plan["seeds"] if all(finished(by_seed[s]) for by_seed in runs.values())]
+    baseline = plan["baseline"]
+    curves = {label: {s: dict(zip(*series(read_metrics(by_seed[s]), "eval/pass_at_1"))) for s in seeds}
+              for label, by_seed in runs.items()}
+    steps = sorted(curves[baseline][seeds[0]])
+    others = [label for label in runs if label != baseline]
+    diffs = {(label, step): paired_difference([curves[label][s][step] for s in seeds],
+                                              [curves[baseline][s][step] for s in seeds])
+             for label in others for step in steps}
+    adjusted = dict(zip(diffs, holm([d.p for d in diffs.values()])))
+    print(f"# {plan['title']}: test pass@1 at every evaluation\n")
+    print(f"Seeds {' '.join(map(str, seeds))} ({len(seeds)} of {len(plan['seeds'])} planned, those every variant "
+          f"finished); mean over seeds [95% t-interval]; differences paired by seed, p-values Holm-adjusted over "
+          f"the {len(diffs)} differences of this table.\n")
+    head = ["step", baseline] + [part for label in others for part in (label, f"{label} - {baseline}")]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for step in steps:
+        cells = [str(step), fmt(mean_ci([curves[baseline][s][step] for s in seeds], bounds=(0.0, 1.0)))]
+        for label in others:
+            d = diffs[(label, step)]
+            p = "" if adjusted[(label, step)] != adjusted[(label, step)] else f" p_Holm={adjusted[(label, step)]:.2g}"
+            cells += [fmt(mean_ci([curves[label][s][step] for s in seeds], bounds=(0.0, 1.0))), fmt(d, "+") + p]
+        print("| " + " | ".join(cells) + " |")
+    print(f"\nTeacher-KL per token of the step's rollouts (mean over seeds {' '.join(map(str, seeds))}):\n")
+    print("| variant | " + " | ".join(f"step {k}" for k in KL_STEPS) + " |\n|---|" + "---|" * len(KL_STEPS))
+    for label, by_seed in runs.items():
+        kl = [dict(zip(*series(read_metrics(by_seed[s]), "teacher_kl"))) for s in seeds]
+        print(f"| {label} | " + " | ".join(f"{sum(c[k] for c in kl) / len(kl):.3f}" for k in KL_STEPS) + " |")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "results/regime/main"))
