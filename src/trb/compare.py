@@ -24,6 +24,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -332,9 +333,10 @@ def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | N
     table = markdown(rows, baseline)
     write_csv(rows, out / "results.csv")
     plot_curves(runs, out / "learning_curves.png",
-                f"{title}: test pass@1, mean over seeds (95% band; each seed below 3)")
-    plot_diagnostics(runs, out / "diagnostics.png", f"{title}: behavior diagnostics (mean over seeds)")
-    has_grid = plot_grid(rows, baseline, out / "grid.png", f"{title}: mean over seeds")
+                textwrap.fill(f"{title}: test pass@1, mean over seeds (95% band; each seed below 3)", 80))
+    plot_diagnostics(runs, out / "diagnostics.png",
+                     textwrap.fill(f"{title}: behavior diagnostics (mean over seeds)", 100))
+    has_grid = plot_grid(rows, baseline, out / "grid.png", textwrap.fill(f"{title}: mean over seeds", 60))
     (out / "results.md").write_text(
         f"# {title}\n\n{table}\n\n{legend(rows, baseline)}\n\n"
         + ("![grid](grid.png)\n\n" if has_grid else "")
