@@ -9,11 +9,13 @@
 # 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
 #    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back
 #    identically. A study still running gets tables from the seeds every variant has finished, and their title says
-#    how many of the planned seeds that is (`trb tables --finished-seeds`).
+#    how many of the planned seeds that is (`trb tables --finished-seeds`). Each comparison also gets
+#    paired_curves.md (studies/paired_curves.py: test pass@1 at every evaluation, paired differences).
 set -euo pipefail
 OUT=${1:-runs/study}
 DEST=${2:-results/miniature}
 TRB=${TRB:-trb}
+PYTHON=${PYTHON:-python}
 if [[ -d "$OUT" ]]; then
   (cd "$OUT" && find -L . \( -name plan.json -o -name probe.json -o -path '*/record/*' \) -type f -print0) |
     while IFS= read -r -d '' file; do
@@ -29,4 +31,9 @@ if [[ ${#FOLDERS[@]} -eq 0 ]]; then
 fi
 # shellcheck disable=SC2086
 $TRB tables --finished-seeds "${FOLDERS[@]}"
+for folder in "${FOLDERS[@]}"; do  # each comparison's curves step by step, with paired differences
+  if [[ -f "$folder/plan.json" ]]; then
+    "$PYTHON" "$(dirname "$0")/paired_curves.py" "$folder" > "$folder/paired_curves.md"
+  fi
+done
 echo "$DEST: $(find "$DEST" -type f | wc -l) files, $(du -sh "$DEST" | cut -f1)"

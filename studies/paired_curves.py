@@ -57,7 +57,8 @@ def main(folder: Path) -> None:
     print("| variant | " + " | ".join(f"step {k}" for k in KL_STEPS) + " |\n|---|" + "---|" * len(KL_STEPS))
     for label, by_seed in runs.items():
         kl = [dict(zip(*series(read_metrics(by_seed[s]), "teacher_kl"))) for s in seeds]
-        print(f"| {label} | " + " | ".join(f"{sum(c[k] for c in kl) / len(kl):.3f}" for k in KL_STEPS) + " |")
+        cells = [f"{sum(c[k] for c in kl) / len(kl):.3f}" if all(k in c for c in kl) else "-" for k in KL_STEPS]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

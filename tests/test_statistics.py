@@ -154,7 +154,8 @@ def hand_made_study(root: Path, gz: bool) -> None:
 
 
 def collect(out: Path, dest: Path) -> None:
-    env = {**os.environ, "TRB": f"{sys.executable} -m trb", "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "TRB": f"{sys.executable} -m trb", "PYTHON": sys.executable, "PYTHONPATH": str(ROOT / "src"),
+           "OMP_NUM_THREADS": "1"}
     subprocess.run(["bash", str(ROOT / "studies" / "collect.sh"), str(out), str(dest)], check=True, env=env,
                    capture_output=True)
 
@@ -171,7 +172,8 @@ def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path
     first = digests(results)
     data = {"plan.json", "probe.json", "metrics.jsonl.gz"}
     assert {Path(name).name for name in first} == data | {"results.md", "results.csv", "learning_curves.png",
-                                                          "diagnostics.png", "probe.md", "probe.png"}
+                                                          "diagnostics.png", "paired_curves.md", "probe.md",
+                                                          "probe.png"}
     assert not any("record" in name for name in first), "records land in the seed folders"
     for name in first:
         if Path(name).name not in data:
