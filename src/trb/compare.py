@@ -101,15 +101,17 @@ def aggregate(runs: dict[str, dict[int, Path]], baseline: str | None) -> list[di
     return rows
 
 
-def _fmt(estimate: Estimate, sign: str = "") -> str:
+def format_estimate(estimate: Estimate, sign: str = "") -> str:
+    """mean [low, high], or mean (the values) where there are too few for an interval."""
     mean = f"{estimate.mean:{sign}.3f}"
     if not estimate.has_interval:  # too few seeds for an interval: the seeds themselves
         return f"{mean} ({', '.join(f'{v:{sign}.3f}' for v in estimate.values)})"
     return f"{mean} [{estimate.low:{sign}.3f}, {estimate.high:{sign}.3f}]"
 
 
-def _fmt_diff(estimate: Estimate) -> str:
-    text = _fmt(estimate, "+")
+def format_difference(estimate: Estimate) -> str:
+    """A paired difference, signed, with its Holm-adjusted p-value once `holm` has run."""
+    text = format_estimate(estimate, "+")
     return text if math.isnan(estimate.p_holm) else f"{text} p_Holm={estimate.p_holm:.2g}"
 
 
@@ -121,9 +123,9 @@ def markdown(rows: list[dict], baseline: str | None) -> str:
     head.append("train min/run")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["method"], str(len(row["seeds"]))] + [_fmt(row[m]) if m in row else "-" for m in metrics]
+        cells = [row["method"], str(len(row["seeds"]))] + [format_estimate(row[m]) if m in row else "-" for m in metrics]
         if baseline:
-            cells += [_fmt_diff(row[f"diff_{m}"]) if f"diff_{m}" in row else "-" for m in metrics]
+            cells += [format_difference(row[f"diff_{m}"]) if f"diff_{m}" in row else "-" for m in metrics]
         cells.append(f"{row['minutes']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -351,6 +353,18 @@ def finished(run: Path) -> bool:
     return (run / "summary.json").is_file() or (run / "metrics.jsonl.gz").is_file()
 
 
+def read_plan(out: Path) -> tuple[dict, dict[str, dict[int, Path]], list[int]]:
+    """A comparison's plan.json, its run folders (variant label -> seed -> folder, every planned seed) and the seeds
+    every variant has finished."""
+    plan_path = out / "plan.json"
+    if not plan_path.is_file():
+        raise ConfigError(f"{str(out)!r} holds no plan.json: not the output folder of trb compare")
+    plan = json.loads(plan_path.read_text())
+    folders = {label: {s: out / "runs" / slug / f"seed_{s}" for s in plan["seeds"]} for label, slug in plan["variants"]}
+    done = [s for s in plan["seeds"] if all(finished(seeds[s]) for seeds in folders.values())]
+    return plan, folders, done
+
+
 def rebuild_results(out: Path, finished_seeds: bool = False) -> list[dict]:
     """The tables and plots of a comparison from OUT/plan.json and the runs' data alone (run folders, or the compact
     records `studies/collect.sh` keeps in results/), without training anything.
@@ -358,13 +372,8 @@ def rebuild_results(out: Path, finished_seeds: bool = False) -> list[dict]:
     A study still running has unfinished runs (partial curves) and runs not started. By default that is an error;
     with finished_seeds the tables use the seeds every variant has finished, and their title says how many of the
     planned seeds that is."""
-    plan_path = out / "plan.json"
-    if not plan_path.is_file():
-        raise ConfigError(f"{str(out)!r} holds no plan.json: not the output folder of trb compare")
-    plan = json.loads(plan_path.read_text())
+    plan, folders, done = read_plan(out)
     planned = plan["seeds"]
-    folders = {label: {s: out / "runs" / slug / f"seed_{s}" for s in planned} for label, slug in plan["variants"]}
-    done = [s for s in planned if all(finished(seeds[s]) for seeds in folders.values())]
     title = plan["title"]
     if len(done) < len(planned):
         missing = [str(seeds[s]) for seeds in folders.values() for s in planned if not finished(seeds[s])]
