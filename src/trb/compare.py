@@ -123,7 +123,8 @@ def markdown(rows: list[dict], baseline: str | None) -> str:
     head.append("train min/run")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["method"], str(len(row["seeds"]))] + [format_estimate(row[m]) if m in row else "-" for m in metrics]
+        cells = [row["method"], str(len(row["seeds"]))]
+        cells += [format_estimate(row[m]) if m in row else "-" for m in metrics]
         if baseline:
             cells += [format_difference(row[f"diff_{m}"]) if f"diff_{m}" in row else "-" for m in metrics]
         cells.append(f"{row['minutes']:.1f}")
