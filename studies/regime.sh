@@ -8,6 +8,7 @@
 #                  trained 400 + 800 more steps on chain problems, a 3-layer student from scratch, then both
 #                  evaluated; skipped when PAIR/prepare.json exists. Default PAIR=trb:miniature/chain: the shipped one.
 #   2. grid:       TRB eps0 x horizon on GRID_SEEDS; the cell with the best validation pass@1 is chosen (never test)
+#                  (OPD and the paper's cell are part 3's runs, linked: identical configs and seeds)
 #   3. main:       vanilla OPD and TRB at the paper's setting (eps0 = 0.02, K = 50) on MAIN_SEEDS (default 10)
 #   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), against the
 #                  same OPD runs as 3 (linked, not rerun)
@@ -43,6 +44,10 @@ if has pair && [[ ! -f "$PAIR/prepare.json" && $PAIR != trb:* ]]; then
   $TRB prepare chain --out "$PAIR" --teacher-from "$OUT/teacher_1200/teacher" --student-from "$OUT/student/student"
 fi
 if has grid; then
+  # OPD and the paper's cell (eps0 = 0.02, K = 50) are part 3's runs on the same seeds (linked, not rerun)
+  mkdir -p "$OUT/grid/runs" "$OUT/main/runs"
+  ln -sfn ../../main/runs/opd "$OUT/grid/runs/opd"
+  ln -sfn ../../main/runs/trb_eps0-0.02_horizon-50 "$OUT/grid/runs/trb_eps0-0.02_horizon-50"
   # shellcheck disable=SC2086
   $TRB compare "$CONFIG" --out "$OUT/grid" --jobs "$JOBS" $THREADS --seeds $GRID_SEEDS \
     --methods opd "trb:eps0=0.005|0.02|0.05,horizon=25|50|100" $MODELS
