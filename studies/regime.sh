@@ -45,9 +45,12 @@ if has pair && [[ ! -f "$PAIR/prepare.json" && $PAIR != trb:* ]]; then
 fi
 if has grid; then
   # OPD and the paper's cell (eps0 = 0.02, K = 50) are part 3's runs on the same seeds (linked, not rerun)
-  mkdir -p "$OUT/grid/runs" "$OUT/main/runs"
-  ln -sfn ../../main/runs/opd "$OUT/grid/runs/opd"
-  ln -sfn ../../main/runs/trb_eps0-0.02_horizon-50 "$OUT/grid/runs/trb_eps0-0.02_horizon-50"
+  # (the targets are made first: the grid runs before part 3, and a dangling link would stop trb compare)
+  mkdir -p "$OUT/grid/runs"
+  for VARIANT in opd trb_eps0-0.02_horizon-50; do
+    mkdir -p "$OUT/main/runs/$VARIANT"
+    ln -sfn "../../main/runs/$VARIANT" "$OUT/grid/runs/$VARIANT"
+  done
   # shellcheck disable=SC2086
   $TRB compare "$CONFIG" --out "$OUT/grid" --jobs "$JOBS" $THREADS --seeds $GRID_SEEDS \
     --methods opd "trb:eps0=0.005|0.02|0.05,horizon=25|50|100" $MODELS
@@ -62,7 +65,7 @@ if has others; then
     "$OUT/grid/results.csv")
   BEST_SPEC=$(echo "$BEST" | sed -e 's/^trb(/trb:/' -e 's/)$//')
   echo "grid cell chosen on validation: $BEST"
-  mkdir -p "$OUT/others/runs"
+  mkdir -p "$OUT/others/runs" "$OUT/main/runs/opd"  # the link target first (a dangling link stops trb compare)
   ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"  # the same OPD runs: finished runs are not trained again
   # shellcheck disable=SC2086
   $TRB compare "$CONFIG" --out "$OUT/others" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS \
