@@ -41,6 +41,11 @@ PY
     $TRB compare "$CONFIG" --out "$OUT/$SETTING/methods" --jobs "$JOBS" $THREADS --seeds $SEEDS --methods $SELECTED
   fi
   if [[ " $PARTS " == *" sweep "* ]]; then
+    # OPD and the cell eps0 = 0.02 (the default), horizon = LONG are the method table's runs on the same seeds (linked,
+    # not rerun; the targets are made first, as a dangling link would stop trb compare)
+    mkdir -p "$OUT/$SETTING/sweep/runs" "$OUT/$SETTING/methods/runs/opd" "$OUT/$SETTING/methods/runs/trb_horizon-$LONG"
+    ln -sfn ../../methods/runs/opd "$OUT/$SETTING/sweep/runs/opd"
+    ln -sfn "../../methods/runs/trb_horizon-$LONG" "$OUT/$SETTING/sweep/runs/trb_eps0-0.02_horizon-$LONG"
     # shellcheck disable=SC2086
     $TRB compare "$CONFIG" --out "$OUT/$SETTING/sweep" --jobs "$JOBS" $THREADS --seeds $SWEEP_SEEDS --methods \
       opd "trb:eps0=0.001|0.005|0.01|0.02|0.05,horizon=$HORIZONS"
