@@ -22,9 +22,10 @@ from trb.methods import (
     VanillaOPD,
     Veto,
 )
-from trb.models import VocabSpace, tiny_causal_lm
+from trb.models import VocabSpace, load_tokenizer, tiny_causal_lm
 from trb.rollout import MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate
-from trb.train import train
+from trb.tasks import data_splits
+from trb.train import step_prompts, train
 
 
 def test_schedules_of_each_method():
@@ -151,6 +152,26 @@ def test_every_method_trains_end_to_end(name, tiny_pair, tmp_path):
         assert first["rollout/mean_beta"] > 0 and first["rollout/realized_kl_max"] <= first["eps"] + 1e-6
     if name in ("skd", "minillm"):
         assert sum(r["rollout/from_teacher"] for r in records if "loss" in r) > 0
+
+
+def test_gkd_data_steps_train_on_the_solutions_of_every_prompt_of_the_step(tiny_pair, tmp_path):
+    """With lmbda = 0 every step is a data step: its token count is that of all the step's dataset solutions (+ EOS),
+    counted here from the data and tokenizer directly, not a subset (one rollout batch's worth, or one prompt)."""
+    cfg = load_config(None, [
+        f"models.student={tiny_pair['student']}", f"models.teacher={tiny_pair['teacher']}", f"out_dir={tmp_path}",
+        "steps=3", "prompts_per_step=6", "rollouts_per_prompt=2", "rollout_batch=4", "micro_batch=4",
+        "max_new_tokens=12", "eval_every=0", "eval_samples=1", "data.num_train=32", "data.num_test=2",
+        "checkpoint_every=0", "method.name=gkd", "method.lmbda=0",
+    ])
+    train(cfg, log=lambda m: None)
+    d = cfg.data
+    problems = data_splits(d.source, d.num_train, d.val_count, d.num_test, d.seed)[0]
+    lengths = [len(ids) + 1 for ids in load_tokenizer(str(tiny_pair["student"]))(
+        [p.solution for p in problems], add_special_tokens=False)["input_ids"]]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["tokens"] for r in records if "loss" in r]
+    expected = [sum(lengths[i] for i in step_prompts(k, 6, len(problems), cfg.seed)) for k in range(3)]
+    assert tokens == expected
 
 
 def test_teacher_policy_marks_every_token_from_teacher():
