@@ -9,8 +9,9 @@
 # 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
 #    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back
 #    identically. A study still running gets tables from the seeds every variant has finished, and their title says
-#    how many of the planned seeds that is (`trb tables --finished-seeds`). Each comparison also gets
-#    paired_curves.md (studies/paired_curves.py: test pass@1 at every evaluation, paired differences).
+#    how many of the planned seeds that is (`trb tables --finished-seeds`); a part with no such seed yet is skipped.
+#    Each comparison also gets paired_curves.md (studies/paired_curves.py: test pass@1 at every evaluation, paired
+#    differences), and the chain study its estimator table (studies/estimators.py -> estimators/estimators.md).
 set -euo pipefail
 OUT=${1:-runs/study}
 DEST=${2:-results/miniature}
@@ -32,8 +33,13 @@ fi
 # shellcheck disable=SC2086
 $TRB tables --finished-seeds "${FOLDERS[@]}"
 for folder in "${FOLDERS[@]}"; do  # each comparison's curves step by step, with paired differences
-  if [[ -f "$folder/plan.json" ]]; then
+  if [[ -f "$folder/plan.json" && -f "$folder/results.md" ]]; then  # (no tables yet: no seed finished)
     "$PYTHON" "$(dirname "$0")/paired_curves.py" "$folder" > "$folder/paired_curves.md"
   fi
 done
+# the chain study's estimator table (studies/regime.sh part 5), once every estimator has a finished seed
+if [[ -f "$DEST/estimators/topk_student_weighted_kl/results.md" && -f "$DEST/estimators/topk_reverse_kl/results.md" ]]
+then
+  "$PYTHON" "$(dirname "$0")/estimators.py" "$DEST" > "$DEST/estimators/estimators.md"
+fi
 echo "$DEST: $(find "$DEST" -type f | wc -l) files, $(du -sh "$DEST" | cut -f1)"

@@ -26,8 +26,8 @@ def main(folder: Path) -> None:
     if not seeds or plan["baseline"] is None:
         sys.exit(f"{folder}: no seed finished by every variant, or no baseline to pair with: no paired curves")
     runs = {label: {s: by_seed[s] for s in seeds} for label, by_seed in folders.items()}
-    baseline = plan["baseline"]
-    curves = {label: {s: dict(zip(*series(read_metrics(by_seed[s]), "eval/pass_at_1"))) for s in seeds}
+    baseline, until = plan["baseline"], plan.get("until_step")  # a comparison may score runs up to one step
+    curves = {label: {s: dict(zip(*series(read_metrics(by_seed[s], until), "eval/pass_at_1"))) for s in seeds}
               for label, by_seed in runs.items()}
     steps = sorted(curves[baseline][seeds[0]])
     others = [label for label in runs if label != baseline]
@@ -50,13 +50,13 @@ def main(folder: Path) -> None:
     print(f"\nTeacher-KL per token of the step's rollouts (mean over seeds {' '.join(map(str, seeds))}):\n")
     print("| variant | " + " | ".join(f"step {k}" for k in KL_STEPS) + " |\n|---|" + "---|" * len(KL_STEPS))
     for label, by_seed in runs.items():
-        kl = [dict(zip(*series(read_metrics(by_seed[s]), "teacher_kl"))) for s in seeds]
+        kl = [dict(zip(*series(read_metrics(by_seed[s], until), "teacher_kl"))) for s in seeds]
         cells = [f"{sum(c[k] for c in kl) / len(kl):.3f}" if all(k in c for c in kl) else "-" for k in KL_STEPS]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\nMinutes of training steps per run (`time/step_s`, evaluations excluded; mean over seeds):\n")
     print(f"| variant | steps 1-{WARMUP} | all steps |\n|---|---|---|")
     for label, by_seed in runs.items():
-        times = [series(read_metrics(by_seed[s]), "time/step_s") for s in seeds]
+        times = [series(read_metrics(by_seed[s], until), "time/step_s") for s in seeds]
         early = sum(sum(t for step, t in zip(*run) if step <= WARMUP) for run in times) / len(seeds) / 60
         total = sum(sum(run[1]) for run in times) / len(seeds) / 60
         print(f"| {label} | {early:.1f} | {total:.1f} |")

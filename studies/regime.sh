@@ -7,13 +7,16 @@
 #   1. pair:       remake the shipped pair (trb:miniature/chain) in PAIR when PAIR is a folder: the arith teacher
 #                  trained 400 + 800 more steps on chain problems, a 3-layer student from scratch, then both
 #                  evaluated; skipped when PAIR/prepare.json exists. Default PAIR=trb:miniature/chain: the shipped one.
-#   2. grid:       TRB eps0 x horizon on GRID_SEEDS; the cell with the best validation pass@1 is chosen (never test)
-#                  (OPD and the paper's cell are part 3's runs, linked: identical configs and seeds)
+#   2. grid:       TRB eps0 x horizon on GRID_SEEDS, GRID_STEPS (default 200) steps each: every warmup (K <= 100)
+#                  has ended by then; the cell with the best validation pass@1 is chosen (never test). OPD and the
+#                  paper's cell are part 3's runs (linked: identical configs and seeds), scored on their first
+#                  GRID_STEPS steps (`trb compare --until-step`: a run equals the first steps of a longer one)
 #   3. main:       vanilla OPD and TRB at the paper's setting (eps0 = 0.02, K = 50) on MAIN_SEEDS (default 10)
 #   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), against the
 #                  same OPD runs as 3 (linked, not rerun)
-#   5. estimators: OPD and TRB with the paper's top-k estimator and the renormalized top-k KL (k = 16), beside
-#                  part 3's exact full-vocabulary KL
+#   5. estimators: OPD and TRB with the paper's top-k estimator and the renormalized top-k KL (k = 16) for
+#                  ESTIMATOR_STEPS (default 120) steps, beside part 3's exact full-vocabulary KL runs cut at the same
+#                  step (studies/estimators.py makes the table)
 #   6. probe:      the continuation probe on step-0 prefixes
 # Then `studies/collect.sh OUT results/regime` puts the per-run data and tables into the repository.
 # Environment: JOBS runs in parallel (default 2), THREADS per run (default cores / JOBS), PARTS (default all).
@@ -25,6 +28,8 @@ PYTHON=${PYTHON:-python}
 MAIN_SEEDS=${MAIN_SEEDS:-0 1 2 3 4 5 6 7 8 9}
 OTHER_SEEDS=${OTHER_SEEDS:-0 1 2 3 4}
 GRID_SEEDS=${GRID_SEEDS:-0 1 2}
+GRID_STEPS=${GRID_STEPS:-200}
+ESTIMATOR_STEPS=${ESTIMATOR_STEPS:-120}
 PARTS=${PARTS:-pair grid main others estimators probe}
 THREADS=${THREADS:+--threads $THREADS}
 CONFIG=trb:configs/miniature_chain.yaml
@@ -52,8 +57,8 @@ if has grid; then
     ln -sfn "../../main/runs/$VARIANT" "$OUT/grid/runs/$VARIANT"
   done
   # shellcheck disable=SC2086
-  $TRB compare "$CONFIG" --out "$OUT/grid" --jobs "$JOBS" $THREADS --seeds $GRID_SEEDS \
-    --methods opd "trb:eps0=0.005|0.02|0.05,horizon=25|50|100" $MODELS
+  $TRB compare "$CONFIG" --out "$OUT/grid" --jobs "$JOBS" $THREADS --seeds $GRID_SEEDS --until-step "$GRID_STEPS" \
+    --methods opd "trb:eps0=0.005|0.02|0.05,horizon=25|50|100" $MODELS steps="$GRID_STEPS"
 fi
 if has main; then
   # shellcheck disable=SC2086
@@ -75,8 +80,9 @@ if has estimators; then
   for DIVERGENCE in topk_student_weighted_kl topk_reverse_kl; do  # the exact KL (the config's) is part 3's runs
     # shellcheck disable=SC2086
     $TRB compare "$CONFIG" --out "$OUT/estimators/$DIVERGENCE" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS \
-      --methods opd "trb:eps0=0.02,horizon=50" $MODELS loss.divergence=$DIVERGENCE
+      --methods opd "trb:eps0=0.02,horizon=50" $MODELS loss.divergence=$DIVERGENCE steps="$ESTIMATOR_STEPS"
   done
+  "$PYTHON" "$(dirname "$0")/estimators.py" "$OUT" > "$OUT/estimators/estimators.md"
 fi
 if has probe; then
   $TRB probe --student "$PAIR/student" --teacher "$PAIR/teacher" --data chain --eps 0.02 --max-new-tokens 160 \

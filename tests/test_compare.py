@@ -87,6 +87,16 @@ def test_compare_two_methods_two_seeds_end_to_end(tiny_pair, tmp_path):
     again = run_compare(config, ["opd", "trb:eps0=0.05,horizon=2"], [0, 1], out, jobs=1, overrides=[],
                         log=lambda m: None)
     assert again[1]["best"] == trb["best"]
+    # --until-step scores the same (finished) runs as if they had stopped at step 1: final = the step-1 evaluation
+    assert main(["compare", config, "--methods", "opd", "trb:eps0=0.05,horizon=2", "--seeds", "0", "1",
+                 "--out", str(out), "--until-step", "1"]) == 0
+    assert json.loads((out / "plan.json").read_text())["until_step"] == 1
+    at_step_1 = [next(json.loads(line)["eval/pass_at_1"] for line in
+                      (out / "runs" / "opd" / f"seed_{s}" / "metrics.jsonl").read_text().splitlines()
+                      if json.loads(line)["step"] == 1 and "eval/pass_at_1" in json.loads(line)) for s in (0, 1)]
+    cut = rebuild_results(out)
+    assert cut[0]["final"].mean == pytest.approx(sum(at_step_1) / 2)
+    assert "up to step 1" in (out / "results.md").read_text()
 
 
 def test_continuation_probe_and_inspect(tiny_pair, tmp_path, loaded_pair):

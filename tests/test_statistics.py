@@ -84,6 +84,38 @@ def test_the_reported_checkpoint_is_chosen_on_validation(tmp_path):
     assert math.isnan(run_summary(write_run(tmp_path / "c", [0.1, 0.5, 0.4, 0.45], None))["selected"])
 
 
+def test_a_run_cut_at_a_step_is_scored_as_if_it_had_stopped_there(tmp_path):
+    # validation-best step 30 over the whole run, step 10 up to step 20; test-best 0.7 at step 30
+    run = write_run(tmp_path / "a", [0.1, 0.5, 0.4, 0.7], [0.1, 0.5, 0.3, 0.6])
+    whole, cut = run_summary(run), run_summary(run, until_step=20)
+    assert (whole["selected_step"], whole["selected"], whole["final"], whole["best"]) == (30, 0.7, 0.7, 0.7)
+    assert (cut["selected_step"], cut["selected"], cut["final"], cut["best"]) == (10, 0.5, 0.4, 0.5)
+    assert cut["auc"] == pytest.approx((0.3 + 0.45) * 10 / 20)
+    assert cut["minutes"] == pytest.approx(2 * 6.0 / 60) and whole["minutes"] == pytest.approx(3 * 6.0 / 60)
+    # a run that ended at the cut scores the same as a longer one cut there (the linked runs of a study)
+    short = write_run(tmp_path / "b", [0.1, 0.5, 0.4, 0.7], [0.1, 0.5, 0.3, 0.6])
+    lines = (short / "metrics.jsonl").read_text().splitlines()
+    (short / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 20))
+    assert run_summary(short) == cut
+
+
+def test_a_comparison_cut_at_a_step_rebuilds_with_its_cut(tmp_path):
+    from trb.compare import rebuild_results
+
+    for label, test in (("opd", [0.1, 0.5, 0.4, 0.9]), ("trb", [0.1, 0.6, 0.5, 0.2])):
+        for seed in range(3):
+            write_run(tmp_path / "runs" / label / f"seed_{seed}", test, test)
+            (tmp_path / "runs" / label / f"seed_{seed}" / "summary.json").write_text("{}")
+    plan = {"title": "t", "baseline": "opd", "seeds": [0, 1, 2], "variants": [["opd", "opd"], ["trb", "trb"]]}
+    (tmp_path / "plan.json").write_text(json.dumps({**plan, "until_step": 20}))
+    opd, trb = rebuild_results(tmp_path)
+    assert opd["final"].mean == pytest.approx(0.4) and trb["diff_selected"].mean == pytest.approx(0.1)
+    assert "up to step 20" in (tmp_path / "results.md").read_text()
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    opd, trb = rebuild_results(tmp_path)
+    assert opd["final"].mean == pytest.approx(0.9) and trb["diff_selected"].mean == pytest.approx(-0.3)
+
+
 def test_compare_reports_the_validation_selected_score_beside_the_papers(tmp_path):
     runs = {"opd": {}, "trb": {}}
     for seed in range(3):
@@ -183,7 +215,44 @@ def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path
     assert "| trb(eps0=0.02,horizon=8) | 3 |" in (results / "arith" / "methods" / "results.md").read_text()
 
 
-def test_a_study_still_running_gives_tables_only_from_the_seeds_every_variant_finished(tmp_path):
+def test_the_estimator_table_scores_the_exact_kl_runs_on_the_estimator_runs_steps(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("estimators", ROOT / "studies" / "estimators.py")
+    estimators = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(estimators)
+    variants = [["opd", "opd"], ["trb(eps0=0.02,horizon=50)", "trb_eps0-0.02_horizon-50"]]
+
+    def part(folder: Path, test: list[float], steps: int, spread: float) -> None:
+        folder.mkdir(parents=True)
+        (folder / "plan.json").write_text(json.dumps({"title": "chain", "baseline": "opd", "seeds": [0, 1, 2],
+                                                      "variants": variants}))
+        for k, (_, slug) in enumerate(variants):
+            for seed in range(3):
+                run = write_run(folder / "runs" / slug / f"seed_{seed}", [v + k / 10 + seed * spread for v in test],
+                                [v + k / 10 for v in test])
+                lines = (run / "metrics.jsonl").read_text().splitlines()
+                (run / "metrics.jsonl").write_text("".join(f"{line}\n" for line in lines
+                                                           if json.loads(line)["step"] <= steps))
+                (run / "summary.json").write_text("{}")
+
+    # the exact KL's runs: 30 steps, best at step 30 (0.9), 0.4 at step 20; the estimators' runs end at step 20
+    part(tmp_path / "main", [0.1, 0.3, 0.4, 0.9], 30, spread=0.01)
+    part(tmp_path / "estimators" / "topk_student_weighted_kl", [0.1, 0.0, 0.0, 0.0], 20, spread=0.02)
+    part(tmp_path / "estimators" / "topk_reverse_kl", [0.1, 0.2, 0.5, 0.0], 20, spread=0.02)
+    estimators.main(tmp_path)
+    table = capsys.readouterr().out
+    assert table.startswith("# chain: the loss's estimator, 20 steps")
+    scores = table.split("Teacher-KL per token")[0]  # the first table
+    rows = {tuple(cells[:2]): cells for line in scores.splitlines() if line.startswith(("| opd", "| trb"))
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows[("opd", "reverse_kl")][3].startswith("0.410 [")  # final = step 20 (0.4 + seed / 100), not step 30
+    assert rows[("opd", "topk_student_weighted_kl")][6].startswith("-0.390 [")  # step 20: 0.02 s - (0.4 + 0.01 s)
+    assert rows[("opd", "topk_reverse_kl")][5].startswith("+0.110 [")  # val-best step 20 on both: 0.52 - 0.41
+    assert rows[("trb(eps0=0.02,horizon=50)", "reverse_kl")][3].startswith("0.510 [")
+
+
+def test_a_study_still_running_gives_tables_only_from_the_seeds_every_variant_finished(tmp_path, capsys):
     from trb.config import ConfigError
 
     hand_made_study(tmp_path, gz=True)  # compact records: 2 variants x seeds 0, 1, 2, all finished
@@ -203,6 +272,12 @@ def test_a_study_still_running_gives_tables_only_from_the_seeds_every_variant_fi
         (methods / "runs" / "opd" / f"seed_{seed}" / "metrics.jsonl.gz").unlink()
     with pytest.raises(ConfigError, match="no seed is finished by every variant"):
         rebuild_results(methods, finished_seeds=True)
+    # `trb tables --finished-seeds` (studies/collect.sh) skips such a part of a study instead of stopping there
+    from trb.cli import main
+
+    (methods / "results.md").unlink()
+    assert main(["tables", "--finished-seeds", str(methods)]) == 0
+    assert "skipped" in capsys.readouterr().out and not (methods / "results.md").exists()
 
 
 def test_rebuild_refuses_a_folder_without_plan(tmp_path):

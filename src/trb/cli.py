@@ -199,7 +199,7 @@ def cmd_compare(args) -> int:
     from trb.compare import run_compare
 
     run_compare(args.config, args.methods, args.seeds, Path(args.out), args.jobs, args.overrides,
-                baseline=args.baseline, log=print, threads=args.threads)
+                baseline=args.baseline, log=print, threads=args.threads, until_step=args.until_step)
     print(f"results: {Path(args.out) / 'results.md'}")
     return 0
 
@@ -236,11 +236,14 @@ def cmd_tables(args) -> int:
     for folder in map(Path, args.folders):  # every folder checked before the heavy imports
         if not (folder / "plan.json").is_file() and not (folder / "probe.json").is_file():
             raise TrbError(f"{str(folder)!r} holds neither plan.json (trb compare) nor probe.json (trb probe)")
-    from trb.compare import rebuild_results
+    from trb.compare import read_plan, rebuild_results
     from trb.probe import probe_tables
 
     for folder in map(Path, args.folders):
         if (folder / "plan.json").is_file():
+            if args.finished_seeds and not read_plan(folder)[2]:  # a part of a study that has only begun
+                print(f"skipped {folder}: no seed is finished by every variant yet")
+                continue
             rebuild_results(folder, finished_seeds=args.finished_seeds)
         else:
             probe_tables(folder)
@@ -325,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive, default=1, help="runs in parallel (threads are split among them)")
     p.add_argument("--threads", type=_positive, help="torch threads per run (default: cores // jobs)")
     p.add_argument("--baseline", default="opd", help="variant the paired differences are taken against")
+    p.add_argument("--until-step", type=_positive, metavar="N",
+                   help="score every run on its evaluations up to step N (runs of a longer study, linked beside "
+                        "runs of steps=N, as if they had stopped there)")
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     p.set_defaults(func=cmd_compare)
 

@@ -54,12 +54,14 @@ def _run_one(config: str, variant: Variant, seed: int, folder: Path, overrides: 
         return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
 
-def run_summary(run: Path) -> dict:
+def run_summary(run: Path, until_step: int | None = None) -> dict:
     """One run's numbers, all on the test problems: `selected`, the test pass@1 at the step with the best validation
     pass@1 (the earliest on ties; nan for a run without validation); `final`; `auc`, the curve's average height;
     `best`, the maximum over the test evaluations (the paper's rule, biased upward by evaluation noise); and
-    `val_best`, the best validation pass@1 itself, by which runs and grid cells are chosen (`best_by_validation`)."""
-    records = read_metrics(run)
+    `val_best`, the best validation pass@1 itself, by which runs and grid cells are chosen (`best_by_validation`).
+    until_step: the run as if it had stopped there (its evaluations and steps up to until_step; `final` is the last
+    evaluation at or before it), so runs of a longer study can be compared with shorter ones."""
+    records = read_metrics(run, until_step)
     steps, pass1 = series(records, "eval/pass_at_1")
     val_steps, val_pass1 = series(records, "val/pass_at_1")
     _, step_time = series(records, "time/step_s")
@@ -73,11 +75,12 @@ def run_summary(run: Path) -> dict:
             "minutes": sum(step_time) / 60}
 
 
-def aggregate(runs: dict[str, dict[int, Path]], baseline: str | None) -> list[dict]:
+def aggregate(runs: dict[str, dict[int, Path]], baseline: str | None, until_step: int | None = None) -> list[dict]:
     """One row per variant: mean over seeds of each metric (a t-interval from MIN_INTERVAL seeds on, clipped to
     [0, 1]), and the paired difference (same seed) against the baseline with a t-interval and p-value; the p-values
-    of the whole table are Holm-adjusted together."""
-    per_run = {label: {seed: run_summary(path) for seed, path in seeds.items()} for label, seeds in runs.items()}
+    of the whole table are Holm-adjusted together. until_step: every run cut there (`run_summary`)."""
+    per_run = {label: {seed: run_summary(path, until_step) for seed, path in seeds.items()}
+               for label, seeds in runs.items()}
     rows = []
     for label, by_seed in per_run.items():
         row = {"method": label, "seeds": sorted(by_seed),
@@ -132,7 +135,7 @@ def markdown(rows: list[dict], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
-def legend(rows: list[dict], baseline: str | None) -> str:
+def legend(rows: list[dict], baseline: str | None, until_step: int | None = None) -> str:
     """What a table's numbers are: seeds, selection rule, intervals, pairing and correction."""
     seeds = sorted({len(row["seeds"]) for row in rows})
     comparisons = sum(key.startswith("diff_") for row in rows for key in row)
@@ -145,6 +148,9 @@ def legend(rows: list[dict], baseline: str | None) -> str:
         f"Mean over seeds with a 95% Student-t interval clipped to [0, 1]; with fewer than {MIN_INTERVAL} seeds the "
         "seeds' values in parentheses instead of an interval.",
     ]
+    if until_step is not None:
+        text.append(f"Every run is scored on its evaluations and steps up to step {until_step} (longer runs as if they "
+                    f"had stopped there); the final pass@1 is the last evaluation at or before step {until_step}.")
     if baseline and comparisons:
         text.append(
             f"Differences: paired by seed against {baseline} (every row against the same {baseline} runs, so the "
@@ -189,20 +195,20 @@ def best_by_validation(results_csv: Path, method: str) -> str:
     return max(rows, key=lambda r: float(r["val_best_mean"]))["method"]
 
 
-def _curves(paths: list[Path], key: str) -> tuple[list[int], np.ndarray]:
-    """One metric of several runs at the steps all runs share: (steps, values (runs, steps))."""
-    curves = [dict(zip(*series(read_metrics(p), key))) for p in paths]
+def _curves(paths: list[Path], key: str, until_step: int | None = None) -> tuple[list[int], np.ndarray]:
+    """One metric of several runs at the steps all runs share (up to until_step): (steps, values (runs, steps))."""
+    curves = [dict(zip(*series(read_metrics(p, until_step), key))) for p in paths]
     steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
     return steps, np.array([[c[s] for s in steps] for c in curves])  # (runs, steps)
 
 
-def plot_curves(runs: dict[str, dict[int, Path]], path: Path, title: str) -> None:
+def plot_curves(runs: dict[str, dict[int, Path]], path: Path, title: str, until_step: int | None = None) -> None:
     """Test pass@1 over training, one color per variant: the mean over seeds with a 95% band (clipped to [0, 1]);
     with fewer than MIN_INTERVAL seeds each seed's curve instead of a band."""
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     for i, (label, seeds) in enumerate(runs.items()):
         color = plt.cm.tab10(i % 10)
-        steps, values = _curves(list(seeds.values()), "eval/pass_at_1")
+        steps, values = _curves(list(seeds.values()), "eval/pass_at_1", until_step)
         ax.plot(steps, values.mean(0), color=color, label=f"{label} (n={len(seeds)})")
         if len(seeds) >= MIN_INTERVAL:
             bands = [mean_ci(values[:, j].tolist(), bounds=(0.0, 1.0)) for j in range(len(steps))]
@@ -223,13 +229,13 @@ DIAGNOSTICS = (("eps", "eps"), ("rollout/mean_beta", "mean beta"), ("rollout/fra
                ("teacher_kl", "teacher-KL of rollouts"))
 
 
-def plot_diagnostics(runs: dict[str, dict[int, Path]], path: Path, title: str) -> None:
+def plot_diagnostics(runs: dict[str, dict[int, Path]], path: Path, title: str, until_step: int | None = None) -> None:
     """Behavior diagnostics over steps (mean over seeds): eps, beta, realized KL, teacher entropy and KL."""
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(runs)}  # one color per method in every panel
     for ax, (key, name) in zip(axes.flat, DIAGNOSTICS):
         for label, seeds in runs.items():
-            steps, values = _curves(list(seeds.values()), key)
+            steps, values = _curves(list(seeds.values()), key, until_step)
             if len(steps):
                 ax.plot(steps, values.mean(0), label=label, linewidth=1, color=colors[label])
         ax.set(xlabel="optimizer step", title=name)
@@ -294,15 +300,20 @@ def plot_grid(rows: list[dict], baseline: str | None, path: Path, title: str) ->
 
 
 def run_compare(config: str, specs: list[str], seeds: list[int], out: Path, jobs: int, overrides: list[str],
-                baseline: str | None = "opd", log=print, threads: int | None = None) -> list[dict]:
-    """threads: torch threads of each run (default: the machine's cores divided among the parallel runs)."""
+                baseline: str | None = "opd", log=print, threads: int | None = None,
+                until_step: int | None = None) -> list[dict]:
+    """threads: torch threads of each run (default: the machine's cores divided among the parallel runs).
+    until_step: score every run up to this step (e.g. runs linked from a longer study beside runs of steps=N)."""
     variants = check_variants(config, specs, overrides, out)  # every config validates before anything runs
     labels = [v.label for v in variants]
     baseline = baseline if baseline in labels else None
     runs = {v.label: {s: out / "runs" / v.slug / f"seed_{s}" for s in seeds} for v in variants}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps({"title": Path(config).stem, "baseline": baseline, "seeds": seeds,
-                                               "variants": [[v.label, v.slug] for v in variants]}, indent=1) + "\n")
+    described = {"title": Path(config).stem, "baseline": baseline, "seeds": seeds,
+                 "variants": [[v.label, v.slug] for v in variants]}
+    if until_step is not None:
+        described["until_step"] = until_step
+    (out / "plan.json").write_text(json.dumps(described, indent=1) + "\n")
     plan = [(v, s) for s in seeds for v in variants]  # seeds outermost: partial results cover every method
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     log(f"trb compare: {len(variants)} variants x {len(seeds)} seeds = {len(plan)} runs, {jobs} at a time "
@@ -323,25 +334,28 @@ def run_compare(config: str, specs: list[str], seeds: list[int], out: Path, jobs
                 failures.append(f"{variant.label} seed {seed}")
                 log(f"[{finished}/{len(plan)}] {variant.label} seed {seed}: FAILED (see its log)")
                 continue
-            summary = run_summary(runs[variant.label][seed])
+            summary = run_summary(runs[variant.label][seed], until_step)
             log(f"[{finished}/{len(plan)}] {variant.label} seed {seed}: at val-best {summary['selected']:.3f} "
                 f"final {summary['final']:.3f} ({seconds:.0f} s, {time.monotonic() - started:.0f} s elapsed)")
     if failures:
         raise RuntimeError(f"{len(failures)} runs failed: {', '.join(failures)}; rerun the same command to resume")
-    return write_results(runs, out, baseline, title=Path(config).stem)
+    return write_results(runs, out, baseline, title=Path(config).stem, until_step=until_step)
 
 
-def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | None, title: str) -> list[dict]:
-    rows = aggregate(runs, baseline)
+def write_results(runs: dict[str, dict[int, Path]], out: Path, baseline: str | None, title: str,
+                  until_step: int | None = None) -> list[dict]:
+    rows = aggregate(runs, baseline, until_step)
     table = markdown(rows, baseline)
     write_csv(rows, out / "results.csv")
+    cut = f", up to step {until_step}" if until_step is not None else ""
     plot_curves(runs, out / "learning_curves.png",
-                textwrap.fill(f"{title}: test pass@1, mean over seeds (95% band; each seed below 3)", 80))
+                textwrap.fill(f"{title}: test pass@1, mean over seeds (95% band; each seed below 3){cut}", 80),
+                until_step)
     plot_diagnostics(runs, out / "diagnostics.png",
-                     textwrap.fill(f"{title}: behavior diagnostics (mean over seeds)", 100))
+                     textwrap.fill(f"{title}: behavior diagnostics (mean over seeds){cut}", 100), until_step)
     has_grid = plot_grid(rows, baseline, out / "grid.png", textwrap.fill(f"{title}: mean over seeds", 60))
     (out / "results.md").write_text(
-        f"# {title}\n\n{table}\n\n{legend(rows, baseline)}\n\n"
+        f"# {title}\n\n{table}\n\n{legend(rows, baseline, until_step)}\n\n"
         + ("![grid](grid.png)\n\n" if has_grid else "")
         + "![learning curves](learning_curves.png)\n\n![diagnostics](diagnostics.png)\n"
     )
@@ -385,4 +399,4 @@ def rebuild_results(out: Path, finished_seeds: bool = False) -> list[dict]:
             raise ConfigError(f"{str(out)!r}: no seed is finished by every variant ({len(missing)} runs unfinished)")
         title = f"{title} ({len(done)} of {len(planned)} planned seeds finished: {' '.join(map(str, done))})"
     runs = {label: {s: seeds[s] for s in done} for label, seeds in folders.items()}
-    return write_results(runs, out, plan["baseline"], title)
+    return write_results(runs, out, plan["baseline"], title, plan.get("until_step"))

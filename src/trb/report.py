@@ -13,12 +13,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def read_metrics(run: Path) -> list[dict]:
-    """A run folder's metrics.jsonl, or a compact record's metrics.jsonl.gz (`trb.records`); [] without either."""
+def read_metrics(run: Path, until_step: int | None = None) -> list[dict]:
+    """A run folder's metrics.jsonl, or a compact record's metrics.jsonl.gz (`trb.records`); [] without either.
+    until_step: only the records of steps <= until_step (a longer run scored on its first steps)."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists() and not Path(f"{path}.gz").exists():
         return []
-    return [json.loads(line) for line in read_text(path).splitlines()]
+    records = [json.loads(line) for line in read_text(path).splitlines()]
+    return records if until_step is None else [r for r in records if r["step"] <= until_step]
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
