@@ -12,8 +12,9 @@
 #                  paper's cell are part 3's runs (linked: identical configs and seeds), scored on their first
 #                  GRID_STEPS steps (`trb compare --until-step`: a run equals the first steps of a longer one)
 #   3. main:       vanilla OPD and TRB at the paper's setting (eps0 = 0.02, K = 50) on MAIN_SEEDS (default 10)
-#   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), against the
-#                  same OPD runs as 3 (linked, not rerun)
+#   4. others:     TRB at the chosen cell, SKD, SFT warmup, adaptive TRB on OTHER_SEEDS (default 5), OTHER_STEPS
+#                  (default 200, as the grid) steps each, against the same OPD runs as 3 (linked, not rerun, cut
+#                  at OTHER_STEPS); the chosen cell's grid runs are its first seeds (linked)
 #   5. estimators: OPD and TRB with the paper's top-k estimator and the renormalized top-k KL (k = 16) for
 #                  ESTIMATOR_STEPS (default 120) steps, beside part 3's exact full-vocabulary KL runs cut at the same
 #                  step (studies/estimators.py makes the table)
@@ -29,6 +30,7 @@ MAIN_SEEDS=${MAIN_SEEDS:-0 1 2 3 4 5 6 7 8 9}
 OTHER_SEEDS=${OTHER_SEEDS:-0 1 2 3 4}
 GRID_SEEDS=${GRID_SEEDS:-0 1 2}
 GRID_STEPS=${GRID_STEPS:-200}
+OTHER_STEPS=${OTHER_STEPS:-200}
 ESTIMATOR_STEPS=${ESTIMATOR_STEPS:-120}
 PARTS=${PARTS:-pair grid main others estimators probe}
 THREADS=${THREADS:+--threads $THREADS}
@@ -72,9 +74,18 @@ if has others; then
   echo "grid cell chosen on validation: $BEST"
   mkdir -p "$OUT/others/runs" "$OUT/main/runs/opd"  # the link target first (a dangling link stops trb compare)
   ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"  # the same OPD runs: finished runs are not trained again
+  if [[ $OTHER_STEPS == "$GRID_STEPS" ]]; then  # the chosen cell's finished grid runs have this part's config
+    SLUG=$(echo "$BEST" | sed -e 's/(/_/' -e 's/)//' -e 's/,/_/g' -e 's/=/-/g')  # trb.config.Variant.slug
+    mkdir -p "$OUT/others/runs/$SLUG"
+    for SEED in $OTHER_SEEDS; do
+      if [[ -f "$OUT/grid/runs/$SLUG/seed_$SEED/summary.json" ]]; then
+        ln -sfn "../../../grid/runs/$SLUG/seed_$SEED" "$OUT/others/runs/$SLUG/seed_$SEED"
+      fi
+    done
+  fi
   # shellcheck disable=SC2086
-  $TRB compare "$CONFIG" --out "$OUT/others" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS \
-    --methods opd "$BEST_SPEC" skd sft_warmup:prompt_steps=50,updates=25 trb_adaptive $MODELS
+  $TRB compare "$CONFIG" --out "$OUT/others" --jobs "$JOBS" $THREADS --seeds $OTHER_SEEDS --until-step "$OTHER_STEPS" \
+    --methods opd "$BEST_SPEC" skd sft_warmup:prompt_steps=50,updates=25 trb_adaptive $MODELS steps="$OTHER_STEPS"
 fi
 if has estimators; then
   for DIVERGENCE in topk_student_weighted_kl topk_reverse_kl; do  # the exact KL (the config's) is part 3's runs
