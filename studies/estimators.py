@@ -31,7 +31,7 @@ def sources(folder: Path) -> tuple[dict[str, dict[str, dict[int, Path]]], list[i
     runs, seeds = {}, None
     _, main, main_done = read_plan(folder / "main")
     for divergence, _ in ESTIMATORS[1:]:
-        plan, by_label, done = read_plan(folder / "estimators" / divergence)
+        _, by_label, done = read_plan(folder / "estimators" / divergence)
         runs[divergence] = by_label
         seeds = set(done) if seeds is None else seeds & set(done)
     runs = {"reverse_kl": {label: main[label] for label in runs["topk_student_weighted_kl"]}, **runs}
