@@ -38,6 +38,27 @@ CONFIG=trb:configs/miniature_chain.yaml
 PAIR=${PAIR:-trb:miniature/chain}
 MODELS="models.student=$PAIR/student models.teacher=$PAIR/teacher"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+# Part 3's runs stand in for the other parts' OPD and paper-cell runs (linked: identical configs and seeds); the link
+# targets are made first (a dangling link stops trb compare)
+mkdir -p "$OUT/main/runs/opd" "$OUT/main/runs/trb_eps0-0.02_horizon-50" "$OUT/grid/runs" "$OUT/others/runs"
+ln -sfn ../../main/runs/opd "$OUT/grid/runs/opd"
+ln -sfn ../../main/runs/trb_eps0-0.02_horizon-50 "$OUT/grid/runs/trb_eps0-0.02_horizon-50"
+ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"
+# A fresh clone resumes from the repository's records: each finished run that studies/collect.sh kept under RECORDS
+# (default results/regime, only for the shipped pair) and that OUT lacks is copied into OUT, where it counts as
+# finished (trb compare trains only runs with neither a summary.json nor a compact record), with the grid's table
+# (part 4 chooses its cell from it). RECORDS=none starts from nothing.
+RECORDS=${RECORDS:-$([[ $PAIR == trb:miniature/chain ]] && echo results/regime || echo none)}
+if [[ $RECORDS != none && -d $RECORDS ]]; then
+  (cd "$RECORDS" && find . -path '*/runs/*/seed_*/metrics.jsonl.gz' -printf '%h\n' | sort) | while read -r RUN; do
+    if [[ ! -e "$OUT/$RUN" ]]; then
+      mkdir -p "$OUT/$RUN" && cp "$RECORDS/$RUN/"* "$OUT/$RUN/"
+    fi
+  done
+  if [[ -f "$RECORDS/grid/results.csv" && ! -f "$OUT/grid/results.csv" ]]; then
+    cp "$RECORDS/grid/results.csv" "$OUT/grid/results.csv"
+  fi
+fi
 
 if has pair && [[ ! -f "$PAIR/prepare.json" && $PAIR != trb:* ]]; then
   # The chain teacher starts from the arith teacher (same alphabet and operations, shorter chains): two fine-tuning
@@ -51,13 +72,7 @@ if has pair && [[ ! -f "$PAIR/prepare.json" && $PAIR != trb:* ]]; then
   $TRB prepare chain --out "$PAIR" --teacher-from "$OUT/teacher_1200/teacher" --student-from "$OUT/student/student"
 fi
 if has grid; then
-  # OPD and the paper's cell (eps0 = 0.02, K = 50) are part 3's runs on the same seeds (linked, not rerun)
-  # (the targets are made first: the grid runs before part 3, and a dangling link would stop trb compare)
-  mkdir -p "$OUT/grid/runs"
-  for VARIANT in opd trb_eps0-0.02_horizon-50; do
-    mkdir -p "$OUT/main/runs/$VARIANT"
-    ln -sfn "../../main/runs/$VARIANT" "$OUT/grid/runs/$VARIANT"
-  done
+  # OPD and the paper's cell (eps0 = 0.02, K = 50) are part 3's runs on the same seeds (linked above, not rerun)
   # shellcheck disable=SC2086
   $TRB compare "$CONFIG" --out "$OUT/grid" --jobs "$JOBS" $THREADS --seeds $GRID_SEEDS --until-step "$GRID_STEPS" \
     --methods opd "trb:eps0=0.005|0.02|0.05,horizon=25|50|100" $MODELS steps="$GRID_STEPS"
@@ -72,13 +87,13 @@ if has others; then
     "$OUT/grid/results.csv")
   BEST_SPEC=$(echo "$BEST" | sed -e 's/^trb(/trb:/' -e 's/)$//')
   echo "grid cell chosen on validation: $BEST"
-  mkdir -p "$OUT/others/runs" "$OUT/main/runs/opd"  # the link target first (a dangling link stops trb compare)
-  ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"  # the same OPD runs: finished runs are not trained again
+  # OPD: part 3's runs (linked above); finished runs are not trained again
   if [[ $OTHER_STEPS == "$GRID_STEPS" ]]; then  # the chosen cell's finished grid runs have this part's config
     SLUG=$(echo "$BEST" | sed -e 's/(/_/' -e 's/)//' -e 's/,/_/g' -e 's/=/-/g')  # trb.config.Variant.slug
     mkdir -p "$OUT/others/runs/$SLUG"
     for SEED in $OTHER_SEEDS; do
-      if [[ -f "$OUT/grid/runs/$SLUG/seed_$SEED/summary.json" ]]; then
+      if [[ ! -e "$OUT/others/runs/$SLUG/seed_$SEED" && ( -f "$OUT/grid/runs/$SLUG/seed_$SEED/summary.json" ||
+            -f "$OUT/grid/runs/$SLUG/seed_$SEED/metrics.jsonl.gz" ) ]]; then
         ln -sfn "../../../grid/runs/$SLUG/seed_$SEED" "$OUT/others/runs/$SLUG/seed_$SEED"
       fi
     done

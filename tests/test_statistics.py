@@ -280,6 +280,55 @@ def test_a_study_still_running_gives_tables_only_from_the_seeds_every_variant_fi
     assert "skipped" in capsys.readouterr().out and not (methods / "results.md").exists()
 
 
+def test_compare_trains_only_the_runs_that_have_neither_a_summary_nor_a_compact_record(tmp_path, monkeypatch):
+    # a fresh clone resumes a study from the records studies/collect.sh kept: those runs are finished, not retrained
+    import shutil
+
+    import trb.compare as compare
+
+    hand_made_study(tmp_path, gz=True)
+    methods = tmp_path / "arith" / "methods"
+    missing = methods / "runs" / "trb_eps0-0.02_horizon-8" / "seed_2"
+    shutil.rmtree(missing)
+    trained = []
+
+    def train(command, **kwargs):  # `trb train` as a subprocess: write the run a finished training leaves
+        folder = Path(next(arg for arg in command if arg.startswith("out_dir=")).split("=", 1)[1])
+        trained.append(folder)
+        write_run(folder, [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4])
+        (folder / "summary.json").write_text("{}")
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", train)
+    rows = compare.run_compare("trb:configs/miniature_arith.yaml", ["opd", "trb:eps0=0.02,horizon=8"], [0, 1, 2],
+                               methods, jobs=1, overrides=[], log=lambda *args: None)
+    assert trained == [missing]
+    assert [r["seeds"] for r in rows] == [[0, 1, 2], [0, 1, 2]]
+    assert rows[1]["final"].values == pytest.approx((0.45, 0.45, 0.4)), "seeds 0, 1 from records, seed 2 trained"
+
+
+def test_the_chain_study_resumes_from_the_repositorys_records(tmp_path):
+    # studies/regime.sh on a fresh clone: finished runs come back from RECORDS (what collect.sh kept), linked parts
+    # share one copy, and a run OUT already holds (finished or part way) is left alone
+    records, out = tmp_path / "records", tmp_path / "out"
+    for part, slug, seed in (("main", "opd", 0), ("grid", "opd", 1), ("grid", "trb_eps0-0.05_horizon-25", 0),
+                             ("grid", "trb_eps0-0.05_horizon-25", 1)):
+        write_run(records / part / "runs" / slug / f"seed_{seed}", [0.1, 0.2, 0.3, 0.4 + seed], None, gz=True)
+    (records / "grid" / "results.csv").write_text("variant\n")
+    partial = out / "grid" / "runs" / "trb_eps0-0.05_horizon-25" / "seed_1"
+    partial.mkdir(parents=True)
+    (partial / "config.yaml").write_text("seed: 1\n")  # a run part way: its resume is trb compare's business
+    env = {**os.environ, "PARTS": "none", "RECORDS": str(records)}
+    subprocess.run(["bash", str(ROOT / "studies" / "regime.sh"), str(out)], check=True, env=env, capture_output=True)
+    opd = out / "main" / "runs" / "opd"
+    assert sorted(p.name for p in opd.iterdir()) == ["seed_0", "seed_1"], "grid's OPD is main's (linked)"
+    assert (out / "grid" / "runs" / "opd").resolve() == (out / "others" / "runs" / "opd").resolve() == opd.resolve()
+    assert run_summary(opd / "seed_1")["final"] == pytest.approx(1.4)
+    assert sorted(p.name for p in partial.iterdir()) == ["config.yaml"]
+    assert (out / "grid" / "runs" / "trb_eps0-0.05_horizon-25" / "seed_0" / "metrics.jsonl.gz").is_file()
+    assert (out / "grid" / "results.csv").read_text() == "variant\n"
+
+
 def test_rebuild_refuses_a_folder_without_plan(tmp_path):
     from trb.config import ConfigError
 

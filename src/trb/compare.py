@@ -42,8 +42,9 @@ METRIC_NAMES = {"selected": "pass@1 at val-best step", "final": "final pass@1", 
 
 
 def _run_one(config: str, variant: Variant, seed: int, folder: Path, overrides: list[str], threads: int) -> int:
-    """One training run as a subprocess (resuming it if a previous attempt stopped part way)."""
-    if (folder / "summary.json").exists():
+    """One training run as a subprocess (resuming it if a previous attempt stopped part way); a finished run (its
+    summary.json, or the compact record `studies/collect.sh` keeps) is not trained again."""
+    if finished(folder):
         return 0
     resume = ["resume=true"] if (folder / "config.yaml").exists() else []
     command = [sys.executable, "-m", "trb", "train", config, *overrides, *variant.overrides, f"seed={seed}",
