@@ -7,6 +7,7 @@ import torch
 
 from trb.core import (
     chunked_divergence,
+    entropy,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -42,6 +43,19 @@ def test_closed_form_bernoulli_kls():
         p * math.log(p / m[0]) + (1 - p) * math.log((1 - p) / m[1])
     )
     assert generalized_jsd(s, t, 0.5).item() == pytest.approx(jsd, rel=1e-6)
+
+
+def test_entropy_closed_forms():
+    p = 0.2
+    assert entropy(torch.log(torch.tensor([p, 1 - p]))).item() == pytest.approx(
+        -p * math.log(p) - (1 - p) * math.log(1 - p), rel=1e-6)
+    assert entropy(torch.full((3, 50), -math.log(50))).tolist() == pytest.approx([math.log(50)] * 3, rel=1e-6)
+    # impossible tokens (-inf, as the merged stop ids leave) contribute 0, not nan; bf16 input computes in fp32
+    masked = torch.tensor([[0.0, float("-inf"), float("-inf")], [-math.log(2), -math.log(2), float("-inf")]])
+    assert entropy(masked).tolist() == pytest.approx([0.0, math.log(2)], abs=1e-6)
+    s, _ = logp_pair((4, 1000), dtype=torch.bfloat16)
+    assert entropy(s).dtype == torch.float32
+    torch.testing.assert_close(entropy(s).double(), -(s.double().exp() * s.double()).sum(-1), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("vocab", [2, 7, 1000, 151936])

@@ -54,6 +54,35 @@ def test_speculative_matches_lockstep_distribution(eps, compile):
     assert stats.acceptance >= 1 - (eps / 2) ** 0.5 - 0.02, "Pinsker: acceptance >= 1 - sqrt(eps / 2)"
 
 
+def prefix_kl_and_entropy(student, teacher, rollout):
+    """KL(pi_S || pi_T) and H(pi_T) over the full vocabulary at each completion prefix, from one float64 forward of
+    each model over prompt + completion, (B, T) each (0 at masked positions)."""
+    input_ids, attention_mask, positions = rollout.sequences()
+    width, steps = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+    s, t = [torch.log_softmax(model.double()(input_ids=input_ids, attention_mask=attention_mask,
+                                             position_ids=positions).logits[:, width - 1: width - 1 + steps], -1)
+            for model in (student, teacher)]  # (B, T, V) each (one stop id: no merging)
+    student.float(), teacher.float()
+    m = rollout.completion_mask
+    kl = (s.exp() * (s - t)).sum(-1)  # (B, T)
+    return torch.where(m, kl, 0.0), torch.where(m, -(t.exp() * t).sum(-1), 0.0)
+
+
+def test_both_decoders_record_the_full_teacher_kl_and_entropy_at_every_prefix():
+    student, teacher = pair()
+    prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 4
+    lock = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student,
+                    teacher=teacher, concurrency=5)
+    spec, _ = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(0), student, teacher, gamma=3)
+    for rollout in (lock, spec):
+        kl, entropy = prefix_kl_and_entropy(student, teacher, rollout)
+        assert kl[rollout.completion_mask].min() > 0.01, "the two models differ at every prefix"
+        torch.testing.assert_close(rollout.teacher_kl.double(), kl, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(rollout.teacher_entropy.double(), entropy, atol=1e-5, rtol=1e-5)
+    plain = generate(StudentPolicy(), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student)
+    assert plain.teacher_kl is None and plain.teacher_entropy is None, "no teacher ran"
+
+
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_speculative_records_equal_a_fresh_forward_and_stay_in_budget(compile):
     student, teacher = pair()

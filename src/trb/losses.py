@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from trb.core import chunked_divergence, merged_logp, reverse_kl
+from trb.core import chunked_divergence, entropy, merged_logp, reverse_kl
 from trb.divergences import Divergence, LossSpec, Sampled
 from trb.models import VocabSpace, plain_forward
 from trb import lean
@@ -203,9 +203,11 @@ def distill_loss(
     FinalHidden(student) under data parallelism); FinalHidden(student) by default; teacher_hidden_fn likewise for the
     teacher.
     Returns (loss, per_token, diagnostics): the differentiable scalar, the detached per-token divergence (B, T),
-    and per-token diagnostics (B, T): "teacher_kl" KL(pi_S || pi_T) (equal to per_token for plain OPD; the loss's
-    own estimate when it reuses recorded teacher log-probs) and "teacher_entropy" H(pi_T) at each visited prefix
-    (not available without a teacher pass).
+    and per-token diagnostics (B, T): "teacher_kl" KL(pi_S || pi_T) (equal to per_token for plain OPD) and
+    "teacher_entropy" H(pi_T), full-vocabulary values at each visited prefix whichever divergence trains. When the
+    loss reuses recorded teacher log-probs instead of a teacher pass, both come from the rollout's records (the
+    decoder computed them at each step); a rollout without them gives the loss's own per-token value as "teacher_kl"
+    and no "teacher_entropy".
     """
     input_ids, attention_mask, positions = rollout.sequences()  # (B, L)
     select = completion_select(rollout)  # (B, L)
@@ -243,7 +245,7 @@ def distill_loss(
         s = merged_logp(student_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
         t = merged_logp(teacher_logits, vocab.size, stop_ids, vocab.eos_id)  # (n, V)
         teacher_kl[chunk] = reverse_kl(s.detach(), t)
-        teacher_entropy[chunk] = -torch.where(t > float("-inf"), t.exp() * t, 0.0).sum(-1)
+        teacher_entropy[chunk] = entropy(t)
         if target is not None:
             t = target(s.detach(), t)
         return divergence.fn(s, t, spec, Sampled(tokens[chunk, None], behavior[chunk]))
@@ -290,7 +292,10 @@ def _loss_from_records(student, student_hidden, rollout: Rollout, vocab: VocabSp
                                       per_token_fn, spec.chunk_size)
     per_token = torch.zeros_like(token_weight, dtype=torch.float32)  # (B, T)
     per_token[mask] = values
-    return loss, per_token, {"teacher_kl": per_token}
+    diagnostics = {"teacher_kl": per_token if rollout.teacher_kl is None else rollout.teacher_kl}
+    if rollout.teacher_entropy is not None:
+        diagnostics["teacher_entropy"] = rollout.teacher_entropy
+    return loss, per_token, diagnostics
 
 
 def sft_loss(

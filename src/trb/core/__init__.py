@@ -4,6 +4,7 @@ from trb.core.blend import blend_logp, kl_divergence, realized_kl, solve_beta
 from trb.core.chunked import chunked_divergence
 from trb.core.fused import reverse_kl_with_grad
 from trb.core.divergences import (
+    entropy,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -21,6 +22,7 @@ __all__ = [
     "chunked_divergence",
     "constant",
     "cosine_anneal",
+    "entropy",
     "forward_kl",
     "generalized_jsd",
     "keyed_sample",

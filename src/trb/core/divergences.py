@@ -31,6 +31,12 @@ def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.
     return _xlogy_diff(s.exp(), s, t).sum(-1)
 
 
+def entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_a p(a) log p(a) at each position, fp32; tokens with p = 0 contribute 0. (..., V) -> (...)."""
+    logp = upcast(logp)  # (..., V)
+    return -torch.where(logp > float("-inf"), logp.exp() * logp, 0.0).sum(-1)
+
+
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """KL(pi_T || pi_S) at each position. (B, T, V) x 2 -> (B, T)."""
     s = upcast(student_logp)  # (B, T, V)

@@ -20,13 +20,16 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from trb.core import entropy, kl_divergence
 from trb.models import VocabSpace
 from trb.rollout.backends import make_decoder
 from trb.rollout.decoder import Reads
 from trb.rollout.policies import BehaviorPolicy, Draws, TRBPolicy
 from trb.rollout.records import Rollout, left_pad
 
-RECORDS = ("behavior_logp", "student_logp", "teacher_logp", "beta", "realized_kl")
+# per-token records; teacher_kl KL(pi_S || pi_T) and teacher_entropy H(pi_T) are the full-vocabulary values at the
+# prefix (the loss's diagnostics when it reuses recorded teacher log-probs instead of a teacher pass)
+RECORDS = ("behavior_logp", "student_logp", "teacher_logp", "beta", "realized_kl", "teacher_kl", "teacher_entropy")
 
 
 @dataclass
@@ -145,6 +148,10 @@ def generate(
         picked = {role: role_logp.gather(-1, token[:, None])[:, 0] for role, role_logp in logp.items()}  # each (b,)
         values = {"behavior_logp": choice.behavior_logp, "beta": choice.beta, "realized_kl": choice.kl,
                   **{f"{role}_logp": value for role, value in picked.items()}}
+        if "teacher" in logp:
+            values["teacher_entropy"] = entropy(logp["teacher"])  # (b,)
+            if "student" in logp:
+                values["teacher_kl"] = kl_divergence(logp["student"], logp["teacher"])  # (b,)
         zeros = torch.zeros_like(choice.beta)  # a role that does not run records zeros
         row = torch.stack([values.get(name, zeros).float() for name in RECORDS])  # (R, b)
         table.view(len(RECORDS), -1).index_copy_(1, flat, row)
@@ -183,4 +190,6 @@ def generate(
         stopped=stopped,
         topk_ids=topk_ids if topk else None,
         teacher_topk_logp=teacher_topk if topk else None,
+        teacher_kl=records["teacher_kl"] if len(decoders) == 2 else None,
+        teacher_entropy=records["teacher_entropy"] if "teacher" in decoders else None,
     )

@@ -35,6 +35,10 @@ class Rollout:
     # teacher's log-probs there, so a top-k loss can skip the second teacher pass.
     topk_ids: torch.Tensor | None = None  # (B, T, k) int64
     teacher_topk_logp: torch.Tensor | None = None  # (B, T, k)
+    # Full-vocabulary diagnostics at each prefix, recorded while decoding: KL(pi_S || pi_T) when both models ran,
+    # H(pi_T) when the teacher ran.
+    teacher_kl: torch.Tensor | None = None  # (B, T)
+    teacher_entropy: torch.Tensor | None = None  # (B, T)
 
     @property
     def lengths(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from trb.core import keyed_sample, keyed_uniform, kl_divergence
+from trb.core import entropy, keyed_sample, keyed_uniform, kl_divergence
 from trb.models import VocabSpace
 from trb.rollout.backends import make_decoder
 from trb.rollout.engine import RECORDS, RolloutStats, sequence_keys
@@ -126,7 +126,8 @@ def generate_speculative(
             mu, beta = target(s_logp, t_logp)
             first = keyed_sample(mu, keys[new], torch.zeros_like(new), CORRECT)  # (n,)
             values = {"token": first, "behavior_logp": pick(mu, first), "student_logp": pick(s_logp, first),
-                      "teacher_logp": pick(t_logp, first), "beta": beta, "realized_kl": kl_divergence(mu, s_logp)}
+                      "teacher_logp": pick(t_logp, first), "beta": beta, "realized_kl": kl_divergence(mu, s_logp),
+                      "teacher_kl": kl_divergence(s_logp, t_logp), "teacher_entropy": entropy(t_logp)}
             emit(new, {k: v[:, None] for k, v in values.items()}, torch.ones((len(new), 1), dtype=torch.bool,
                                                                               device=device))
             seq, pending = torch.cat([seq, new]), torch.cat([pending, first])
@@ -183,7 +184,8 @@ def generate_speculative(
         round_tokens[rows, n] = corrected
         values = {"token": round_tokens, "behavior_logp": pick(mu_all, round_tokens),
                   "student_logp": pick(s_all, round_tokens), "teacher_logp": pick(t_all, round_tokens),
-                  "beta": beta_all, "realized_kl": kl_divergence(mu_all, s_all)}
+                  "beta": beta_all, "realized_kl": kl_divergence(mu_all, s_all),
+                  "teacher_kl": kl_divergence(s_all, t_all), "teacher_entropy": entropy(t_all)}
         valid = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1)
         is_stop = (round_tokens == vocab.eos_id) & valid
         valid &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0  # nothing after the first stop
@@ -210,5 +212,7 @@ def generate_speculative(
         realized_kl=records["realized_kl"],
         from_teacher=torch.zeros_like(mask),
         stopped=stopped,
+        teacher_kl=records["teacher_kl"],
+        teacher_entropy=records["teacher_entropy"],
     )
     return rollout, spec
