@@ -81,6 +81,15 @@ def test_both_decoders_record_the_full_teacher_kl_and_entropy_at_every_prefix():
         torch.testing.assert_close(rollout.teacher_entropy.double(), entropy, atol=1e-5, rtol=1e-5)
     plain = generate(StudentPolicy(), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student)
     assert plain.teacher_kl is None and plain.teacher_entropy is None, "no teacher ran"
+    # a caller whose loss computes them itself turns them off; the rollouts stay the same
+    quiet = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student,
+                     teacher=teacher, concurrency=5, record_kl=False)
+    quiet_spec, _ = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(0), student, teacher,
+                                         gamma=3, record_kl=False)
+    for rollout, reference in ((quiet, lock), (quiet_spec, spec)):
+        assert rollout.teacher_kl is None and rollout.teacher_entropy is None
+        assert torch.equal(rollout.completion_ids, reference.completion_ids)
+        torch.testing.assert_close(rollout.behavior_logp, reference.behavior_logp, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])

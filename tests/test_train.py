@@ -183,6 +183,22 @@ def test_recorded_teacher_logps_replace_the_teacher_pass(divergence, tiny_pair, 
     assert (reused["teacher_kl"][mask] - results[True][1][mask]).abs().max() > 1e-3, "the estimate differs"
 
 
+@pytest.mark.parametrize("divergence", ["topk_student_weighted_kl", "sampled_reverse_kl"])
+def test_the_logged_teacher_kl_is_the_full_kl_whatever_the_loss_reads(divergence, tiny_pair, tmp_path):
+    # TRB's warmup with a loss that reuses the records: the step's teacher-KL and teacher entropy are the same
+    # full-vocabulary values a teacher pass gives (adaptive TRB steers on the former)
+    logged = {}
+    for reuse in ("true", "false"):
+        out = tmp_path / reuse
+        train(config(tiny_pair, out, "steps=2", "eval_every=0", f"loss.divergence={divergence}", "loss.top_k=4",
+                     f"loss.reuse_teacher={reuse}"), log=lambda m: None)
+        logged[reuse] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                         if "loss" in json.loads(line)]
+    for name in ("teacher_kl", "teacher_entropy"):
+        assert [r[name] for r in logged["true"]] == pytest.approx([r[name] for r in logged["false"]], rel=1e-4)
+    assert abs(logged["true"][0]["loss"] - logged["true"][0]["teacher_kl"]) > 1e-3, "the loss's estimate differs"
+
+
 def test_choosing_another_method_resets_its_parameters(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("models: {student: s, teacher: t}\nmethod: {name: trb, eps0: 0.05, horizon: 7}\n")

@@ -518,7 +518,10 @@ class Trainer:
         mine = self.my_sequences(len(sequences))
         prompts = [sequences[i] for i in mine]
         keys = torch.tensor([stream_seed(cfg.seed, step, i, "rollout") & 0xFFFFFFFF for i in mine])
-        options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward)
+        # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
+        reuse = cfg.loss.reuse_teacher and cfg.loss.entry.reads in ("student_topk", "sampled_token")
+        options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward,
+                       record_kl=reuse)
         self.speculative = SpeculativeStats()
         with s.autocast:
             if cfg.speculative_gamma and policy.speculative:
@@ -527,9 +530,9 @@ class Trainer:
                                                       s.teacher, cfg.speculative_gamma, **options)
                 self.speculative = stats
             else:
-                reuse = cfg.loss.entry.reads == "student_topk" and cfg.loss.reuse_teacher
-                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens,
-                                   record_topk=cfg.loss.top_k if reuse else 0, **options, **models)
+                topk = cfg.loss.top_k if reuse and cfg.loss.entry.reads == "student_topk" else 0
+                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens, record_topk=topk, **options,
+                                   **models)
         return [rollout]
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:

@@ -209,7 +209,7 @@ class TRBDistillationTrainer(DistillationTrainer):
             student.eval()
             teacher = self.accelerator.unwrap_model(self.teacher_model).eval()
             rollout = generate(policy, [list(p) for p in prompt_ids], self.vocab, self.max_completion_length,
-                               student=student, teacher=teacher, keys=keys)
+                               student=student, teacher=teacher, keys=keys, record_kl=False)  # TRL's loss
             student.train(was_training)
         self.last_rollout = rollout
         self._log_rollout(mode, rollout)

@@ -78,6 +78,7 @@ def generate(
     teacher: PreTrainedModel | None = None,
     greedy: bool = False,
     record_topk: int = 0,
+    record_kl: bool = True,
     compile: bool = False,
     concurrency: int = 0,
     keys: torch.Tensor | None = None,
@@ -91,6 +92,8 @@ def generate(
     sequence's random key (the training loop derives them from (seed, step, sequence index)); without keys they are
     drawn from `generator`. concurrency: sequences decoding at once (0: all). greedy replaces sampling by argmax.
     record_topk = k > 0 (when both models run) also records the teacher's log-probs on the student's top-k.
+    record_kl records the full-vocabulary KL(pi_S || pi_T) (both models running) and H(pi_T) (the teacher running) at
+    each prefix: a few passes over (b, V) per step, which a caller whose loss computes them anyway turns off.
     forward: the decoder backend ("auto", "lean", "hf"; `trb.rollout.backends.make_decoder`). compile = True runs
     the policy's math through torch.compile. stats, if given, accumulates what the call did.
     """
@@ -148,7 +151,7 @@ def generate(
         picked = {role: role_logp.gather(-1, token[:, None])[:, 0] for role, role_logp in logp.items()}  # each (b,)
         values = {"behavior_logp": choice.behavior_logp, "beta": choice.beta, "realized_kl": choice.kl,
                   **{f"{role}_logp": value for role, value in picked.items()}}
-        if "teacher" in logp:
+        if record_kl and "teacher" in logp:
             values["teacher_entropy"] = entropy(logp["teacher"])  # (b,)
             if "student" in logp:
                 values["teacher_kl"] = kl_divergence(logp["student"], logp["teacher"])  # (b,)
@@ -190,6 +193,6 @@ def generate(
         stopped=stopped,
         topk_ids=topk_ids if topk else None,
         teacher_topk_logp=teacher_topk if topk else None,
-        teacher_kl=records["teacher_kl"] if len(decoders) == 2 else None,
-        teacher_entropy=records["teacher_entropy"] if "teacher" in decoders else None,
+        teacher_kl=records["teacher_kl"] if record_kl and len(decoders) == 2 else None,
+        teacher_entropy=records["teacher_entropy"] if record_kl and "teacher" in decoders else None,
     )

@@ -75,6 +75,7 @@ def generate_speculative(
     keys: torch.Tensor | None = None,
     forward: str = "auto",
     stats: RolloutStats | None = None,
+    record_kl: bool = True,
 ) -> tuple[Rollout, SpeculativeStats]:
     """TRB rollouts by exact speculative sampling; same record format and arguments as `generate` (policy: one whose
     `speculative` is true, such as a TRBPolicy, or TRB's eps). compile=True runs the policy's target through
@@ -101,6 +102,7 @@ def generate_speculative(
     stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # (B,)
     counts = torch.zeros(3, dtype=torch.long, device=device)  # drafted, tested, accepted (read once at the end)
     pick = lambda logp, tok: logp.gather(-1, tok[..., None])[..., 0]  # noqa: E731
+    diagnostics = lambda s, t: {"teacher_kl": kl_divergence(s, t), "teacher_entropy": entropy(t)}  # noqa: E731
 
     def emit(seq: torch.Tensor, values: dict[str, torch.Tensor], valid: torch.Tensor) -> None:
         """Write per-row runs of new tokens: values[name] (b, k), valid (b, k) leading True entries."""
@@ -109,7 +111,8 @@ def generate_speculative(
         r, c = seq[:, None].expand_as(cols)[keep], cols[keep]
         tokens[r, c] = values["token"][keep]
         for name in RECORDS:
-            records[name][r, c] = values[name][keep].float()
+            if name in values:
+                records[name][r, c] = values[name][keep].float()
         stopped[seq] |= ((values["token"] == vocab.eos_id) & keep).any(1)
         count[seq] += keep.sum(1)
 
@@ -127,7 +130,7 @@ def generate_speculative(
             first = keyed_sample(mu, keys[new], torch.zeros_like(new), CORRECT)  # (n,)
             values = {"token": first, "behavior_logp": pick(mu, first), "student_logp": pick(s_logp, first),
                       "teacher_logp": pick(t_logp, first), "beta": beta, "realized_kl": kl_divergence(mu, s_logp),
-                      "teacher_kl": kl_divergence(s_logp, t_logp), "teacher_entropy": entropy(t_logp)}
+                      **(diagnostics(s_logp, t_logp) if record_kl else {})}
             emit(new, {k: v[:, None] for k, v in values.items()}, torch.ones((len(new), 1), dtype=torch.bool,
                                                                               device=device))
             seq, pending = torch.cat([seq, new]), torch.cat([pending, first])
@@ -185,7 +188,7 @@ def generate_speculative(
         values = {"token": round_tokens, "behavior_logp": pick(mu_all, round_tokens),
                   "student_logp": pick(s_all, round_tokens), "teacher_logp": pick(t_all, round_tokens),
                   "beta": beta_all, "realized_kl": kl_divergence(mu_all, s_all),
-                  "teacher_kl": kl_divergence(s_all, t_all), "teacher_entropy": entropy(t_all)}
+                  **(diagnostics(s_all, t_all) if record_kl else {})}
         valid = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1)
         is_stop = (round_tokens == vocab.eos_id) & valid
         valid &= (torch.cumsum(is_stop, dim=1) - is_stop.long()) == 0  # nothing after the first stop
@@ -212,7 +215,7 @@ def generate_speculative(
         realized_kl=records["realized_kl"],
         from_teacher=torch.zeros_like(mask),
         stopped=stopped,
-        teacher_kl=records["teacher_kl"],
-        teacher_entropy=records["teacher_entropy"],
+        teacher_kl=records["teacher_kl"] if record_kl else None,
+        teacher_entropy=records["teacher_entropy"] if record_kl else None,
     )
     return rollout, spec
