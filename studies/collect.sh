@@ -5,7 +5,8 @@
 #
 # 1. When OUT exists: each comparison's plan.json (trb compare), each run's compact record (runs/<variant>/seed_<s>/
 #    record/: metrics.jsonl.gz, evals.csv.gz, config.yaml) and each probe's probe.json are copied
-#    to the same place under DEST (no checkpoints, no rollout logs, no TensorBoard files).
+#    to the same place under DEST (no checkpoints, no rollout logs, no TensorBoard files); a run folder that is
+#    itself a compact record (a finished run restored from DEST by studies/regime.sh) is copied as it is.
 # 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
 #    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back
 #    identically. A study still running gets tables from the seeds every variant has finished, and their title says
@@ -23,6 +24,12 @@ if [[ -d "$OUT" ]]; then
       target="$DEST/${file/\/record\//\/}"
       mkdir -p "$(dirname "$target")"
       cp "$OUT/$file" "$target"
+    done
+  # runs that are compact records themselves (studies/regime.sh restores finished runs from DEST this way)
+  (cd "$OUT" && find -L . -path '*/runs/*/seed_*/metrics.jsonl.gz' ! -path '*/record/*' -type f -printf '%h\0') |
+    while IFS= read -r -d '' run; do
+      mkdir -p "$DEST/$run"
+      find -L "$OUT/$run" -maxdepth 1 -type f -exec cp {} "$DEST/$run/" \;
     done
 fi
 mapfile -t FOLDERS < <(find "$DEST" \( -name plan.json -o -name probe.json \) -type f -printf '%h\n' | sort)

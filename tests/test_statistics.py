@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,18 @@ def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path
             (results / name).unlink()
     collect(tmp_path / "absent", results)  # from results/ alone
     assert digests(results) == first
+    # a study resumed from those records (each run folder a compact record, linked variants) collects the same data
+    resumed = tmp_path / "resumed"
+    shutil.copytree(results, resumed)
+    for name in first:
+        if Path(name).name not in data:
+            (resumed / name).unlink()
+    runs = resumed / "arith" / "methods" / "runs"
+    runs.joinpath("opd").rename(tmp_path / "opd")
+    runs.joinpath("opd").symlink_to(tmp_path / "opd")
+    fresh = tmp_path / "fresh"
+    collect(resumed, fresh)
+    assert digests(fresh) == first
     assert "| trb(eps0=0.02,horizon=8) | 3 |" in (results / "arith" / "methods" / "results.md").read_text()
 
 
@@ -282,7 +295,6 @@ def test_a_study_still_running_gives_tables_only_from_the_seeds_every_variant_fi
 
 def test_compare_trains_only_the_runs_that_have_neither_a_summary_nor_a_compact_record(tmp_path, monkeypatch):
     # a fresh clone resumes a study from the records studies/collect.sh kept: those runs are finished, not retrained
-    import shutil
 
     import trb.compare as compare
 
