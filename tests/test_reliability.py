@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from trb.cli import main
+from trb.stopping import StopSignals, Stopped
 from trb.tasks import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -487,6 +488,22 @@ def test_signal_while_loading_exits_75_with_one_line_and_writes_nothing(sig, tin
     assert err == [f"trb: stopped by signal {sig.name} before training started; no checkpoint was written: rerun the "
                    "same command (with resume=auto if the run folder was created)"]
     assert not run.exists()
+
+
+def test_a_second_signal_while_stopping_is_only_recorded():
+    """A loading phase raises Stopped on the first signal; a second one (a repeated Ctrl-C, pkill of a process group)
+    arrives while the CLI prints its line and restores the handlers, and must not raise there (a traceback)."""
+    signals = StopSignals().install()
+    try:
+        with pytest.raises(Stopped, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs before the sleep ends
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert signals.name == "SIGINT"  # the first signal is the one reported
+    finally:
+        signals.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.fixture(scope="module")

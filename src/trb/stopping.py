@@ -25,6 +25,7 @@ class StopSignals:
     def __init__(self):
         self.received: int | None = None  # the first signal's number
         self._abandon = True  # loading, until a run says otherwise
+        self._raised = False  # Stopped is raised from the handler once: a second signal must not break the cleanup
         self._previous: dict = {}
 
     @property
@@ -43,7 +44,8 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         self.received = self.received or signum
-        if self._abandon:
+        if self._abandon and not self._raised:
+            self._raised = True
             raise Stopped(signal.Signals(signum).name)
 
     @contextmanager
