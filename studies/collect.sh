@@ -6,7 +6,8 @@
 # 1. When OUT exists: each comparison's plan.json (trb compare), each run's compact record (runs/<variant>/seed_<s>/
 #    record/: metrics.jsonl.gz, evals.csv.gz, config.yaml) and each probe's probe.json are copied
 #    to the same place under DEST (no checkpoints, no rollout logs, no TensorBoard files); a run folder that is
-#    itself a compact record (a finished run restored from DEST by studies/regime.sh) is copied as it is.
+#    itself a compact record (a finished run restored from DEST by studies/regime.sh) is copied as it is. Runs that
+#    two parts of a study share (a relative link within OUT) stay links in DEST, so each run is kept once.
 # 2. Every folder under DEST holding a plan.json or probe.json gets its tables and plots rebuilt from those files
 #    (`trb tables`): deleting results.md, results.csv and the plots and running this script again gives them back
 #    identically. A study still running gets tables from the seeds every variant has finished, and their title says
@@ -30,6 +31,19 @@ if [[ -d "$OUT" ]]; then
     while IFS= read -r -d '' run; do
       mkdir -p "$DEST/$run"
       find -L "$OUT/$run" -maxdepth 1 -type f -exec cp {} "$DEST/$run/" \;
+    done
+  # runs one part of a study shares with another (a relative link within OUT: studies/regime.sh, studies/miniature.sh)
+  # stay links in DEST, so the repository holds each run once; a link out of OUT was copied above as a folder
+  ROOT=$(readlink -f "$OUT")
+  (cd "$OUT" && find . -path '*/runs/*' -type l -print0) |
+    while IFS= read -r -d '' link; do
+      text=$(readlink "$OUT/$link")
+      if [[ $text != /* && $(readlink -f "$OUT/$link") == "$ROOT"/* ]]; then
+        rm -rf "${DEST:?}/$link"
+        mkdir -p "$(dirname "$DEST/$link")"
+        ln -sfn "$text" "$DEST/$link"
+        [[ -e "$DEST/$link" ]] || rm "$DEST/$link"  # its target holds no finished run yet
+      fi
     done
 fi
 mapfile -t FOLDERS < <(find "$DEST" \( -name plan.json -o -name probe.json \) -type f -printf '%h\n' | sort)

@@ -228,6 +228,35 @@ def test_collect_rebuilds_every_table_from_the_per_run_data_identically(tmp_path
     assert "| trb(eps0=0.02,horizon=8) | 3 |" in (results / "arith" / "methods" / "results.md").read_text()
 
 
+def test_collect_keeps_runs_that_parts_of_a_study_share_as_links(tmp_path):
+    """A part linking another part's runs (as studies/regime.sh and miniature.sh do) gets the same link in the
+    repository, not a second copy; its tables are those of a copy, and collecting again changes nothing."""
+    study, results = tmp_path / "study", tmp_path / "results"
+    hand_made_study(study, gz=False)
+    methods, sweep = study / "arith" / "methods", study / "arith" / "sweep"
+    (sweep / "runs").mkdir(parents=True)
+    shutil.copy(methods / "plan.json", sweep / "plan.json")
+    (sweep / "runs" / "opd").symlink_to("../../methods/runs/opd")  # a variant linked whole
+    (sweep / "runs" / "trb_eps0-0.02_horizon-8").mkdir()
+    for seed in range(3):  # and one linked seed by seed
+        (sweep / "runs" / "trb_eps0-0.02_horizon-8" / f"seed_{seed}").symlink_to(
+            f"../../../methods/runs/trb_eps0-0.02_horizon-8/seed_{seed}")
+    (sweep / "runs" / "gone").symlink_to("../../methods/runs/never_ran")  # a target with no run: no link kept
+    collect(study, results)
+    kept = results / "arith" / "sweep" / "runs"
+    assert os.readlink(kept / "opd") == "../../methods/runs/opd"
+    assert os.readlink(kept / "trb_eps0-0.02_horizon-8" / "seed_1") == "../../../methods/runs/trb_eps0-0.02_horizon-8/seed_1"
+    assert not os.path.lexists(kept / "gone")
+    data = [p for p in results.rglob("metrics.jsonl.gz")]
+    assert len(data) == 6 and all("sweep" not in str(p.relative_to(results)) for p in data), "each run is kept once"
+    table = (results / "arith" / "methods" / "results.md").read_text()
+    assert (results / "arith" / "sweep" / "results.md").read_text() == table
+    first = digests(results)
+    collect(study, results)  # again, over its own links
+    collect(tmp_path / "absent", results)  # and from results/ alone
+    assert digests(results) == first and os.readlink(kept / "opd") == "../../methods/runs/opd"
+
+
 def test_the_estimator_table_scores_the_exact_kl_runs_on_the_estimator_runs_steps(tmp_path, capsys):
     import importlib.util
 
@@ -327,6 +356,8 @@ def test_the_chain_study_resumes_from_the_repositorys_records(tmp_path):
                              ("grid", "trb_eps0-0.05_horizon-25", 1)):
         write_run(records / part / "runs" / slug / f"seed_{seed}", [0.1, 0.2, 0.3, 0.4 + seed], None, gz=True)
     (records / "grid" / "results.csv").write_text("variant\n")
+    (records / "others" / "runs").mkdir(parents=True)
+    (records / "others" / "runs" / "opd").symlink_to("../../main/runs/opd")  # a shared run, as collect.sh keeps it
     partial = out / "grid" / "runs" / "trb_eps0-0.05_horizon-25" / "seed_1"
     partial.mkdir(parents=True)
     (partial / "config.yaml").write_text("seed: 1\n")  # a run part way: its resume is trb compare's business
