@@ -19,6 +19,9 @@
 #                  ESTIMATOR_STEPS (default 120) steps, beside part 3's exact full-vocabulary KL runs cut at the same
 #                  step (studies/estimators.py makes the table)
 #   6. probe:      the continuation probe on step-0 prefixes
+#   7. replication: part 3's design on REPLICATION_SEEDS (default 10-19), pre-registered in
+#                  studies/chain_replication.md: the confirmatory test reads its table alone
+#   8. pooled:     parts 3 and 7 in one comparison (links to their runs; trains nothing)
 # Then `studies/collect.sh OUT results/regime` puts the per-run data and tables into the repository.
 # Environment: JOBS runs in parallel (default 2), THREADS per run (default cores / JOBS), PARTS (default all).
 set -euo pipefail
@@ -32,7 +35,8 @@ GRID_SEEDS=${GRID_SEEDS:-0 1 2}
 GRID_STEPS=${GRID_STEPS:-200}
 OTHER_STEPS=${OTHER_STEPS:-200}
 ESTIMATOR_STEPS=${ESTIMATOR_STEPS:-120}
-PARTS=${PARTS:-pair grid main others estimators probe}
+REPLICATION_SEEDS=${REPLICATION_SEEDS:-10 11 12 13 14 15 16 17 18 19}
+PARTS=${PARTS:-pair grid main others estimators probe replication pooled}
 THREADS=${THREADS:+--threads $THREADS}
 CONFIG=trb:configs/miniature_chain.yaml
 PAIR=${PAIR:-trb:miniature/chain}
@@ -113,4 +117,24 @@ fi
 if has probe; then
   $TRB probe --student "$PAIR/student" --teacher "$PAIR/teacher" --data chain --eps 0.02 --max-new-tokens 160 \
     --lengths 0 8 16 32 48 64 96 --out "$OUT/probe"
+fi
+if has replication; then
+  # shellcheck disable=SC2086
+  $TRB compare "$CONFIG" --out "$OUT/replication" --jobs "$JOBS" $THREADS --seeds $REPLICATION_SEEDS \
+    --methods opd "trb:eps0=0.02,horizon=50" $MODELS
+fi
+if has pooled; then
+  # every finished seed of parts 3 and 7, linked (same configs), in one table: the pooled estimate
+  SEEDS=()
+  for PART_SEEDS in "main:$MAIN_SEEDS" "replication:$REPLICATION_SEEDS"; do
+    for SEED in ${PART_SEEDS#*:}; do
+      for VARIANT in opd trb_eps0-0.02_horizon-50; do
+        mkdir -p "$OUT/pooled/runs/$VARIANT"
+        ln -sfn "../../../${PART_SEEDS%%:*}/runs/$VARIANT/seed_$SEED" "$OUT/pooled/runs/$VARIANT/seed_$SEED"
+      done
+      SEEDS+=("$SEED")
+    done
+  done
+  $TRB compare "$CONFIG" --out "$OUT/pooled" --jobs "$JOBS" $THREADS --seeds "${SEEDS[@]}" \
+    --methods opd "trb:eps0=0.02,horizon=50" $MODELS
 fi
