@@ -22,7 +22,7 @@ def kl_to_student64(student_logp, teacher_logp, beta):
     logits = torch.where(b == 0, s, torch.where(b == 1, t, mixed))
     log_mu = logits - torch.logsumexp(logits, -1, keepdim=True)
     mu = log_mu.exp()
-    return torch.where(mu > 0, mu * (log_mu - s), 0).sum(-1)
+    return torch.where(b[..., 0] == 0, 0.0, torch.where(mu > 0, mu * (log_mu - s), 0).sum(-1))  # mu_0 = pi_S
 
 
 def reference_beta64(student_logp, teacher_logp, eps, iters=64):
@@ -45,10 +45,11 @@ def random_pair(batch, vocab, scale, generator, correlation=0.5):
 
 
 def assert_solution(s, t, eps, beta):
-    """The acceptance criteria: never above eps + 1e-6; within max(1e-3 eps, 2e-6) of eps where the budget binds."""
+    """The acceptance criteria: never above eps in float64 (no tolerance); within max(1e-3 eps, 2e-6) of eps where
+    the budget binds."""
     eps = torch.as_tensor(eps, dtype=torch.float64).expand(beta.shape)
     kl = kl_to_student64(s, t, beta)
-    assert torch.all(kl <= eps + 1e-6), f"realized KL exceeds eps by {(kl - eps).max().item():.3g}"
+    assert torch.all(kl <= eps), f"realized KL exceeds eps by {((kl - eps) / eps).max().item():.3g} of eps"
     slack = kl_to_student64(s, t, torch.ones_like(beta)) <= eps
     assert torch.all(torch.where(slack, beta == 1, beta < 1)), "beta must be 1 exactly where the constraint is slack"
     # KL(mu_beta || pi_S) can jump at beta = 0+ (student mass the teacher forbids is dropped) and at beta = 1
@@ -94,7 +95,7 @@ def test_against_float64_reference(vocab):
     batch = 4 if vocab > 10000 else 64
     for scale in [0.3, 1.0, 3.0, 10.0]:
         s, t = random_pair(batch, vocab, scale, g)
-        for eps in [1e-4, 1e-3, 0.01, 0.02, 0.05, 0.3, 2.0]:
+        for eps in [1e-5, 1e-4, 1e-3, 0.01, 0.02, 0.05, 0.3, 2.0]:
             beta = solve_beta(s, t, eps)
             assert_solution(s, t, eps, beta)
             if vocab <= 1000:
@@ -191,7 +192,7 @@ def test_inf_entries_padded_vocab_and_forbidden_tokens():
         assert not torch.isnan(mu).any()
         assert torch.all(mu[:, -3:] == -math.inf)
         kl = realized_kl(s, t, beta)
-        assert torch.all(kl <= eps + 1e-6)
+        assert torch.all(kl <= eps)
         assert_solution(s, t, eps, beta)
 
 
@@ -216,8 +217,7 @@ def test_huge_logits_and_identical_models():
         assert torch.isfinite(beta).all() and torch.all((beta >= 0) & (beta <= 1))
         mu = blend_logp(s, t, beta)
         assert not torch.isnan(mu).any() and not (mu == math.inf).any()
-        # log-probs of magnitude 1e4 carry fp32 rounding of ~1e-3 themselves: the KL holds to relative precision
-        assert torch.all(kl_to_student64(s, t, beta) <= eps * (1 + 1e-2) + 1e-6)
+        assert torch.all(kl_to_student64(s, t, beta) <= eps)
     assert torch.all(solve_beta(s, t, 1e6) == 1)
     same = solve_beta(s, s, 0.01)
     assert torch.all(same == 1), "identical models: the teacher is inside any positive budget"
@@ -233,3 +233,21 @@ def test_fixed_iteration_count_no_data_dependent_control_flow():
     s2, t2 = random_pair(4, 30, 20.0, g)
     traced = torch.jit.trace(lambda a, b: solve_beta(a, b, 0.02), (s1, t1), check_trace=False)
     torch.testing.assert_close(traced(s2, t2), solve_beta(s2, t2, 0.02))
+
+
+def test_trust_region_held_in_float64_at_small_budgets():
+    """Regression (fp32 trust region): at eps = 1e-4 the fp32 search's own KL is good to ~1e-7 absolute, and blends
+    it accepted were 0.45% over budget in float64. The float64 guard keeps every row at or below eps, down to
+    eps = 1e-5, at the real vocabulary's width and on peaked rows; the KL it reports is that float64 value."""
+    from trb.core import trust_region
+
+    g = torch.Generator().manual_seed(11)
+    for vocab, scale in [(164, 1.0), (164, 8.0), (4096, 2.0), (4096, 12.0), (32768, 3.0)]:
+        s, t = random_pair(8 if vocab > 1000 else 128, vocab, scale, g)
+        for eps in [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]:
+            beta, kl = trust_region(s, t, eps)
+            exact = kl_to_student64(s, t, beta)
+            assert torch.all(exact <= eps), f"V={vocab}: {((exact - eps) / eps).max().item():.3g} of eps over"
+            assert torch.all(kl.double() <= eps), "the reported KL (fp32) must not exceed eps either"
+            torch.testing.assert_close(kl.double(), exact.float().double(), rtol=1e-6, atol=1e-12)
+            assert_solution(s, t, eps, beta)

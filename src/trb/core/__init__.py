@@ -1,6 +1,6 @@
 """Pure math of TRB and on-policy distillation: torch only, scalars and tensors in, tensors out."""
 
-from trb.core.blend import blend_logp, kl_divergence, realized_kl, solve_beta
+from trb.core.blend import blend_logp, kl_divergence, realized_kl, solve_beta, trust_region
 from trb.core.chunked import chunked_divergence
 from trb.core.fused import reverse_kl_with_grad
 from trb.core.divergences import (
@@ -13,7 +13,7 @@ from trb.core.divergences import (
     topk_student_weighted_kl,
 )
 from trb.core.reduce import token_mean
-from trb.core.sampling import keyed_sample, keyed_uniform, sample, with_temperature
+from trb.core.sampling import keyed_exponential, keyed_sample, keyed_uniform, sample, with_temperature
 from trb.core.schedules import constant, cosine_anneal, linear_anneal, linear_ramp
 from trb.core.vocab import merged_logp
 
@@ -25,6 +25,7 @@ __all__ = [
     "entropy",
     "forward_kl",
     "generalized_jsd",
+    "keyed_exponential",
     "keyed_sample",
     "keyed_uniform",
     "kl_divergence",
@@ -38,6 +39,7 @@ __all__ = [
     "sampled_reverse_kl",
     "solve_beta",
     "token_mean",
+    "trust_region",
     "topk_reverse_kl",
     "topk_student_weighted_kl",
     "with_temperature",

@@ -12,8 +12,8 @@ whose solution is the normalized geometric blend
 With d = log pi_T - log pi_S and A(beta) = log sum_a pi_S(a) exp(beta d(a)):
 KL(mu_beta || pi_S) = beta A'(beta) - A(beta), increasing in beta with derivative beta Var_mu[d].
 
-All functions here are pure torch, vectorized over leading dimensions, computed in fp32 whatever the input dtype,
-and free of data-dependent Python control flow (so they compile).
+All functions here are pure torch, vectorized over leading dimensions, computed in fp32 whatever the input dtype
+(the solver's final feasibility guard in float64), and free of data-dependent Python control flow (so they compile).
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ def blend_logp(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: tor
 
 
 def realized_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """KL(mu_beta || pi_S), (...) fp32: the trust-region budget actually spent at each position."""
-    return kl_divergence(blend_logp(student_logp, teacher_logp, beta), student_logp)
+    """KL(mu_beta || pi_S), (...) fp32: the trust-region budget actually spent at each position, evaluated in float64
+    on the inputs renormalized in float64 (the quantity `solve_beta` keeps at or below eps), then rounded."""
+    return _Exact(student_logp, teacher_logp).kl_and_slope(torch.as_tensor(beta))[0].float()
 
 
 class _Path:
@@ -106,6 +107,50 @@ class _Path:
         return kl.clamp_min(0.0), var_d
 
 
+class _Exact:
+    """The geometric path in float64, on both inputs renormalized in float64: the reference the solver's result is
+    held to (fp32 log-probs carry rounding of ~1e-7 per entry, so an fp32 KL is only good to about 1e-7 absolute,
+    which at eps = 1e-4 is 0.1% of the budget)."""
+
+    def __init__(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor):
+        s = student_logp.double()  # (..., V)
+        t = teacher_logp.double()  # (..., V)
+        self.s = s - torch.logsumexp(s, dim=-1, keepdim=True)  # (..., V)
+        self.t = t - torch.logsumexp(t, dim=-1, keepdim=True)  # (..., V)
+        self.both = torch.isfinite(self.s) & torch.isfinite(self.t)  # (..., V)
+        self.d = torch.where(self.both, self.t - self.s, 0.0)  # (..., V)
+
+    def kl_and_slope(self, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(mu_beta || pi_S) and d log KL / d log beta = beta^2 Var_mu[d] / KL, each (...) float64."""
+        b = beta.double().expand(self.s.shape[:-1])[..., None]  # (..., 1)
+        mixed = torch.where(self.both, self.s + b * self.d, float("-inf"))  # (..., V)
+        logits = torch.where(b == 0, self.s, torch.where(b == 1, self.t, mixed))  # (..., V) endpoints as blend_logp
+        log_mu = logits - torch.logsumexp(logits, dim=-1, keepdim=True)  # (..., V)
+        mu = torch.exp(log_mu)  # (..., V)
+        kl = torch.where(mu > 0, mu * (log_mu - self.s), 0.0).sum(-1)  # (...)
+        kl = torch.where(b[..., 0] == 0, 0.0, kl)  # (...) mu_0 is pi_S: exactly 0, not the rounding of log Z
+        mean_d = (mu * self.d).sum(-1)  # (...)
+        var_d = ((mu * self.d.square()).sum(-1) - mean_d.square()).clamp_min(0.0)  # (...)
+        return kl, b[..., 0].square() * var_d / kl.clamp_min(1e-300)
+
+
+def _guard(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: torch.Tensor, eps: torch.Tensor,
+           target: torch.Tensor, check: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final feasibility guard, in float64: where KL(mu_beta || pi_S) exceeds `check`, one Newton step in
+    log beta aims at `target`; a beta that still exceeds it becomes 0 (the student, always feasible). Returns the beta
+    and its float64 KL, each (...). The fp32 search lands within its rounding (~1e-7 absolute) of the budget, so the
+    step is a small correction, and the fallback is a safety net for rows the step cannot fix."""
+    exact = _Exact(student_logp, teacher_logp)
+    kl, slope = exact.kl_and_slope(beta)  # (...) each
+    over = (kl > check) & (beta > 0)  # (...)
+    log_step = (torch.log(kl.clamp_min(1e-300)) - torch.log(target)) / slope.clamp_min(1e-300)  # (...)
+    stepped = (beta.double() * torch.exp(-log_step.clamp_min(0.0))).to(beta.dtype)  # (...) never larger
+    beta = torch.where(over, stepped, beta)  # (...)
+    kl, _ = exact.kl_and_slope(beta)
+    feasible = (kl <= check) | (eps <= 0)  # (...)
+    return torch.where(feasible, beta, torch.zeros_like(beta)), torch.where(feasible, kl, torch.zeros_like(kl))
+
+
 def solve_beta(
     student_logp: torch.Tensor,
     teacher_logp: torch.Tensor,
@@ -116,8 +161,24 @@ def solve_beta(
 
     student_logp, teacher_logp: (..., V) log-probabilities over the same vocabulary (any float dtype).
     eps: float or tensor broadcastable to (...), >= 0. Returns beta = 0 where eps = 0 and beta = 1 where
-    KL(pi_T || pi_S) <= eps. The result is always the feasible end of the search bracket, so the realized KL does
-    not exceed eps; where the constraint is tight it lands within max(1e-3 eps, 2e-6) below it.
+    KL(pi_T || pi_S) <= eps. The realized KL, evaluated in float64 on the inputs renormalized in float64
+    (`realized_kl`), never exceeds eps (1 - 1e-4), so its fp32 rounding never exceeds eps either; where the
+    constraint is tight it lands within max(1e-3 eps, 2e-6) below eps.
+    """
+    return trust_region(student_logp, teacher_logp, eps, iters)[0]
+
+
+def trust_region(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    eps: float | torch.Tensor,
+    iters: int = SOLVER_ITERS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`solve_beta` and the realized KL(mu_beta* || pi_S) of its result (both (...) fp32; the KL is the guard's
+    float64 value, rounded), so a caller that records the budget spent needs no second pass.
+
+    The search runs in fp32 (safeguarded Newton on log KL in log beta); its result then passes a float64
+    feasibility guard (`_guard`).
     """
     path = _Path(student_logp, teacher_logp)
     if isinstance(eps, torch.Tensor):
@@ -165,4 +226,8 @@ def solve_beta(
         x = x_next
 
     beta_star = torch.where(teacher_feasible, torch.ones_like(beta_lo), beta_lo)  # (...)
-    return torch.where(eps_t > 0, beta_star, torch.zeros_like(beta_lo))
+    beta_star = torch.where(eps_t > 0, beta_star, torch.zeros_like(beta_lo))  # (...)
+    eps64 = eps_t.double()  # (...)
+    beta_star, kl = _guard(student_logp, teacher_logp, beta_star, eps64, eps64 - slack.double(),
+                           eps64 - 0.5 * slack.double())
+    return beta_star, kl.float()

@@ -11,6 +11,7 @@ def sample(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     argmax_a logp(a) - log E_a with E_a ~ Exp(1) picks a with probability p(a); -inf entries are never picked.
     """
     race = torch.empty_like(logp, dtype=torch.float32).exponential_(generator=generator)  # (..., V)
+    race = race.clamp_min_(torch.finfo(torch.float32).tiny)  # a draw of 0 would win whatever its log-prob
     return (logp.float() - race.log()).argmax(dim=-1)
 
 
@@ -58,28 +59,58 @@ def _row_hash(keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch
     return _mix32_((row + _mul32(torch.full_like(row, stream & _MASK32), _GOLDEN)) & _MASK32)  # (B,)
 
 
-def _index_uniform(row: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Uniforms of indices start .. stop - 1 of each row hash (B,): (B, stop - start) fp32."""
+def _index_bits(row: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """32 random bits for indices start .. stop - 1 of each row hash (B,): (B, stop - start) int64 in [0, 2^32)."""
     index = torch.arange(start, stop, device=row.device, dtype=torch.int64)  # (n,)
     x = _mix32_(row[:, None] ^ _mul32(index, _GOLDEN))  # (B, n)
-    x = _mix32_(x.add_(_GOLDEN).bitwise_and_(_MASK32))  # a second round: neighboring indices decorrelate fully
-    return (x >> 8).float().add_(0.5).mul_(2.0**-24)
+    return _mix32_(x.add_(_GOLDEN).bitwise_and_(_MASK32))  # a second round: neighboring indices decorrelate fully
+
+
+# The largest fp32 below 1. fp32 holds only 2^23 values in [1/2, 1), so (m + 0.5) 2^-24 rounds to 1.0 for the top
+# 24-bit value m = 2^24 - 1; the clamp keeps every uniform strictly inside (0, 1).
+_BELOW_ONE = 1.0 - 2.0**-24
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    """Uniforms strictly inside (0, 1) from 32-bit hashes, fp32: the top 24 bits, centered in their cell."""
+    return (bits >> 8).float().add_(0.5).mul_(2.0**-24).clamp_(max=_BELOW_ONE)
+
+
+def _exponential_(bits: torch.Tensor) -> torch.Tensor:
+    """Exp(1) draws, strictly positive and finite, from 32-bit hashes (B, n) int64 (consumed): fp32 (B, n).
+
+    E = -log(1 - w) with w = (2^32 - 1 - x + 0.5) 2^-32 = 1 - u. A race is decided by its smallest draws (a token of
+    probability p wins when its draw is below about p), and those come from small w, which fp32 holds exactly
+    (resolution 2^-33 below 2^-8): a token's chance is kept to about 2^-32 however small its probability, and the
+    total variation of a draw over V tokens is below 2^-23 + V 2^-32 (3.5e-5 at V = 151,669). w is at most the
+    largest fp32 below 1, so no draw is 0 (which would make its token win whatever its probability, forbidden
+    tokens included) or infinite.
+    """
+    w = bits.neg_().add_(_MASK32).float().add_(0.5).mul_(2.0**-32).clamp_(max=_BELOW_ONE)  # (B, n) 1 - u
+    return w.neg_().log1p_().neg_()
 
 
 def keyed_uniform(keys: torch.Tensor, positions: torch.Tensor, stream: int, width: int = 0) -> torch.Tensor:
-    """Uniform numbers in (0, 1), fp32, determined by (key, position, stream, index).
+    """Uniform numbers strictly inside (0, 1), fp32, determined by (key, position, stream, index).
 
     keys, positions: (B,) int64 (keys in [0, 2^32)). width = 0 gives one number per row, (B,); width = V gives
     (B, V). Distinct (key, position, stream) triples give independent-looking streams; 24 random bits each.
     """
     row = _row_hash(keys, positions, stream)  # (B,)
     if width:
-        return _index_uniform(row, 0, width)  # (B, V)
-    return ((row >> 8).float() + 0.5) * 2.0**-24
+        return _uniform(_index_bits(row, 0, width))  # (B, V)
+    return _uniform(row)
+
+
+def keyed_exponential(keys: torch.Tensor, positions: torch.Tensor, stream: int, width: int) -> torch.Tensor:
+    """Exp(1) numbers (B, width) fp32, strictly positive and finite, determined by (key, position, stream, index):
+    the race keyed_sample runs (see `_exponential_` for their resolution)."""
+    return _exponential_(_index_bits(_row_hash(keys, positions, stream), 0, width))
 
 
 def keyed_sample(logp: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
-    """`sample` with the exponential race taken from keyed_uniform: (B, V) -> (B,) int64.
+    """`sample` with the exponential race taken from keyed_exponential: (B, V) -> (B,) int64. A -inf entry is never
+    picked, whatever the draw.
 
     In eager CPU code the race runs over blocks of columns, each hashed, raced and reduced while it is in cache (the hash makes
     about thirty passes over its entries); the first block holding the row's maximum gives the first maximal index, as
@@ -93,7 +124,7 @@ def keyed_sample(logp: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     best, where = [], []
     for start in range(0, width, step):
         stop = min(width, start + step)
-        race = _index_uniform(row, start, stop).log_().neg_().log_()  # (B, n) log of an Exp(1) draw
+        race = _exponential_(_index_bits(row, start, stop)).log_()  # (B, n) log of an Exp(1) draw, finite
         value, index = (logp[:, start:stop].float() - race).max(-1)  # (B,), (B,)
         best.append(value)
         where.append(index + start)

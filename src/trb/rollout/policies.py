@@ -18,7 +18,7 @@ from typing import Protocol
 
 import torch
 
-from trb.core import blend_logp, keyed_sample, keyed_uniform, kl_divergence, solve_beta, with_temperature
+from trb.core import blend_logp, keyed_sample, keyed_uniform, kl_divergence, trust_region, with_temperature
 
 
 class Draws:
@@ -59,7 +59,8 @@ class Choice:
 class BehaviorPolicy(Protocol):
     """What the decode engine asks of a behavior policy. needs_student / needs_teacher: which models must run.
     speculative: the policy can also be sampled exactly by speculative decoding (`trb.rollout.speculative`): it has
-    `target(student_logp, teacher_logp) -> (log mu (..., V), beta (...))`, the distribution it samples at a prefix,
+    `target(student_logp, teacher_logp) -> (log mu (..., V), beta (...), KL(mu || pi_S) (...))`, the distribution it
+    samples at a prefix,
     which depends on nothing but that prefix (TRB's blend)."""
 
     name: str
@@ -122,16 +123,18 @@ class TRBPolicy:
         if not isinstance(self.eps, torch.Tensor):
             _check(math.isfinite(self.eps) and self.eps >= 0, f"eps must be a finite number >= 0, got {self.eps}")
 
-    def target(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """log mu_beta* (..., V) and beta* (...): the distribution this policy samples from at each prefix (lock-step
-        and speculative decoding both draw through it)."""
-        beta = solve_beta(student_logp, teacher_logp, self.eps)  # (...)
-        return blend_logp(student_logp, teacher_logp, beta), beta
+    def target(self, student_logp: torch.Tensor,
+               teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log mu_beta* (..., V), beta* (...) and the realized KL(mu || pi_S) (...) (float64-exact, at most eps): the
+        distribution this policy samples from at each prefix (lock-step and speculative decoding both draw through
+        it) and the budget it spends."""
+        beta, kl = trust_region(student_logp, teacher_logp, self.eps)  # (...) each
+        return blend_logp(student_logp, teacher_logp, beta), beta, kl
 
     def choose(self, student_logp, teacher_logp, draws) -> Choice:
-        mu, beta = self.target(student_logp, teacher_logp)  # (B, V), (B,)
+        mu, beta, kl = self.target(student_logp, teacher_logp)  # (B, V), (B,), (B,)
         token = draws.token(mu)  # (B,)
-        return _choice_from(mu, student_logp, token, beta, torch.zeros_like(token, dtype=torch.bool))
+        return Choice(token, _pick(mu, token), beta, kl, torch.zeros_like(token, dtype=torch.bool))
 
 
 @dataclass(frozen=True)

@@ -126,10 +126,10 @@ def generate_speculative(
             waiting += len(new)
             chosen = [prompts[i] for i in new.tolist()]
             s_logp, t_logp = s_dec.add(chosen).float(), t_dec.add(chosen).float()  # (n, V) each
-            mu, beta = target(s_logp, t_logp)
+            mu, beta, realized = target(s_logp, t_logp)
             first = keyed_sample(mu, keys[new], torch.zeros_like(new), CORRECT)  # (n,)
             values = {"token": first, "behavior_logp": pick(mu, first), "student_logp": pick(s_logp, first),
-                      "teacher_logp": pick(t_logp, first), "beta": beta, "realized_kl": kl_divergence(mu, s_logp),
+                      "teacher_logp": pick(t_logp, first), "beta": beta, "realized_kl": realized,
                       **(diagnostics(s_logp, t_logp) if record_kl else {})}
             emit(new, {k: v[:, None] for k, v in values.items()}, torch.ones((len(new), 1), dtype=torch.bool,
                                                                               device=device))
@@ -166,7 +166,7 @@ def generate_speculative(
         spec.teacher_forwards += 1
         stats.decode_steps += gamma + 1
 
-        mu_all, beta_all = target(s_all, t_all)  # (b, gamma + 1, V), (b, gamma + 1)
+        mu_all, beta_all, realized_all = target(s_all, t_all)  # (b, gamma + 1, V), (b, gamma + 1) each
         s_draft, mu_draft = pick(s_all[:, :gamma], drafts), pick(mu_all[:, :gamma], drafts)  # (b, gamma) each
         coins = torch.stack([keyed_uniform(row_keys, base + i, ACCEPT) for i in range(gamma)], dim=1)  # (b, gamma)
         accept = coins.log() < (mu_draft - s_draft)
@@ -187,7 +187,7 @@ def generate_speculative(
         round_tokens[rows, n] = corrected
         values = {"token": round_tokens, "behavior_logp": pick(mu_all, round_tokens),
                   "student_logp": pick(s_all, round_tokens), "teacher_logp": pick(t_all, round_tokens),
-                  "beta": beta_all, "realized_kl": kl_divergence(mu_all, s_all),
+                  "beta": beta_all, "realized_kl": realized_all,
                   **(diagnostics(s_all, t_all) if record_kl else {})}
         valid = torch.arange(gamma + 1, device=device)[None] <= n[:, None]  # (b, gamma + 1)
         is_stop = (round_tokens == vocab.eos_id) & valid
