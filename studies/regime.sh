@@ -42,17 +42,21 @@ CONFIG=trb:configs/miniature_chain.yaml
 PAIR=${PAIR:-trb:miniature/chain}
 MODELS="models.student=$PAIR/student models.teacher=$PAIR/teacher"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
+RECORDS=${RECORDS:-$([[ $PAIR == trb:miniature/chain ]] && echo results/regime || echo none)}
 # Part 3's runs stand in for the other parts' OPD and paper-cell runs (linked: identical configs and seeds); the link
-# targets are made first (a dangling link stops trb compare)
-mkdir -p "$OUT/main/runs/opd" "$OUT/main/runs/trb_eps0-0.02_horizon-50" "$OUT/grid/runs" "$OUT/others/runs"
-ln -sfn ../../main/runs/opd "$OUT/grid/runs/opd"
-ln -sfn ../../main/runs/trb_eps0-0.02_horizon-50 "$OUT/grid/runs/trb_eps0-0.02_horizon-50"
-ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"
+# targets are made first (a dangling link stops trb compare). Made for the parts that use them, and whenever finished
+# runs are restored from RECORDS (which keeps those runs once, behind the same links).
+mkdir -p "$OUT/main/runs/opd" "$OUT/main/runs/trb_eps0-0.02_horizon-50"
+if has grid || has others || [[ $RECORDS != none ]]; then
+  mkdir -p "$OUT/grid/runs" "$OUT/others/runs"
+  ln -sfn ../../main/runs/opd "$OUT/grid/runs/opd"
+  ln -sfn ../../main/runs/trb_eps0-0.02_horizon-50 "$OUT/grid/runs/trb_eps0-0.02_horizon-50"
+  ln -sfn ../../main/runs/opd "$OUT/others/runs/opd"
+fi
 # A fresh clone resumes from the repository's records: each finished run that studies/collect.sh kept under RECORDS
 # (default results/regime, only for the shipped pair) and that OUT lacks is copied into OUT, where it counts as
 # finished (trb compare trains only runs with neither a summary.json nor a compact record), with the grid's table
 # (part 4 chooses its cell from it). RECORDS=none starts from nothing.
-RECORDS=${RECORDS:-$([[ $PAIR == trb:miniature/chain ]] && echo results/regime || echo none)}
 if [[ $RECORDS != none && -d $RECORDS ]]; then
   (cd "$RECORDS" && find . -path '*/runs/*/seed_*/metrics.jsonl.gz' -printf '%h\n' | sort) | while read -r RUN; do
     if [[ ! -e "$OUT/$RUN" ]]; then
