@@ -27,7 +27,7 @@ TAG = re.compile(r"<!-- run by (tests/[\w/]+\.py)::(\w+) -->")
 # 2-step runs on few problems: appended to a shown `trb train` / `trb compare` / `trb demo` command
 TINY_RUN = ["steps=2", "prompts_per_step=2", "rollouts_per_prompt=2", "rollout_batch=4", "micro_batch=4",
             "max_new_tokens=24", "eval_every=2", "eval_samples=1", "data.num_test=4", "data.num_val=2",
-            "checkpoint_every=2", "method.horizon=1"]
+            "checkpoint_every=2"]
 
 
 def fences(page: str) -> list[tuple[str, str, tuple[str, str] | None]]:
@@ -55,9 +55,14 @@ def shown(test: str, language: str = "bash") -> list[str]:
 
 
 def commands(test: str) -> list[list[str]]:
-    """The shell commands of the fences tagged with `test`: continuation lines joined, comments dropped."""
+    """The distinct shell commands of the fences tagged with `test` (a command the README and a docs page both show
+    runs once): continuation lines joined, comments dropped."""
     text = "\n".join(shown(test)).replace("\\\n", " ")
-    return [argv for line in text.splitlines() if (argv := shlex.split(line, comments=True))]
+    found = []
+    for line in text.splitlines():
+        if (argv := shlex.split(line, comments=True)) and argv not in found:
+            found.append(argv)
+    return found
 
 
 def check_pip_install(argv: list[str]) -> None:
@@ -195,7 +200,7 @@ def test_own_data_commands(tmp_path, monkeypatch):
     gsm8k_file(tmp_path / "test.jsonl", "test", 6)
     extra = {"prepare": ["--teacher-steps", "2", "--student-steps", "2", "--threads", "1"],
              "eval": ["--n", "1", "--max-new-tokens", "24"], "train": TINY_RUN,
-             "compare": ["--seeds", "0", "1", *TINY_RUN]}
+             "compare": [*TINY_RUN, "--seeds", "0", "1"]}
     shown_commands = commands("test_own_data_commands")
     assert [argv[1] for argv in shown_commands] == ["prepare", "eval", "eval", "train", "eval", "compare"]
     for argv in shown_commands:
@@ -241,7 +246,7 @@ def test_own_models_commands(qwen_pairs, tmp_path):
         if argv not in dry_runs:
             dry_runs.append(argv)
     for i, argv in enumerate(dry_runs):
-        run_trb(argv, ["--dry-run", "device=cpu", "data.num_test=10", f"out_dir={tmp_path / f'run{i}'}"], tmp_path)
+        run_trb(argv, ["--dry-run", "device=cpu", "data.num_test=10", f"out_dir={tmp_path / f'run{i}'}"], ROOT)
     assert any("models.lora_rank=64" in argv for argv in dry_runs)
 
 
