@@ -38,9 +38,10 @@ setup: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/trb demo
 
-# The docs site is built first and strictly: a broken link, page or API reference fails the tests.
+# The docs site is built first and strictly: a broken link, page or API reference fails the tests (no --quiet:
+# mkdocs counts the warnings that strict mode fails on only when it prints them).
 test: $(BIN)/.installed
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: $(BIN)/.installed

@@ -126,6 +126,38 @@ def test_site_builds_offline_and_every_page_is_in_the_navigation():
     assert sorted(pages(config["nav"])) == sorted(p.name for p in (ROOT / "docs").glob("*.md"))
 
 
+def strict_build(root: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """The docs build of `make test` (its command from `make -n test`, mkdocs from this interpreter) on a copy of
+    the site's sources at `root`."""
+    (line,) = [line for line in make_dry("test", tmp_path / "venv") if "mkdocs build" in line]
+    command = shlex.split(line.replace(f"{tmp_path / 'venv'}/bin/mkdocs", f"{sys.executable} -m mkdocs"))
+    env = {**os.environ, **dict(a.split("=", 1) for a in command if re.fullmatch(r"[A-Z_0-9]+=\S*", a))}
+    command = [a for a in command if not re.fullmatch(r"[A-Z_0-9]+=\S*", a)]
+    return subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_strict_build_of_make_test_fails_on_a_broken_link_or_reference(tmp_path):
+    """The regression: `mkdocs build --strict --quiet` passed with a broken link, since mkdocs counts the warnings
+    strict mode fails on only when it prints them; `make test` builds without --quiet."""
+    pytest.importorskip("mkdocs")
+    site = tmp_path / "site_src"
+    site.mkdir()
+    for name in ("mkdocs.yml", "src", "examples"):
+        (site / name).symlink_to(ROOT / name)
+    for page in ("docs/cli.md", "docs/reference.md"):
+        for broken in ("See [nowhere](nowhere.md).", "::: trb.api.no_such_name"):
+            if broken.startswith(":::") != page.endswith("reference.md"):
+                continue
+            subprocess.run(["cp", "-r", str(ROOT / "docs"), str(site)], check=True)
+            (site / page).write_text((ROOT / page).read_text() + f"\n{broken}\n")
+            result = strict_build(site, tmp_path)
+            assert result.returncode != 0, f"{page} with {broken!r} built:\n{result.stderr[-2000:]}"
+            subprocess.run(["rm", "-r", str(site / "docs")], check=True)
+    subprocess.run(["cp", "-r", str(ROOT / "docs"), str(site)], check=True)
+    result = strict_build(site, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The commands
 # ------------------------------------------------------------------------------------------------------------------
