@@ -1,4 +1,5 @@
-# Two commands do all set-up: `make demo` and `make test`.
+# Two commands do all set-up: `make demo` and `make test`; `make setup` only sets up (the venv and trb with its
+# test, TRL and docs extras) and runs nothing.
 # On a machine without an NVIDIA driver the CPU build of torch is installed (no multi-GB CUDA download);
 # with `nvidia-smi` on the PATH the normal (CUDA) torch is used. Override with TORCH_SPEC=... if needed.
 # The CPU wheel index is probed once (5 s timeout); when it cannot be reached, torch comes from the default index
@@ -11,13 +12,14 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench clean-venv torch-index
+.PHONY: setup demo test test-slow docs bench clean-venv torch-index
 
+# The sub-make below is a plain `make`, not $(MAKE), so that `make -n setup` prints the set-up instead of running pip.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $$($(MAKE) --no-print-directory -s torch-index)
-	$(BIN)/python -m pip install --quiet -e ".[test,trl]"
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $$(make --no-print-directory -s torch-index)
+	$(BIN)/python -m pip install --quiet -e ".[test,trl,docs]"
 	touch $@
 
 # The pip option that selects the CPU wheel index, or nothing (GPU machine, or the index is unreachable).
@@ -31,14 +33,23 @@ torch-index:
 	  fi; \
 	fi
 
+setup: $(BIN)/.installed
+
 demo: $(BIN)/.installed
 	$(BIN)/trb demo
 
+# The docs site is built first and strictly: a broken link, page or API reference fails the tests (no --quiet:
+# mkdocs counts the warnings that strict mode fails on only when it prints them).
 test: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The site (mkdocs, material theme, API reference from the docstrings) into site/, offline, strict.
+docs: $(BIN)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_core.py

@@ -103,6 +103,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One run's whole configuration, validated at construction: the sections `models`, `data`, `method` (a
+    registered `Method`) and `loss` (a `LossSpec`), and the top-level keys of the loop (steps, batch sizes, learning
+    rate, evaluation, checkpoints, out_dir, ...). A YAML config mirrors it key for key; build one with `load_config`,
+    and override any key on the command line as `section.key=value`."""
+
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: Method = field(default_factory=VanillaOPD)

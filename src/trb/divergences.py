@@ -65,6 +65,8 @@ class Divergence:
 
 
 DIVERGENCES: dict[str, Divergence] = {}
+"""Every registered divergence by name (`loss.divergence` in a config): the built-ins and those added with
+`register_divergence`."""
 
 
 def register_divergence(name: str, fn: PerToken, reads: str = "vocab",

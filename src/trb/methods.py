@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 SCHEDULES = ("linear", "cosine")  # trb.core.linear_anneal, trb.core.cosine_anneal
 
 METHODS: dict[str, type[Method]] = {}
+"""Every registered method class by its `name` (`method.name` in a config): the built-ins and those added with
+`register_method`."""
 
 
 def register_method(cls: type[Method]) -> type[Method]:
