@@ -14,7 +14,8 @@ from trb.losses import token_logp
 from trb.models import load_causal_lm
 from trb.rollout import TRBPolicy, generate
 from trb.tasks import problem_splits, tokenize_prompts
-from trb.train import step_prompts, stream_seed, train
+from trb.core import step_prompts, stream_seed
+from trb.train import train
 
 
 def config(pair, out_dir, *overrides):

@@ -110,7 +110,7 @@ def cmd_eval(args) -> int:
     from trb.evaluate import evaluate
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
     from trb.tasks import load_problems, problem_splits
-    from trb.train import resolve_device
+    from trb.loading import resolve_device
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
@@ -150,7 +150,7 @@ def cmd_prepare(args) -> int:
     from tqdm import tqdm
 
     from trb.prepare import PRESETS, prepare, with_steps
-    from trb.train import resolve_device
+    from trb.loading import resolve_device
 
     device = str(resolve_device(args.device))
     if args.threads is not None:
@@ -215,7 +215,7 @@ def cmd_probe(args) -> int:
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
     from trb.probe import continuation_probe, probe_tables
     from trb.tasks import problem_splits
-    from trb.train import resolve_device
+    from trb.loading import resolve_device
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.student)

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
     from trb.losses import Target
     from trb.rollout import BehaviorPolicy, Rollout
-    from trb.train import Trainer
 
 SCHEDULES = ("linear", "cosine")  # trb.core.linear_anneal, trb.core.cosine_anneal
 
@@ -63,8 +62,8 @@ class Method:
     - schedule_metrics(step, state): scheduled values to log; observe(step, metrics, state): feedback for
       methods that adapt (state is a JSON-able dict the loop checkpoints).
     and, once, before the first step of a fresh run:
-    - before_training(trainer, write, log): work on the student before OPD starts (SFT warmup); returns whether it
-      changed the student, in which case the loop checkpoints it.
+    - before_training(trainer, write, log): work on the student before OPD starts (SFT warmup) with the run's
+      `trb.trainer.Trainer`; returns whether it changed the student, in which case the loop checkpoints it.
     """
 
     name: ClassVar[str] = "base"
@@ -92,7 +91,7 @@ class Method:
     def observe(self, step: int, metrics: dict, state: dict) -> None:
         return None
 
-    def before_training(self, trainer: Trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
+    def before_training(self, trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
         return False
 
 
@@ -262,10 +261,10 @@ class SFTWarmup(Method):
         _require(self.prompt_steps > 0, f"prompt_steps must be > 0, got {self.prompt_steps}")
         _require(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
 
-    def before_training(self, trainer: Trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
-        from trb.train import sft_warmup
+    def before_training(self, trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
+        from trb.warmup import sft_warmup
 
-        sft_warmup(trainer, self, write, log)
+        sft_warmup(trainer, self.updates, self.prompt_steps, self.samples_per_prompt, write, log)
         return True
 
 

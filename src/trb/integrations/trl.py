@@ -33,11 +33,10 @@ except ImportError as error:
         "trb.integrations.trl needs TRL's DistillationTrainer; install it with: pip install 'trb[trl]'"
     ) from error
 
-from trb.core import with_temperature
+from trb.core import stream_seed, with_temperature
 from trb.methods import METHODS, Method
 from trb.models import vocab_space
 from trb.rollout import BehaviorPolicy, Draws, Rollout, StudentPolicy, generate
-from trb.train import stream_seed
 
 __all__ = [
     "FixedBehavior", "TRBDistillationTrainer", "TemperedPolicy", "resolve_method", "sampler_methods", "sampling_only",
