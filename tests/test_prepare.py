@@ -29,7 +29,8 @@ from trb.prepare import (
     split_problems,
 )
 from trb.prepare import prepare as run_prepare
-from trb.rollout import StudentPolicy, generate, position_ids
+from trb.rollout import StudentPolicy, generate
+from trb.sequences import position_ids
 from trb.tasks import SETTINGS, tokenize_prompts, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
 

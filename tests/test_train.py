@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from trb.config import ConfigError, load_config
 from trb.core import merged_logp
-from trb.losses import token_logp
+from trb.forward import token_logp
 from trb.models import load_causal_lm
 from trb.rollout import TRBPolicy, generate
 from trb.tasks import problem_splits, tokenize_prompts
@@ -215,7 +215,8 @@ def test_length_groups_change_no_loss_or_gradient(tiny_pair, loaded_pair):
     """Running the training forwards in groups of similar length, each row's tokens moved to the front (no padding
     inside a row, no attention mask), gives the hidden states of one padded rectangle under its mask, and the same
     loss, per-token values and gradients for any number of groups."""
-    from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss
+    from trb.forward import FinalHidden, aligned_groups, completion_select
+    from trb.losses import LossSpec, distill_loss
 
     tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 12, 1, 0)
@@ -272,7 +273,7 @@ def test_least_padding_split_is_optimal():
     """The dynamic program's runs against every way of cutting small sorted batches into runs of two rows or more."""
     import itertools
 
-    from trb.losses import least_padding_split
+    from trb.forward import least_padding_split
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(150):

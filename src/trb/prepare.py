@@ -44,12 +44,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from trb.checkpoint import _flatten_optimizer, _unflatten_optimizer
-from trb.errors import TrbError
+from trb.checkpoint import flatten_optimizer, unflatten_optimizer
+from trb.errors import TrbError, require
 from trb.evaluate import EvalResult, evaluate
 from trb.models import tiny_causal_lm, vocab_space
 from trb.paths import resolve_builtin
-from trb.rollout import left_pad, position_ids
+from trb.sequences import left_pad, position_ids
 from trb.tasks import SETTINGS, Problem, load_problems, tokenize_prompts, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
 from trb.stopping import StopSignals
@@ -66,11 +66,6 @@ class PrepareError(TrbError):
     """A prepare source, setting or output folder that cannot be used as given; the message names the fix."""
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise PrepareError(message)
-
-
 @dataclass(frozen=True)
 class ModelSize:
     """A Qwen3-architecture causal LM's shape; the head dimension is hidden // heads."""
@@ -83,11 +78,11 @@ class ModelSize:
 
     def __post_init__(self):
         for name in ("layers", "hidden", "heads", "kv_heads", "intermediate"):
-            _require(getattr(self, name) > 0, f"model {name} must be > 0, got {getattr(self, name)}")
-        _require(self.hidden % self.heads == 0, f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        _require(self.heads % self.kv_heads == 0,
+            require(getattr(self, name) > 0, f"model {name} must be > 0, got {getattr(self, name)}")
+        require(self.hidden % self.heads == 0, f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        require(self.heads % self.kv_heads == 0,
                  f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads}) for grouped-query attention")
-        _require((self.hidden // self.heads) % 2 == 0,
+        require((self.hidden // self.heads) % 2 == 0,
                  f"head dimension hidden // heads = {self.hidden // self.heads} must be even (rotary embeddings)")
 
 
@@ -106,15 +101,15 @@ class SFTConfig:
     label_smoothing: float = 0.0  # mass spread over the whole vocabulary at every target: a less confident model
 
     def __post_init__(self):
-        _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
-        _require(self.steps > 0, f"steps must be > 0, got {self.steps}")
-        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
-        _require(0 <= self.warmup < self.steps, f"warmup must lie in [0, steps = {self.steps}), got {self.warmup}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.schedule in ("cosine", "constant"),
+        require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        require(self.steps > 0, f"steps must be > 0, got {self.steps}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        require(0 <= self.warmup < self.steps, f"warmup must lie in [0, steps = {self.steps}), got {self.warmup}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(self.schedule in ("cosine", "constant"),
                  f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
-        _require(0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        require(0 <= self.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -137,14 +132,14 @@ class PrepareConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _require(self.vocab_size >= 128,
+        require(self.vocab_size >= 128,
                  f"vocab_size must be >= 128 (the byte alphabet alone has 100 symbols), got {self.vocab_size}")
         for name in ("num_train", "num_val", "num_test", "eval_every", "eval_samples", "max_new_tokens"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         lo, hi = self.student_window
-        _require(0 <= lo < hi <= 1, f"student_window must be (lo, hi) with 0 <= lo < hi <= 1, got {self.student_window}")
-        _require(0 < self.teacher_target <= 1, f"teacher_target must lie in (0, 1], got {self.teacher_target}")
-        _require(self.save_dtype in SAVE_DTYPES,
+        require(0 <= lo < hi <= 1, f"student_window must be (lo, hi) with 0 <= lo < hi <= 1, got {self.student_window}")
+        require(0 < self.teacher_target <= 1, f"teacher_target must lie in (0, 1], got {self.teacher_target}")
+        require(self.save_dtype in SAVE_DTYPES,
                  f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
 
 
@@ -445,7 +440,7 @@ def _save_stage(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedToken
     state = {"steps": result["steps"], "final_loss": result["final_loss"], "done": not result["stopped"], **extra}
     if result["stopped"]:
         resume = result["resume"]
-        tensors, optimizer_meta = _flatten_optimizer(resume["optimizer"])
+        tensors, optimizer_meta = flatten_optimizer(resume["optimizer"])
         save_file({**tensors, "generator": resume["generator"]}, str(partial / "resume.safetensors"))
         state["resume"] = {"step": resume["step"], "batches": resume["batches"], "optimizer": optimizer_meta}
     (partial / "stage.json").write_text(json.dumps(state))
@@ -463,7 +458,7 @@ def _load_stage(folder: Path, device: torch.device) -> tuple[PreTrainedModel, Pr
     if not state["done"]:
         tensors = load_file(str(folder / "resume.safetensors"))
         generator = tensors.pop("generator")
-        optimizer = _unflatten_optimizer(tensors, state["resume"]["optimizer"])
+        optimizer = unflatten_optimizer(tensors, state["resume"]["optimizer"])
         optimizer["state"] = {int(k): v for k, v in optimizer["state"].items()}  # torch keys parameters by index
         state["resume"] = {**state["resume"], "optimizer": optimizer, "generator": generator}
     return model, AutoTokenizer.from_pretrained(folder), state

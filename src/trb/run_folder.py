@@ -28,7 +28,7 @@ from trb.checkpoint import sha256_file
 from trb.config import ConfigError, TrainConfig, as_dict, load_config
 from trb.errors import TrbError
 from trb.models import resolve_checkpoint
-from trb.rollout import Rollout
+from trb.sequences import Rollout
 from trb.tasks import SETTINGS
 
 

@@ -35,8 +35,8 @@ from trb.losses import distill_loss
 from trb.models import merged_lora_model
 from trb.records import write_record
 from trb.report import write_run_report
-from trb.rollout import Rollout, rollout_from_tokens
 from trb.run_folder import MetricsLog, RunDir, save_rollouts, write_atomic
+from trb.sequences import Rollout, rollout_from_tokens
 from trb.stopping import Stopped, StopSignals
 from trb.trainer import Trainer
 

@@ -11,10 +11,11 @@ import torch
 
 from trb import distributed
 from trb.core import linear_ramp, stream_seed
+from trb.forward import FinalHidden
 from trb.inference import InferenceCopy, decode_compile
-from trb.losses import FinalHidden
-from trb.rollout import BehaviorPolicy, Rollout, generate
+from trb.rollout import BehaviorPolicy, generate
 from trb.rollout.speculative import SpeculativeStats, generate_speculative
+from trb.sequences import Rollout
 
 if TYPE_CHECKING:
     from trb.config import TrainConfig
@@ -59,9 +60,8 @@ class Trainer:
         prompts = [sequences[i] for i in mine]
         keys = torch.tensor([stream_seed(cfg.seed, step, i, "rollout") & 0xFFFFFFFF for i in mine])
         # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
-        reuse = cfg.loss.reuse_teacher and cfg.loss.entry.reads in ("student_topk", "sampled_token")
         options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward,
-                       record_kl=reuse)
+                       record_kl=cfg.loss.recorded is not None)
         self.speculative = SpeculativeStats()
         with s.autocast:
             if cfg.speculative_gamma and policy.speculative:
@@ -70,9 +70,8 @@ class Trainer:
                                                       s.teacher, cfg.speculative_gamma, **options)
                 self.speculative = stats
             else:
-                topk = cfg.loss.top_k if reuse and cfg.loss.entry.reads == "student_topk" else 0
-                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens, record_topk=topk, **options,
-                                   **models)
+                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens, record_topk=cfg.loss.record_topk,
+                                   **options, **models)
         return [rollout]
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:

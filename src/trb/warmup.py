@@ -10,7 +10,8 @@ import torch
 from trb import distributed
 from trb.core import step_prompts, stream_seed
 from trb.losses import sft_loss
-from trb.rollout import TeacherPolicy, rollout_from_tokens
+from trb.rollout.policies import TeacherPolicy
+from trb.sequences import rollout_from_tokens
 
 
 def sft_warmup(t, updates: int, prompt_steps: int, samples_per_prompt: int, write: Callable[[int, dict], None],
