@@ -86,6 +86,14 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1(tiny_pair, tmp_path):
     assert max((one[k] - eight[k]).abs().max().item() for k in one) <= 2e-6
 
 
+def test_run_summary_names_the_hugging_face_decoder_under_forward_hf(tiny_pair, tmp_path):
+    """The summary said "lean" whenever the lean decoder supported the student, even when models.forward=hf had the
+    Hugging Face forward decode every rollout."""
+    assert train(config(tiny_pair, tmp_path / "auto", "steps=1"), log=lambda m: None)["decoder"] == "lean"
+    summary = train(config(tiny_pair, tmp_path / "hf", "steps=1", "models.forward=hf"), log=lambda m: None)
+    assert summary["decoder"] == "hugging face"
+
+
 def test_sampler_logps_equal_trainer_logps(tiny_pair, loaded_pair):
     tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 16, 1, 0)

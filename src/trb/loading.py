@@ -90,7 +90,7 @@ def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
     teacher = load_causal_lm(cfg.models.teacher, device, teacher_dtype, cfg.models.trust_remote_code)
     teacher.requires_grad_(False)
     vocab = vocab_space(tokenizer, teacher_tokenizer, student, teacher)
-    if cfg.loss.divergence == "topk_reverse_kl" and cfg.loss.top_k > vocab.size:
+    if cfg.loss.entry.reads == "student_topk" and cfg.loss.top_k > vocab.size:  # every top-k divergence
         raise ConfigError(f"loss.top_k={cfg.loss.top_k} exceeds the vocabulary of {vocab.size} tokens; use a value "
                           f"in 1..{vocab.size}")
     d = cfg.data

@@ -267,7 +267,7 @@ class Run:
         if self.metrics is not None:
             self.metrics.close()
         summary = {"status": status, "run": str(run.path), "final": self.state.last_eval.get("values", {}),
-                   "decoder": "lean" if self.t.inference.lean else "hugging face",  # what decoded the rollouts
+                   "decoder": self.t.decoder,  # what decoded the student's rollouts
                    "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}, "
                                f"{self.world.size} rank(s)"}
         if status == "completed" and self.world.main:  # summary.json marks a finished run

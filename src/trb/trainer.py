@@ -45,6 +45,12 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: linear_ramp(step + 1, 0.0, 1.0, cfg.warmup_steps))
 
+    @property
+    def decoder(self) -> str:
+        """What decodes the student's rollouts, as `trb.rollout.make_decoder` chooses: "lean" where the config's
+        models.forward allows it and the inference copy supports it, "hugging face" otherwise."""
+        return "lean" if self.cfg.models.forward != "hf" and self.inference.lean else "hugging face"
+
     def my_sequences(self, count: int) -> list[int]:
         """Indices of the step's sequences this rank decodes: every world-size-th one."""
         return list(range(self.s.world.rank, count, self.s.world.size))
