@@ -35,6 +35,7 @@ demo: $(BIN)/.installed
 	$(BIN)/trb demo
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks examples studies
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-slow: $(BIN)/.installed

@@ -68,8 +68,10 @@ def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_
 def test_runs_are_deterministic(tiny_pair, tmp_path):
     for name in ("a", "b"):
         train(config(tiny_pair, tmp_path / name, "steps=2"), log=lambda m: None)
-    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
-                          for line in text.splitlines()]  # noqa: E731
+    def strip(text):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
+                for line in text.splitlines()]
+
     assert strip((tmp_path / "a" / "metrics.jsonl").read_text()) == strip((tmp_path / "b" / "metrics.jsonl").read_text())
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -110,8 +112,10 @@ def test_resume_continues_exactly(tiny_pair, tmp_path):
     train(config(tiny_pair, tmp_path / "split", "steps=4", "resume=true"), log=lambda m: None)
     full, split = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
     assert all(torch.equal(full[k], split[k]) for k in full)
-    drop_time = lambda path: [{k: v for k, v in json.loads(l).items() if not k.startswith(("time/", "tokens_per_s"))}
-                              for l in path.read_text().splitlines()]  # noqa: E731, E741
+    def drop_time(path):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
+                for line in path.read_text().splitlines()]
+
     assert drop_time(tmp_path / "full" / "metrics.jsonl") == drop_time(tmp_path / "split" / "metrics.jsonl")
 
 

@@ -60,12 +60,6 @@ def sampler_methods() -> list[str]:
     return sorted(name for name, cls in METHODS.items() if sampling_only(cls))
 
 
-def sampler_methods() -> list[str]:
-    """The registered methods that run inside TRL's trainer."""
-    return sorted(name for name, cls in METHODS.items()
-                  if all(getattr(cls, hook) is getattr(Method, hook) for hook in TRAINER_HOOKS))
-
-
 @dataclass(frozen=True)
 class FixedBehavior(Method):
     """One behavior policy at every step (e.g. `MixturePolicy(0.2)`: mixture sampling without MiniLLM's weights)."""
