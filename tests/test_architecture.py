@@ -13,7 +13,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 LIMIT = 80  # lines per function in the modules below
 SHORT = ("trb.train", "trb.trainer", "trb.run_folder", "trb.loading", "trb.warmup", "trb.losses", "trb.forward",
-         "trb.sequences")
+         "trb.sequences", "trb.miniature")
 
 
 def module_name(path: Path) -> str:
@@ -75,8 +75,10 @@ def test_no_module_imports_one_that_imports_it():
     assert not cycles, "\n".join(cycles)
 
 
-def test_the_loss_and_prepare_import_nothing_from_the_rollout_engine():
-    for name in ("trb.losses", "trb.prepare"):
+def test_the_loss_and_the_miniature_import_nothing_from_the_rollout_engine():
+    users = [name for name in MODULES if name == "trb.losses" or name.startswith("trb.miniature")]
+    assert "trb.miniature.sft" in users
+    for name in users:
         assert not {m for m in GRAPH[name] if m.startswith("trb.rollout")}, name
 
 
