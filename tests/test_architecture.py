@@ -6,11 +6,13 @@ imports another's private names; and the loop, the loss and the modules around t
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+MAP = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 LIMIT = 80  # lines per function in the modules below
 SHORT = ("trb.train", "trb.trainer", "trb.run_folder", "trb.loading", "trb.warmup", "trb.losses", "trb.forward",
          "trb.sequences", "trb.miniature")
@@ -115,3 +117,25 @@ def test_the_rollout_package_still_exports_the_sequence_record():
 
     for name in ("Rollout", "left_pad", "position_ids", "rollout_from_tokens"):
         assert getattr(rollout, name) is getattr(sequences, name)
+
+
+def test_the_module_map_names_every_module_after_all_it_imports():
+    """docs/architecture.md lists the modules bottom up, one line each (`name.py`, `package/` or `package/name.py`
+    before the colon): every module must be on it (or in a package that is), below every module it imports."""
+    order = {}
+    for line in MAP.read_text().splitlines():
+        if line.startswith("- "):
+            for name in re.findall(r"`([a-z_/]+(?:\.py)?)`", line.split(":")[0]):
+                module = "trb." + name.removesuffix(".py").strip("/").replace("/", ".")
+                order.setdefault({"trb.__init__": "trb"}.get(module, module), len(order))
+
+    def place(module: str) -> int:
+        while module not in order:
+            assert module.count(".") > 1, f"{module} is not on the module map"
+            module = module.rsplit(".", 1)[0]  # a module of a package on the map
+        return order[module]
+
+    for module in MODULES:
+        place(module)
+    upward = [f"{a} imports {b}" for a in GRAPH for b in GRAPH[a] if place(b) > place(a)]
+    assert not upward, "\n".join(upward)
