@@ -33,7 +33,8 @@ Target = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @functools.cache
-def _compiled(fn: Callable) -> Callable:
+def compiled(fn: Callable) -> Callable:
+    """torch.compile of fn, made once per function (the closed-form loss under `loss.compile`)."""
     return torch.compile(fn, dynamic=None)
 
 
@@ -108,7 +109,7 @@ def loss_with_teacher(student: PreTrainedModel, teacher: PreTrainedModel, studen
     teacher_entropy = torch.zeros(tokens.shape[0], device=tokens.device)  # (N,) diagnostics: H(pi_T) at the prefix
 
     def fused_fn(student_logits, teacher_logits, chunk, weight):
-        fused = _compiled(divergence.logit_grad) if spec.compile else divergence.logit_grad
+        fused = compiled(divergence.logit_grad) if spec.compile else divergence.logit_grad
         value, grad, entropy = fused(student_logits, teacher_logits, weight, vocab.size, stop_ids)
         teacher_kl[chunk] = value
         teacher_entropy[chunk] = entropy
