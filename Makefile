@@ -54,6 +54,7 @@ demo: $(BIN)/.installed
 # The docs site is built first and strictly: a broken link, page or API reference fails the tests (no --quiet:
 # mkdocs counts the warnings that strict mode fails on only when it prints them).
 test: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks examples studies
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 

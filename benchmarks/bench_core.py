@@ -29,7 +29,7 @@ from common import device_name, emit, peak_memory_mib, time_ms  # noqa: E402
 
 from trb.core import blend, chunked_divergence, realized_kl, reverse_kl, reverse_kl_with_grad, solve_beta  # noqa: E402
 from trb.divergences import DIVERGENCES  # noqa: E402
-from trb.losses import _compiled as compiled_closed_form  # noqa: E402
+from trb.losses import compiled as compiled_closed_form  # noqa: E402
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, emit, synchronize  # noqa: E402
 
-from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss  # noqa: E402
+from trb.forward import FinalHidden, aligned_groups, completion_select  # noqa: E402
+from trb.losses import LossSpec, distill_loss  # noqa: E402
 from trb.models import load_causal_lm, load_tokenizer, vocab_space  # noqa: E402
 from trb.rollout import StudentPolicy, generate  # noqa: E402
 from trb.tasks import SETTINGS, format_prompt  # noqa: E402

@@ -80,7 +80,7 @@ def main(folder: Path) -> None:
                       for m, _ in METRICS]
             cells.append(f"{sum(by_seed[s]['minutes'] for s in seeds) / len(seeds):.1f}")
             print("| " + " | ".join(cells) + " |")
-    print(f"\nTeacher-KL per token of the step's rollouts (mean over the seeds) and mean rollout length in tokens:\n")
+    print("\nTeacher-KL per token of the step's rollouts (mean over the seeds) and mean rollout length in tokens:\n")
     print("| method | loss | " + " | ".join(f"step {k}" for k in KL_STEPS) + " |\n|---|---|" + "---|" * len(KL_STEPS))
     for label in labels:
         for divergence, _ in ESTIMATORS:

@@ -53,7 +53,7 @@ def main(folder: Path) -> None:
         kl = [dict(zip(*series(read_metrics(by_seed[s], until), "teacher_kl"))) for s in seeds]
         cells = [f"{sum(c[k] for c in kl) / len(kl):.3f}" if all(k in c for c in kl) else "-" for k in KL_STEPS]
         print(f"| {label} | " + " | ".join(cells) + " |")
-    print(f"\nMinutes of training steps per run (`time/step_s`, evaluations excluded; mean over seeds):\n")
+    print("\nMinutes of training steps per run (`time/step_s`, evaluations excluded; mean over seeds):\n")
     print(f"| variant | steps 1-{WARMUP} | all steps |\n|---|---|---|")
     for label, by_seed in runs.items():
         times = [series(read_metrics(by_seed[s], until), "time/step_s") for s in seeds]

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import replace
 
-from trb.prepare import PRESETS, ModelSize, SFTConfig, prepare
+from trb.miniature import PRESETS, ModelSize, SFTConfig, prepare
 from trb.tasks import SETTINGS, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
 

@@ -15,7 +15,7 @@ import yaml
 
 from trb import cli
 from trb.cli import main
-from trb.prepare import PRESETS
+from trb.miniature import PRESETS
 from trb.tasks import SETTINGS, load_problems
 
 ROOT = Path(__file__).resolve().parents[1]

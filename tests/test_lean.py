@@ -79,7 +79,7 @@ def test_lean_trains_only_what_it_reproduces():
 
 def test_final_hidden_equals_the_hugging_face_path_of_the_loss():
     """FinalHidden with selected positions in length groups: the lean forward and the Hugging Face forward agree."""
-    from trb.losses import FinalHidden, completion_select
+    from trb.forward import FinalHidden, completion_select
     from trb.rollout import StudentPolicy, generate
 
     from test_rollout import PROMPTS, SPACE, pair

@@ -25,7 +25,8 @@ from trb.methods import (
 from trb.models import VocabSpace, load_tokenizer, tiny_causal_lm
 from trb.rollout import MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate
 from trb.tasks import data_splits
-from trb.train import step_prompts, train
+from trb.core import step_prompts
+from trb.train import train
 
 
 def test_schedules_of_each_method():

@@ -1,5 +1,5 @@
-"""trb.prepare: the SFT batch is laid out like a rollout, a tiny end-to-end run writes loadable checkpoints and its
-report, runs are reproducible, configs are validated, problem files split deterministically."""
+"""trb.miniature (`trb prepare`): the SFT batch is laid out like a rollout, a tiny end-to-end run writes loadable
+checkpoints and its report, runs are reproducible, configs are validated, problem files split deterministically."""
 
 import copy
 import json
@@ -15,21 +15,22 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trb.models import VocabSpace, tiny_causal_lm
-from trb.prepare import (
+from trb.forward import completion_select
+from trb.miniature import (
     PRESETS,
     ModelSize,
     PrepareConfig,
     PrepareError,
     SFTConfig,
-    _save_and_reload,
     epoch_batches,
     lr_factor,
-    sft_batch,
     sft_loss,
     split_problems,
 )
-from trb.prepare import prepare as run_prepare
-from trb.rollout import StudentPolicy, generate, position_ids
+from trb.miniature import prepare as run_prepare
+from trb.miniature.storage import save_and_reload
+from trb.rollout import StudentPolicy, generate
+from trb.sequences import position_ids, rollout_from_tokens
 from trb.tasks import SETTINGS, tokenize_prompts, train_tokenizer
 from trb.tasks.tokenizer import PROMPT_FORMAT
 
@@ -76,18 +77,20 @@ def test_sft_batch_matches_rollout_layout_and_logp():
     assert len(set(lengths)) > 1 and len(set(map(len, prompts))) > 1
     completions = [rollout.completion_ids[row, :n].tolist() for row, n in enumerate(lengths)]
 
-    batch = sft_batch(prompts, completions, PAD, torch.device("cpu"))
+    batch = rollout_from_tokens(prompts, completions, vocab, torch.device("cpu"))
     input_ids, attention_mask, positions = rollout.sequences()  # (B, P + T)
-    width = batch["input_ids"].shape[1]  # P + longest completion
-    assert torch.equal(batch["input_ids"], input_ids[:, :width])
-    assert torch.equal(batch["attention_mask"], attention_mask[:, :width])
-    assert torch.equal(batch["position_ids"], positions[:, :width])
-    assert torch.equal(batch["position_ids"], position_ids(batch["attention_mask"]))
+    batch_ids, batch_mask, batch_positions = batch.sequences()  # (B, P + longest completion)
+    width = batch_ids.shape[1]
+    assert torch.equal(batch_ids, input_ids[:, :width])
+    assert torch.equal(batch_mask, attention_mask[:, :width])
+    assert torch.equal(batch_positions, positions[:, :width])
+    assert torch.equal(batch_positions, position_ids(batch_mask))
 
-    # The loss mask selects exactly the completion tokens (solution + EOS) as targets, none of the prompt.
-    targets = batch["input_ids"][:, 1:][batch["loss_mask"]]
+    # The loss reads exactly the completion tokens (solution + EOS) as targets, none of the prompt.
+    loss_mask = completion_select(batch)[:, :-1]  # (B, P + T - 1): the logits that predict a completion token
+    targets = batch_ids[:, 1:][loss_mask]
     assert targets.tolist() == [token for completion in completions for token in completion]
-    assert int(batch["loss_mask"].sum()) == sum(lengths)
+    assert int(loss_mask.sum()) == sum(lengths)
 
     with torch.no_grad():
         loss = sft_loss(model, batch)
@@ -188,7 +191,7 @@ def test_saved_checkpoint_reloads_to_the_same_logits(tmp_path, dtype):
             p.copy_(p.to(getattr(torch, dtype)))
         expected = stored(input_ids=ids).logits  # (1, P, V)
         before = model(input_ids=ids).logits  # (1, P, V)
-    reloaded = _save_and_reload(model, tokenizer, tmp_path, dtype, torch.device("cpu"))
+    reloaded = save_and_reload(model, tokenizer, tmp_path, dtype, torch.device("cpu"))
     assert all(p.dtype == torch.float32 for p in reloaded.parameters())
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
@@ -274,12 +277,14 @@ def test_label_smoothed_sft_loss_matches_float64_reference():
     model = tiny_causal_lm(VOCAB, 16, 1, seed=0, init_std=0.5, eos_token_id=EOS, pad_token_id=PAD)
     prompts = [torch.randint(2, VOCAB, (n,), generator=generator).tolist() for n in (3, 5)]
     completions = [torch.randint(2, VOCAB, (n,), generator=generator).tolist() + [EOS] for n in (4, 2)]
-    batch = sft_batch(prompts, completions, PAD, torch.device("cpu"))
+    batch = rollout_from_tokens(prompts, completions, VocabSpace(VOCAB, (EOS,), EOS, PAD), torch.device("cpu"))
+    input_ids, attention_mask, positions = batch.sequences()  # (B, L)
+    loss_mask = completion_select(batch)[:, :-1]  # (B, L - 1)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       position_ids=batch["position_ids"]).logits[:, :-1].double()  # (B, L - 1, V)
-        logp = logits.log_softmax(-1)[batch["loss_mask"]]  # (N, V)
-        targets = batch["input_ids"][:, 1:][batch["loss_mask"]]  # (N,)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=positions).logits[:, :-1].double()  # (B, L - 1, V)
+        logp = logits.log_softmax(-1)[loss_mask]  # (N, V)
+        targets = input_ids[:, 1:][loss_mask]  # (N,)
         nll = -logp.gather(-1, targets[:, None])[:, 0]  # (N,)
         for alpha in (0.0, 0.06, 0.5):
             # (1 - alpha) * one-hot + alpha * uniform, written out

@@ -15,7 +15,8 @@ from trb.config import load_config
 from trb.models import CompatibilityError, load_causal_lm, load_tokenizer, vocab_space
 from trb.tasks import load_problems
 from trb.testing import QWEN3_PADDED_VOCAB, qwen3_like_tokenizer, random_qwen3_pair
-from trb.train import check_same_tokenization, dry_run
+from trb.loading import check_same_tokenization
+from trb.train import dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT / "tests" / "data" / "gsm8k" / "test.jsonl"

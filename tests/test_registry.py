@@ -56,6 +56,19 @@ def test_a_divergence_on_the_support_it_reads_equals_it_on_the_whole_vocabulary(
     torch.testing.assert_close(grad_restricted, grad_full, atol=1e-12, rtol=0)
 
 
+def test_the_loss_declares_what_the_decoder_records_for_it():
+    """One declaration chooses both the decoder's records and the loss's path: the support the divergence reads, on
+    the student's top_k for a top-k divergence, and nothing for a full-vocabulary one or with reuse_teacher off."""
+    declared = {name: (LossSpec(divergence=name, top_k=5).recorded, LossSpec(divergence=name, top_k=5).record_topk)
+                for name in ("reverse_kl", "forward_kl", "jsd", "sampled_reverse_kl", "topk_reverse_kl",
+                             "topk_student_weighted_kl")}
+    assert declared == {"reverse_kl": (None, 0), "forward_kl": (None, 0), "jsd": (None, 0),
+                        "sampled_reverse_kl": ("sampled_token", 0), "topk_reverse_kl": ("student_topk", 5),
+                        "topk_student_weighted_kl": ("student_topk", 5)}
+    off = LossSpec(divergence="topk_reverse_kl", top_k=5, reuse_teacher=False)
+    assert (off.recorded, off.record_topk) == (None, 0)
+
+
 def test_registration_refuses_duplicates_bad_supports_and_non_dataclass_methods(registered):
     with pytest.raises(ValueError, match="already registered"):
         register_divergence("reverse_kl", lambda s, t, spec, sampled: s.sum(-1))

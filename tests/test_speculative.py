@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from trb.losses import token_logp
+from trb.forward import token_logp
 from trb.models import VocabSpace, tiny_causal_lm
 from trb.rollout import StudentPolicy, TRBPolicy, generate
 from trb.rollout.speculative import choose_gamma, generate_speculative

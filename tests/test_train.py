@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 
 from trb.config import ConfigError, load_config
 from trb.core import merged_logp
-from trb.losses import token_logp
+from trb.forward import token_logp
 from trb.models import load_causal_lm
 from trb.rollout import TRBPolicy, generate
 from trb.tasks import problem_splits, tokenize_prompts
-from trb.train import step_prompts, stream_seed, train
+from trb.core import step_prompts, stream_seed
+from trb.train import train
 
 
 def config(pair, out_dir, *overrides):
@@ -67,8 +68,10 @@ def test_smoke_run_pins_step0_loss_to_an_independent_computation(tiny_pair, tmp_
 def test_runs_are_deterministic(tiny_pair, tmp_path):
     for name in ("a", "b"):
         train(config(tiny_pair, tmp_path / name, "steps=2"), log=lambda m: None)
-    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
-                          for line in text.splitlines()]  # noqa: E731
+    def strip(text):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
+                for line in text.splitlines()]
+
     assert strip((tmp_path / "a" / "metrics.jsonl").read_text()) == strip((tmp_path / "b" / "metrics.jsonl").read_text())
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -83,6 +86,14 @@ def test_one_batch_of_8_equals_8_micro_batches_of_1(tiny_pair, tmp_path):
     # fp32 summation order differs between the splits; Adam's first step divides each gradient by its own size, so
     # parameters whose gradient is near Adam's eps (1e-8) carry that rounding into the update: a few 1e-6 at lr 1e-3
     assert max((one[k] - eight[k]).abs().max().item() for k in one) <= 2e-6
+
+
+def test_run_summary_names_the_hugging_face_decoder_under_forward_hf(tiny_pair, tmp_path):
+    """The summary said "lean" whenever the lean decoder supported the student, even when models.forward=hf had the
+    Hugging Face forward decode every rollout."""
+    assert train(config(tiny_pair, tmp_path / "auto", "steps=1"), log=lambda m: None)["decoder"] == "lean"
+    summary = train(config(tiny_pair, tmp_path / "hf", "steps=1", "models.forward=hf"), log=lambda m: None)
+    assert summary["decoder"] == "hugging face"
 
 
 def test_sampler_logps_equal_trainer_logps(tiny_pair, loaded_pair):
@@ -101,8 +112,10 @@ def test_resume_continues_exactly(tiny_pair, tmp_path):
     train(config(tiny_pair, tmp_path / "split", "steps=4", "resume=true"), log=lambda m: None)
     full, split = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
     assert all(torch.equal(full[k], split[k]) for k in full)
-    drop_time = lambda path: [{k: v for k, v in json.loads(l).items() if not k.startswith(("time/", "tokens_per_s"))}
-                              for l in path.read_text().splitlines()]  # noqa: E731, E741
+    def drop_time(path):
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s"))}
+                for line in path.read_text().splitlines()]
+
     assert drop_time(tmp_path / "full" / "metrics.jsonl") == drop_time(tmp_path / "split" / "metrics.jsonl")
 
 
@@ -214,7 +227,8 @@ def test_length_groups_change_no_loss_or_gradient(tiny_pair, loaded_pair):
     """Running the training forwards in groups of similar length, each row's tokens moved to the front (no padding
     inside a row, no attention mask), gives the hidden states of one padded rectangle under its mask, and the same
     loss, per-token values and gradients for any number of groups."""
-    from trb.losses import FinalHidden, LossSpec, aligned_groups, completion_select, distill_loss
+    from trb.forward import FinalHidden, aligned_groups, completion_select
+    from trb.losses import LossSpec, distill_loss
 
     tokenizer, student, teacher, vocab = loaded_pair
     problems, _ = problem_splits("arith", 12, 1, 0)
@@ -271,7 +285,7 @@ def test_least_padding_split_is_optimal():
     """The dynamic program's runs against every way of cutting small sorted batches into runs of two rows or more."""
     import itertools
 
-    from trb.losses import least_padding_split
+    from trb.forward import least_padding_split
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(150):

@@ -73,7 +73,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """A name-keyed optimizer state dict -> flat tensors "<param>::<key>" and a JSON-able remainder."""
     tensors, scalars = {}, {}
     for param, entries in state["state"].items():
@@ -85,7 +85,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[str, dict] = {}
     for name, value in tensors.items():
         param, key = name.rsplit("::", 1)
@@ -118,7 +118,7 @@ def save_checkpoint(
     try:
         model.save_pretrained(partial, state_dict=model_state)
         tokenizer.save_pretrained(partial)
-        tensors, optimizer_meta = _flatten_optimizer(optimizer_state)
+        tensors, optimizer_meta = flatten_optimizer(optimizer_state)
         save_file(tensors, str(partial / "optimizer.safetensors"))
         record = {**state, "optimizer": optimizer_meta, "scheduler": scheduler.state_dict()}
         (partial / "state.json").write_text(json.dumps(record, indent=1))
@@ -221,5 +221,5 @@ def read_checkpoint(folder: Path, model) -> tuple[dict, dict, dict]:
     """(model_state, optimizer_state, loop state) of a checkpoint folder, as full state dicts on the CPU."""
     model_state = _with_tied_weights(model, load_file(str(folder / "model.safetensors")))
     record = json.loads((folder / "state.json").read_text())
-    optimizer_state = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), record.pop("optimizer"))
+    optimizer_state = unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), record.pop("optimizer"))
     return model_state, optimizer_state, record

@@ -33,7 +33,7 @@ EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun with resume=true
 EXIT_INTERRUPTED = 130  # Ctrl-C outside the steps that save a checkpoint first
 
-# The built-in settings, which are also the `trb prepare` presets (trb.tasks.SETTINGS, trb.prepare.PRESETS; a test
+# The built-in settings, which are also the `trb prepare` presets (trb.tasks.SETTINGS, trb.miniature.PRESETS; a test
 # holds the three equal). Named here so that a bad name fails before torch is imported.
 SETTINGS = ("arith", "word", "chain")
 
@@ -110,7 +110,7 @@ def cmd_eval(args) -> int:
     from trb.evaluate import evaluate
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
     from trb.tasks import load_problems, problem_splits
-    from trb.train import resolve_device
+    from trb.loading import resolve_device
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
@@ -149,8 +149,8 @@ def cmd_prepare(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from trb.prepare import PRESETS, prepare, with_steps
-    from trb.train import resolve_device
+    from trb.miniature import PRESETS, prepare, with_steps
+    from trb.loading import resolve_device
 
     device = str(resolve_device(args.device))
     if args.threads is not None:
@@ -215,7 +215,7 @@ def cmd_probe(args) -> int:
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
     from trb.probe import continuation_probe, probe_tables
     from trb.tasks import problem_splits
-    from trb.train import resolve_device
+    from trb.loading import resolve_device
 
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.student)

@@ -24,18 +24,9 @@ from typing import Any
 import yaml
 
 from trb.divergences import LossSpec
-from trb.errors import TrbError
+from trb.errors import ConfigError, require
 from trb.methods import METHODS, Method, VanillaOPD
 from trb.paths import resolve_builtin
-
-
-class ConfigError(TrbError):
-    """A config that cannot run as written; the message names the key and the fix."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -52,14 +43,14 @@ class ModelsConfig:
     forward: str = "auto"
 
     def __post_init__(self):
-        _require(bool(self.student), "models.student is required: a checkpoint directory")
-        _require(bool(self.teacher), "models.teacher is required: a checkpoint directory")
+        require(bool(self.student), "models.student is required: a checkpoint directory")
+        require(bool(self.teacher), "models.teacher is required: a checkpoint directory")
         dtypes = ("auto", "float32", "bfloat16", "float16")
-        _require(self.teacher_dtype in dtypes, f"models.teacher_dtype must be one of {dtypes}, got {self.teacher_dtype!r}")
-        _require(self.lora_rank >= 0, f"models.lora_rank must be >= 0, got {self.lora_rank}")
+        require(self.teacher_dtype in dtypes, f"models.teacher_dtype must be one of {dtypes}, got {self.teacher_dtype!r}")
+        require(self.lora_rank >= 0, f"models.lora_rank must be >= 0, got {self.lora_rank}")
         forwards = ("auto", "lean", "hf")
-        _require(self.forward in forwards, f"models.forward must be one of {forwards}, got {self.forward!r}")
-        _require(bool(self.lora_targets.strip()), "models.lora_targets must name at least one module")
+        require(self.forward in forwards, f"models.forward must be one of {forwards}, got {self.forward!r}")
+        require(bool(self.lora_targets.strip()), "models.lora_targets must name at least one module")
 
 
 @dataclass(frozen=True)
@@ -78,21 +69,21 @@ class DataConfig:
     max_prompt_tokens: int = 1024
 
     def __post_init__(self):
-        _require(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
-        _require(self.num_test > 0, f"data.num_test must be > 0, got {self.num_test}")
-        _require(self.num_val is None or self.num_val >= 0, f"data.num_val must be >= 0, got {self.num_val}")
-        _require(self.val_source is None or self.test_source is not None,
+        require(self.num_train > 0, f"data.num_train must be > 0, got {self.num_train}")
+        require(self.num_test > 0, f"data.num_test must be > 0, got {self.num_test}")
+        require(self.num_val is None or self.num_val >= 0, f"data.num_val must be >= 0, got {self.num_val}")
+        require(self.val_source is None or self.test_source is not None,
                  "data.val_source needs data.test_source (a built-in setting or a single file holds out its own)")
-        _require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens must be > 0, got {self.max_prompt_tokens}")
+        require(self.max_prompt_tokens > 0, f"data.max_prompt_tokens must be > 0, got {self.max_prompt_tokens}")
         if self.fields is not None:
             roles = ("question", "solution", "answer")
             for role, column in self.fields.items():
                 close = difflib.get_close_matches(role, roles, n=1)
-                _require(role in roles, f"data.fields.{role} is not a field; the fields are {', '.join(roles)}"
+                require(role in roles, f"data.fields.{role} is not a field; the fields are {', '.join(roles)}"
                          + (f"; did you mean 'data.fields.{close[0]}'?" if close else ""))
-                _require(bool(column.strip()), f"data.fields.{role} must name a column, got {column!r}")
-            _require("question" in self.fields, "data.fields must map 'question' to a column")
-            _require(bool(self.fields.keys() & {"solution", "answer"}),
+                require(bool(column.strip()), f"data.fields.{role} must name a column, got {column!r}")
+            require("question" in self.fields, "data.fields must map 'question' to a column")
+            require(bool(self.fields.keys() & {"solution", "answer"}),
                      "data.fields must map 'solution' and/or 'answer' to a column, besides 'question'")
 
     @property
@@ -144,20 +135,20 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "rollouts_per_prompt", "rollout_batch", "micro_batch", "max_new_tokens",
                      "eval_samples", "eval_batch", "keep_checkpoints"):
-            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "log_rollouts_every", "log_rollouts",
                      "speculative_gamma"):
-            _require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
-        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _require(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must lie in [0, 1), got {self.adam_betas}")
-        _require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
-        _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must lie in [0, 1), got {self.adam_betas}")
+        require(self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        _require(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
-        _require(self.autocast in ("auto", "bf16", "fp32"), f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
-        _require(self.resume in (True, False, "auto"), f"resume must be true, false or auto, got {self.resume!r}")
-        _require(self.compile in ("auto", True, False), f"compile must be auto, true or false, got {self.compile!r}")
+        require(self.distributed in ("ddp", "fsdp"), f"distributed must be ddp or fsdp, got {self.distributed!r}")
+        require(self.autocast in ("auto", "bf16", "fp32"), f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
+        require(self.resume in (True, False, "auto"), f"resume must be true, false or auto, got {self.resume!r}")
+        require(self.compile in ("auto", True, False), f"compile must be auto, true or false, got {self.compile!r}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -185,16 +176,16 @@ def _coerce(value: Any, tp, key: str):
                 errors.append(str(error))
         raise ConfigError(errors[0] if errors else f"{key} must not be null")
     if dataclasses.is_dataclass(tp) or tp is Method:
-        _require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
         return build(tp, value, key)
     if origin is tuple:
         args = typing.get_args(tp)
-        _require(isinstance(value, (list, tuple)) and len(value) == len(args),
+        require(isinstance(value, (list, tuple)) and len(value) == len(args),
                  f"{key} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         key_type, value_type = typing.get_args(tp)
-        _require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
+        require(isinstance(value, dict), f"{key} must be a mapping, got {value!r}")
         return {_coerce(k, key_type, key): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
@@ -202,17 +193,17 @@ def _coerce(value: Any, tp, key: str):
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{key} must be a number, got {value!r}") from None
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool),
+        require(isinstance(value, (int, float)) and not isinstance(value, bool),
                  f"{key} must be a number, got {value!r}")
         return float(value)
     if tp is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool), f"{key} must be an integer, got {value!r}")
         return value
     if tp is bool:
-        _require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        require(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
         return value
     if tp is str:
-        _require(isinstance(value, str), f"{key} must be a string, got {value!r}")
+        require(isinstance(value, str), f"{key} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")
 
@@ -221,7 +212,7 @@ def build(cls, data: dict, prefix: str = ""):
     """cls(**data) with every key known, typed and validated; nested sections built recursively."""
     if cls is Method:
         name = data.get("name", VanillaOPD.name)
-        _require(name in METHODS, f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        require(name in METHODS, f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
         cls, data = METHODS[name], {k: v for k, v in data.items() if k != "name"}
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -261,7 +252,7 @@ def as_dict(config) -> dict:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b=value' -> (['a', 'b'], YAML-parsed value)."""
     key, sep, raw = text.partition("=")
-    _require(bool(sep) and bool(key.strip()), f"override {text!r} is not of the form key=value")
+    require(bool(sep) and bool(key.strip()), f"override {text!r} is not of the form key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -281,7 +272,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for part in path[:-1]:
             node = node.setdefault(part, {})
-            _require(isinstance(node, dict), f"override {text!r}: '{part}' is not a section")
+            require(isinstance(node, dict), f"override {text!r}: '{part}' is not a section")
         node[path[-1]] = value
     return data
 
@@ -291,14 +282,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     data: dict = {}
     if path is not None:
         path = resolve_builtin(str(path))
-        _require(path.is_file(), f"config file {str(path)!r} not found")
+        require(path.is_file(), f"config file {str(path)!r} not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}: not valid YAML ({getattr(error, 'problem', error)})") from None
-        _require(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
+        require(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
     return build(TrainConfig, apply_overrides(data, list(overrides)))
 
 

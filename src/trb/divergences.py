@@ -111,6 +111,19 @@ class LossSpec:
         """The table entry of `divergence`."""
         return DIVERGENCES[self.divergence]
 
+    @property
+    def recorded(self) -> str | None:
+        """What of the teacher the decoder records for this loss to take instead of a teacher pass: the divergence's
+        support ("sampled_token", or "student_topk" on the student's top_k) with reuse_teacher; None when the loss
+        runs the teacher (a divergence that reads the whole vocabulary, or reuse_teacher off)."""
+        reads = self.entry.reads
+        return reads if self.reuse_teacher and reads != "vocab" else None
+
+    @property
+    def record_topk(self) -> int:
+        """k of the student's top-k on which the decoder records the teacher's log-probs for this loss (0: none)."""
+        return self.top_k if self.recorded == "student_topk" else 0
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # The built-in divergences (METHOD.md section 1). Each imports trb.core on its first call, not at import.

@@ -1,5 +1,16 @@
-"""The base of every error `trb` reports to a user as one line (bad config, data, paths, models, numerics)."""
+"""The base of every error `trb` reports to a user as one line (bad config, data, paths, models, numerics), and the
+one check that validated configs (`trb.config`, the methods, the miniature's presets) make of their values."""
 
 
 class TrbError(ValueError):
     """An input or state problem the user can fix; the message names the problem and the fix."""
+
+
+class ConfigError(TrbError):
+    """A config that cannot run as written; the message names the key and the fix."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)

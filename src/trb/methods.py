@@ -20,13 +20,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, ClassVar
 
 from trb.divergences import LossSpec
+from trb.errors import require
 
 if TYPE_CHECKING:
     import torch
 
     from trb.losses import Target
-    from trb.rollout import BehaviorPolicy, Rollout
-    from trb.train import Trainer
+    from trb.rollout.policies import BehaviorPolicy
+    from trb.sequences import Rollout
 
 SCHEDULES = ("linear", "cosine")  # trb.core.linear_anneal, trb.core.cosine_anneal
 
@@ -47,11 +48,6 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 @dataclass(frozen=True)
 class Method:
     """Vanilla on-policy behavior with the shared loss; subclasses override only what they change.
@@ -65,14 +61,14 @@ class Method:
     - schedule_metrics(step, state): scheduled values to log; observe(step, metrics, state): feedback for
       methods that adapt (state is a JSON-able dict the loop checkpoints).
     and, once, before the first step of a fresh run:
-    - before_training(trainer, write, log): work on the student before OPD starts (SFT warmup); returns whether it
-      changed the student, in which case the loop checkpoints it.
+    - before_training(trainer, write, log): work on the student before OPD starts (SFT warmup) with the run's
+      `trb.trainer.Trainer`; returns whether it changed the student, in which case the loop checkpoints it.
     """
 
     name: ClassVar[str] = "base"
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import StudentPolicy
+        from trb.rollout.policies import StudentPolicy
 
         return StudentPolicy()
 
@@ -94,7 +90,7 @@ class Method:
     def observe(self, step: int, metrics: dict, state: dict) -> None:
         return None
 
-    def before_training(self, trainer: Trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
+    def before_training(self, trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
         return False
 
 
@@ -119,9 +115,9 @@ class TRB(Method):
     schedule: str = "linear"
 
     def __post_init__(self):
-        _require(math.isfinite(self.eps0) and self.eps0 >= 0, f"eps0 must be a finite number >= 0, got {self.eps0}")
-        _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
-        _require(self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        require(math.isfinite(self.eps0) and self.eps0 >= 0, f"eps0 must be a finite number >= 0, got {self.eps0}")
+        require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
+        require(self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
 
     def eps(self, step: int) -> float:
         from trb.core import cosine_anneal, linear_anneal
@@ -129,7 +125,7 @@ class TRB(Method):
         return (linear_anneal if self.schedule == "linear" else cosine_anneal)(step, self.eps0, self.horizon)
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import StudentPolicy, TRBPolicy
+        from trb.rollout.policies import StudentPolicy, TRBPolicy
 
         eps = self.eps(step)
         return TRBPolicy(eps) if eps > 0 else StudentPolicy()
@@ -156,12 +152,12 @@ class AdaptiveTRB(Method):
     ema: float = 0.8
 
     def __post_init__(self):
-        _require(math.isfinite(self.eps0) and self.eps0 > 0, f"eps0 must be a finite number > 0, got {self.eps0}")
-        _require(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
-        _require(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
+        require(math.isfinite(self.eps0) and self.eps0 > 0, f"eps0 must be a finite number > 0, got {self.eps0}")
+        require(0 <= self.floor < 1, f"floor must be in [0, 1), got {self.floor}")
+        require(0 <= self.ema < 1, f"ema must be in [0, 1), got {self.ema}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import StudentPolicy, TRBPolicy
+        from trb.rollout.policies import StudentPolicy, TRBPolicy
 
         eps = state.get("eps", self.eps0)
         return TRBPolicy(eps) if eps > 0 else StudentPolicy()
@@ -187,10 +183,10 @@ class FixedEps(Method):
     eps: float = 0.01
 
     def __post_init__(self):
-        _require(math.isfinite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}")
+        require(math.isfinite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import TRBPolicy
+        from trb.rollout.policies import TRBPolicy
 
         return TRBPolicy(self.eps)
 
@@ -210,11 +206,11 @@ class SKD(Method):
     teacher_temperature: float = 1.0
 
     def __post_init__(self):
-        _require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        _require(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+        require(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        require(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import SKDPolicy
+        from trb.rollout.policies import SKDPolicy
 
         return SKDPolicy(self.top_k, self.teacher_temperature)
 
@@ -230,8 +226,8 @@ class TemperatureWarmup(Method):
     horizon: int = 25
 
     def __post_init__(self):
-        _require(0 < self.tau0 <= 1, f"tau0 must be in (0, 1], got {self.tau0}")
-        _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
+        require(0 < self.tau0 <= 1, f"tau0 must be in (0, 1], got {self.tau0}")
+        require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
 
     def temperature(self, step: int) -> float:
         from trb.core import linear_ramp
@@ -239,7 +235,7 @@ class TemperatureWarmup(Method):
         return linear_ramp(step, self.tau0, 1.0, self.horizon)
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import StudentPolicy
+        from trb.rollout.policies import StudentPolicy
 
         return StudentPolicy(self.temperature(step))
 
@@ -260,14 +256,14 @@ class SFTWarmup(Method):
     samples_per_prompt: int = 4
 
     def __post_init__(self):
-        _require(self.updates > 0, f"updates must be > 0, got {self.updates}")
-        _require(self.prompt_steps > 0, f"prompt_steps must be > 0, got {self.prompt_steps}")
-        _require(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
+        require(self.updates > 0, f"updates must be > 0, got {self.updates}")
+        require(self.prompt_steps > 0, f"prompt_steps must be > 0, got {self.prompt_steps}")
+        require(self.samples_per_prompt > 0, f"samples_per_prompt must be > 0, got {self.samples_per_prompt}")
 
-    def before_training(self, trainer: Trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
-        from trb.train import sft_warmup
+    def before_training(self, trainer, write: Callable[[int, dict], None], log: Callable[[str], None]) -> bool:
+        from trb.warmup import sft_warmup
 
-        sft_warmup(trainer, self, write, log)
+        sft_warmup(trainer, self.updates, self.prompt_steps, self.samples_per_prompt, write, log)
         return True
 
 
@@ -282,8 +278,8 @@ class Veto(Method):
     horizon: int = 50
 
     def __post_init__(self):
-        _require(self.b_start >= 0, f"b_start must be >= 0, got {self.b_start}")
-        _require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
+        require(self.b_start >= 0, f"b_start must be >= 0, got {self.b_start}")
+        require(self.horizon > 0, f"horizon must be > 0, got {self.horizon}")
 
     def b(self, step: int) -> float:
         from trb.core import linear_ramp
@@ -311,10 +307,10 @@ class MiniLLM(Method):
     alpha: float = 0.2
 
     def __post_init__(self):
-        _require(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        require(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
-        from trb.rollout import MixturePolicy
+        from trb.rollout.policies import MixturePolicy
 
         return MixturePolicy(self.alpha)
 
@@ -338,8 +334,8 @@ class GKD(Method):
     beta: float = 0.5
 
     def __post_init__(self):
-        _require(0 <= self.lmbda <= 1, f"lmbda must be in [0, 1], got {self.lmbda}")
-        _require(0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}")
+        require(0 <= self.lmbda <= 1, f"lmbda must be in [0, 1], got {self.lmbda}")
+        require(0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}")
 
     def use_data(self, step: int, generator: torch.Generator) -> bool:
         import torch

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from trb.core import stream_seed
 from trb.errors import TrbError
 from trb.report import plt
 from trb.rollout import StudentPolicy, TeacherPolicy, TRBPolicy, generate
 from trb.stats import holm, mean_ci, paired_difference
 from trb.tasks import Problem, is_correct, tokenize_prompts
-from trb.train import stream_seed
 
 
 @torch.no_grad()

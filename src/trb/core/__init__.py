@@ -14,6 +14,7 @@ from trb.core.divergences import (
 )
 from trb.core.reduce import token_mean
 from trb.core.sampling import keyed_exponential, keyed_sample, keyed_uniform, sample, with_temperature
+from trb.core.seeds import step_prompts, stream_seed
 from trb.core.schedules import constant, cosine_anneal, linear_anneal, linear_ramp
 from trb.core.vocab import merged_logp
 
@@ -38,6 +39,8 @@ __all__ = [
     "sample",
     "sampled_reverse_kl",
     "solve_beta",
+    "step_prompts",
+    "stream_seed",
     "token_mean",
     "trust_region",
     "topk_reverse_kl",

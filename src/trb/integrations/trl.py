@@ -33,11 +33,10 @@ except ImportError as error:
         "trb.integrations.trl needs TRL's DistillationTrainer; install it with: pip install 'trb[trl]'"
     ) from error
 
-from trb.core import with_temperature
+from trb.core import stream_seed, with_temperature
 from trb.methods import METHODS, Method
 from trb.models import vocab_space
 from trb.rollout import BehaviorPolicy, Draws, Rollout, StudentPolicy, generate
-from trb.train import stream_seed
 
 __all__ = [
     "FixedBehavior", "TRBDistillationTrainer", "TemperedPolicy", "resolve_method", "sampler_methods", "sampling_only",
@@ -59,12 +58,6 @@ def sampling_only(method: Method | type[Method]) -> bool:
 def sampler_methods() -> list[str]:
     """The registered methods that run inside TRL's trainer."""
     return sorted(name for name, cls in METHODS.items() if sampling_only(cls))
-
-
-def sampler_methods() -> list[str]:
-    """The registered methods that run inside TRL's trainer."""
-    return sorted(name for name, cls in METHODS.items()
-                  if all(getattr(cls, hook) is getattr(Method, hook) for hook in TRAINER_HOOKS))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Rollouts: the decoder interface (`decoder`), its backends (`backends`), the lock-step engine with continuous
-batching (`engine`), exact speculative TRB (`speculative`), the behavior policies (`policies`) and the records
-(`records`)."""
+batching (`engine`), exact speculative TRB (`speculative`) and the behavior policies (`policies`). The sequence record
+they return and its padding helpers live in `trb.sequences` (re-exported here)."""
 
 from trb.rollout.backends import HFDecoder, PagedDecoder, make_decoder
 from trb.rollout.decoder import Decoder, Reads
@@ -16,7 +16,7 @@ from trb.rollout.policies import (
     TRBPolicy,
     skd_logp,
 )
-from trb.rollout.records import Rollout, left_pad, position_ids, rollout_from_tokens
+from trb.sequences import Rollout, left_pad, position_ids, rollout_from_tokens
 
 __all__ = [
     "BehaviorPolicy",

@@ -25,7 +25,7 @@ from trb.models import VocabSpace
 from trb.rollout.backends import make_decoder
 from trb.rollout.decoder import Reads
 from trb.rollout.policies import BehaviorPolicy, Draws, TRBPolicy
-from trb.rollout.records import Rollout, left_pad
+from trb.sequences import Rollout, left_pad
 
 # per-token records; teacher_kl KL(pi_S || pi_T) and teacher_entropy H(pi_T) are the full-vocabulary values at the
 # prefix (the loss's diagnostics when it reuses recorded teacher log-probs instead of a teacher pass)

@@ -28,7 +28,7 @@ from trb.models import VocabSpace
 from trb.rollout.backends import make_decoder
 from trb.rollout.engine import RECORDS, RolloutStats, sequence_keys
 from trb.rollout.policies import BehaviorPolicy, TRBPolicy
-from trb.rollout.records import Rollout, left_pad
+from trb.sequences import Rollout, left_pad
 
 DRAFT, ACCEPT, CORRECT = 0, 1, 2  # random streams: the student's draft, the accept test, the corrected/first token
 

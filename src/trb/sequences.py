@@ -1,13 +1,16 @@
-"""Rollout records: the finished sequences of a step with their per-token records, and the padding rules that tie
-sampled inputs to the training forward (prompts left-padded, positions counted over attended tokens)."""
+"""The data contract between decoding, the loss, evaluation and the miniature's SFT: the sequence record (`Rollout`:
+a batch of prompt + completion sequences with their per-token records) and the padding rules that tie sampled inputs
+to the training forward (prompts left-padded, completions right-padded, positions counted over attended tokens)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 
-from trb.models import VocabSpace
+if TYPE_CHECKING:
+    from trb.models import VocabSpace
 
 
 @dataclass
