@@ -33,7 +33,7 @@ from torch import nn
 from trb.errors import TrbError
 from trb.models import VocabSpace, merged_weights, resolve_checkpoint
 from trb.rollout.policies import BehaviorPolicy, TeacherPolicy
-from trb.rollout.records import Rollout, left_pad
+from trb.sequences import Rollout, left_pad
 from trb.vllm.behavior import SERVED
 
 STUDENT_ONLY, BLEND = "student", "blend"
