@@ -69,7 +69,7 @@ def test_recorded_logps_equal_a_fresh_forward_pass(forward):
     prompts = PROMPTS * 4
     for policy in [TRBPolicy(0.05), SKDPolicy(top_k=5), MixturePolicy(0.3), StudentPolicy(0.7)]:
         rollout = generate(policy, prompts, SPACE, 20, torch.Generator().manual_seed(1), student=student,
-                           teacher=teacher, forward=forward, concurrency=7)
+                           teacher=teacher, forward=forward, batch=7)
         assert rollout.stopped.any()
         # fp32: log-probs of magnitude ~5 from differently shaped batches agree to a few ulps (rtol 1e-5)
         torch.testing.assert_close(rollout.student_logp, fresh_token_logp(student, rollout, SPACE), atol=1e-5,
@@ -257,7 +257,7 @@ def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
     student, teacher = (m.to(device) for m in pair())
     for seed in (0, 1):
         rollout = generate(TRBPolicy(0.05), PROMPTS * 4, SPACE, 24, torch.Generator(device).manual_seed(seed),
-                           student=student, teacher=teacher, compile=True, concurrency=8)
+                           student=student, teacher=teacher, compile=True, batch=8)
         with torch.no_grad():
             for model, recorded in ((student, rollout.student_logp), (teacher, rollout.teacher_logp)):
                 torch.testing.assert_close(recorded, fresh_token_logp(model, rollout, SPACE), atol=1e-4, rtol=0)
@@ -277,7 +277,7 @@ def test_a_sequence_is_the_same_whatever_shares_its_batch(policy):
     for concurrency, order in ((len(prompts), torch.arange(len(prompts))),
                                (3, torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)))):
         rollout = generate(policy, [prompts[i] for i in order], SPACE, 16, student=student, teacher=teacher,
-                           keys=keys[order], concurrency=concurrency)
+                           keys=keys[order], batch=concurrency)
         runs.append(rollout.select(order.argsort()))  # back in the original order
     a, b = runs
     assert a.stopped.any() and not a.stopped.all()

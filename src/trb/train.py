@@ -36,14 +36,13 @@ from trb.core import linear_ramp
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
 from trb.losses import FinalHidden, distill_loss, sft_loss
-from trb.inference import InferenceCopy, decode_compile
+from trb.inference import InferenceCopy
 from trb.methods import SFTWarmup
 from trb.models import (CompatibilityError, add_lora, load_causal_lm, load_tokenizer, merged_lora_model,
                         resolve_checkpoint, vocab_space)
 from trb.records import write_record
 from trb.report import write_run_report
-from trb.rollout import BehaviorPolicy, Rollout, TeacherPolicy, generate, rollout_from_tokens
-from trb.rollout.speculative import SpeculativeStats, generate_speculative
+from trb.rollout import BehaviorPolicy, Rollout, RolloutStats, TeacherPolicy, build_engine, rollout_from_tokens
 from trb.stopping import Stopped, StopSignals
 from trb.tasks import SETTINGS, data_splits, format_prompt, tokenize_prompts
 
@@ -490,12 +489,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
-        self.speculative = SpeculativeStats()
         # Rollouts and evaluation decode a plain copy of the student (full weights, LoRA merged, bf16 under bf16
         # autocast on a GPU), built before the student is sharded and refreshed after every update.
         decode_dtype = torch.bfloat16 if s.bf16 and s.device.type == "cuda" else next(s.student.parameters()).dtype
         self.inference = InferenceCopy(s.student, decode_dtype, sharded=s.world.active and cfg.distributed == "fsdp")
-        self.compile = decode_compile(cfg.compile, s.device)
+        # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
+        reuse = cfg.loss.reuse_teacher and cfg.loss.entry.reads in ("student_topk", "sampled_token")
+        topk = cfg.loss.top_k if reuse and cfg.loss.entry.reads == "student_topk" else 0
+        self.engine = build_engine(cfg, self.inference.model, s.teacher, s.vocab, record_topk=topk, record_kl=reuse)
         hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.teacher_hidden = FinalHidden(s.teacher, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.hidden = distributed.wrap(hidden, s.student, cfg.distributed, s.world)
@@ -508,32 +509,16 @@ class Trainer:
         """Indices of the step's sequences this rank decodes: every world-size-th one."""
         return list(range(self.s.world.rank, count, self.s.world.size))
 
-    def decode(self, step: int, policy: BehaviorPolicy, sequences: list[list[int]],
-               teacher_only: bool = False) -> list[Rollout]:
-        """This rank's rollouts of the step, rollout_batch sequences decoding at once (continuous batching); a policy
-        that can be sampled speculatively (TRB's blend) is, when speculative_gamma > 0. Sequence i's randomness is
-        keyed by (seed, step, i): the rollouts do not depend on the world size or on which sequences share a batch."""
+    def decode(self, step: int, policy: BehaviorPolicy, sequences: list[list[int]]) -> list[Rollout]:
+        """This rank's rollouts of the step through the run's engine (`trb.rollout.Engine`); the engine's stats are
+        those of this call. Sequence i's randomness is keyed by (seed, step, i): the rollouts do not depend on the
+        world size or on which sequences share a batch."""
         s, cfg = self.s, self.cfg
-        models = {"teacher": s.teacher} if teacher_only else {"student": self.inference.model, "teacher": s.teacher}
         mine = self.my_sequences(len(sequences))
-        prompts = [sequences[i] for i in mine]
         keys = torch.tensor([stream_seed(cfg.seed, step, i, "rollout") & 0xFFFFFFFF for i in mine])
-        # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
-        reuse = cfg.loss.reuse_teacher and cfg.loss.entry.reads in ("student_topk", "sampled_token")
-        options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward,
-                       record_kl=reuse)
-        self.speculative = SpeculativeStats()
+        self.engine.stats = RolloutStats()
         with s.autocast:
-            if cfg.speculative_gamma and policy.speculative:
-                rollout, stats = generate_speculative(policy, prompts, s.vocab, cfg.max_new_tokens, None,
-                                                      self.inference.model,
-                                                      s.teacher, cfg.speculative_gamma, **options)
-                self.speculative = stats
-            else:
-                topk = cfg.loss.top_k if reuse and cfg.loss.entry.reads == "student_topk" else 0
-                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens, record_topk=topk, **options,
-                                   **models)
-        return [rollout]
+            return [self.engine.rollout(policy, [sequences[i] for i in mine], cfg.max_new_tokens, keys)]
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
         """loss_fn(micro) -> scalar for each micro-batch; gradients synchronized once, on the last one. Each rank's
@@ -558,6 +543,7 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.inference.refresh()
+            self.engine.update_student(self.inference.model)
         return grad_norm, lr
 
 
@@ -568,8 +554,7 @@ def sft_warmup(t: Trainer, method: SFTWarmup, write, log) -> None:
     cfg, s = t.cfg, t.s
     indices = [i for step in range(method.prompt_steps)
                for i in step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)]
-    samples = t.decode(-1, TeacherPolicy(), [s.prompts[i] for i in indices for _ in range(method.samples_per_prompt)],
-                       teacher_only=True)
+    samples = t.decode(-1, TeacherPolicy(), [s.prompts[i] for i in indices for _ in range(method.samples_per_prompt)])
     pairs = [(r.prompt_ids[row][r.prompt_mask[row]].tolist(), r.completion_ids[row][r.completion_mask[row]].tolist())
              for r in samples for row in range(len(r.stopped))]  # this rank's (prompt, teacher response) pairs
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "sft"))).tolist()
@@ -597,6 +582,7 @@ def sft_warmup(t: Trainer, method: SFTWarmup, write, log) -> None:
         loss_value = distributed.all_reduce_sum(total[0], s.world, s.device)
         write(0, {"sft/update": update + 1, "sft/loss": loss_value})
     t.inference.refresh()
+    t.engine.update_student(t.inference.model)
     log(f"SFT warmup: {method.updates} updates on {len(pairs) * s.world.size} teacher samples")
 
 
@@ -665,6 +651,7 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
         model_state, optimizer_state, state = read_checkpoint(checkpoint, student)
         distributed.load_full_state(student, t.optimizer, model_state, optimizer_state)
         t.inference.refresh()
+        t.engine.update_student(t.inference.model)
         t.scheduler.load_state_dict(state["scheduler"])
         start_step, metric_lines, method_state = state["next_step"], state["metric_lines"], state["method_state"]
         last_eval = state.get("last_eval", {})
@@ -696,8 +683,9 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
                 continue
             mine = problems[world.rank :: world.size]
             with signals.phase(abandon=not world.active), s.autocast:
-                result = evaluate(t.inference.model, s.tokenizer, mine, vocab, n_samples=cfg.eval_samples,
-                                  max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
+                result = evaluate(t.inference.model, s.tokenizer, mine, vocab, engine=t.engine,
+                                  n_samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=cfg.eval_batch,
                                   seed=stream_seed(cfg.seed, prefix, step, world.rank),
                                   teacher=teacher if prefix == "eval" else None, system_prompt=cfg.data.system_prompt)
             result = merge_results(distributed.gather_objects(result, world))
@@ -796,8 +784,8 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
                 **method.schedule_metrics(step, method_state),
                 **rollout_stats(distributed.gather_objects(rollout_sums(rollouts), world)),
             })
-            if t.speculative.tested:
-                values["rollout/spec_acceptance"] = t.speculative.acceptance
+            if t.engine.stats.tested:
+                values["rollout/spec_acceptance"] = t.engine.stats.acceptance
             method.observe(step, values, method_state)
             write(step + 1, values)
             done = step + 1
