@@ -11,7 +11,9 @@ Prints one JSON line: per policy and batch, [CPU ms minimum, CPU ms median, wall
 REPEATS runs (default 3) after a warm-up. CPU time of the process moves less than wall time when other work shares
 the cores. 32 prompt tokens, NEW_TOKENS new tokens (default 64), eps 0.02, draft length 4, 1 thread; POLICIES
 (default "student trb spec") picks the policies; COMPILE=1 passes compile=True (the trees' compiled decoding). Both
-engines decode every sequence of a call at once (no KV budget), so they decode the same batch shapes.
+engines decode every sequence of a call at once (no KV budget), so they decode the same batch shapes, and neither
+records KL(pi_S || pi_T) and H(pi_T) per token (the earlier engine had no such records; the training loop asks for
+them only for losses that reuse recorded teacher log-probs).
 """
 
 import json
@@ -41,14 +43,14 @@ student, teacher, space = build_models("tiny", torch.device("cpu"))
 
 def run(name: str, prompts: list[list[int]]) -> None:
     generator = torch.Generator().manual_seed(0)
-    if name == "spec" and generate_speculative is not None:
+    policy = StudentPolicy() if name == "student" else TRBPolicy(0.02)
+    if generate_speculative is not None and name == "spec":
         generate_speculative(0.02, prompts, space, new_tokens, generator, student, teacher, gamma=4, compile=compile_)
-    elif name == "spec":
-        generate(TRBPolicy(0.02), prompts, space, new_tokens, generator, student=student, teacher=teacher, gamma=4,
-                 compile=compile_)
-    else:
-        policy = StudentPolicy() if name == "student" else TRBPolicy(0.02)
+    elif generate_speculative is not None:
         generate(policy, prompts, space, new_tokens, generator, student=student, teacher=teacher, compile=compile_)
+    else:  # the training loop's setting: no KL(pi_S || pi_T), H(pi_T) records (the earlier engine had none)
+        generate(policy, prompts, space, new_tokens, generator, student=student, teacher=teacher, compile=compile_,
+                 gamma=4 if name == "spec" else 0, record_kl=False)
 
 
 out = {}

@@ -14,6 +14,7 @@ models it does not recognize keep the Hugging Face forward (`supports`, `trains`
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,28 @@ def supports(model: PreTrainedModel) -> bool:
     except AttributeError:
         return False
     return all(type(m) is torch.nn.Linear for m in linears) and plain_forward(model)
+
+
+def plain_layer(layer: torch.nn.Module) -> SimpleNamespace:
+    """The weights `qkv` and `finish_layer` read from a layer, as plain attributes: the same tensors, read without
+    nn.Module's attribute lookup (a decode step reads about twenty of them per layer)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    norms = {name: _plain_norm(getattr(attn, name)) for name in ("q_norm", "k_norm") if hasattr(attn, name)}
+    projections = {name: _plain_linear(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    return SimpleNamespace(
+        input_layernorm=_plain_norm(layer.input_layernorm),
+        post_attention_layernorm=_plain_norm(layer.post_attention_layernorm),
+        self_attn=SimpleNamespace(**projections, **norms),
+        mlp=SimpleNamespace(act_fn=mlp.act_fn.forward, gate_proj=_plain_linear(mlp.gate_proj),
+                            up_proj=_plain_linear(mlp.up_proj), down_proj=_plain_linear(mlp.down_proj)))
+
+
+def _plain_linear(linear: torch.nn.Module) -> SimpleNamespace:
+    return SimpleNamespace(weight=linear.weight, bias=linear.bias)
+
+
+def _plain_norm(norm: torch.nn.Module) -> SimpleNamespace:
+    return SimpleNamespace(weight=norm.weight, variance_epsilon=norm.variance_epsilon)
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,12 @@ from trb.rollout.records import Rollout
 
 
 def own_engine(student: PreTrainedModel | None, teacher: PreTrainedModel | None, vocab: VocabSpace, *,
-               forward: str = "auto", **options) -> OwnEngine:
+               forward: str = "auto", compile: bool = False, **options) -> OwnEngine:
     """trb's own engine over these models; forward: the decoder backend ("auto", "lean", "hf";
-    `trb.rollout.backends.make_decoder`); options: `OwnEngine`'s."""
-    return OwnEngine(student, teacher, vocab, functools.partial(make_decoder, vocab=vocab, forward=forward), **options)
+    `trb.rollout.backends.make_decoder`); compile: the policy's math and the paged decoder's single-token steps
+    through torch.compile; options: `OwnEngine`'s."""
+    decoders = functools.partial(make_decoder, vocab=vocab, forward=forward, compile=compile)
+    return OwnEngine(student, teacher, vocab, decoders, compile=compile, **options)
 
 
 def build_engine(cfg, student: PreTrainedModel, teacher: PreTrainedModel, vocab: VocabSpace, *,
