@@ -60,8 +60,9 @@ class PagedDecoder:
         self.model, self.vocab, self.compile = model, vocab, compile
         config = model.config
         attn = model.base_model.layers[0].self_attn
-        self.layers = [lean.plain_layer(layer) for layer in model.base_model.layers]
         self.kv_heads, self.head_dim = config.num_key_value_heads, attn.head_dim
+        self.layers = [lean.plain_layer(layer, config.num_attention_heads, self.kv_heads)
+                       for layer in model.base_model.layers]
         self.group = config.num_attention_heads // self.kv_heads
         self.scaling, self.qk_norm = attn.scaling, hasattr(attn, "q_norm")
         self.device = model.device
@@ -183,7 +184,7 @@ class PagedDecoder:
         filled = slots[real]  # (tokens,)
         hidden, cos, sin = lean.embed(self.model, ids, positions)  # (n, P, d), each (1, 1, P, D)
         for i, layer in enumerate(self.layers):
-            q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (n, H, P, D), (n, H_kv, P, D)
+            q, k, v = lean.qkv_together(layer, hidden, cos, sin, self.head_dim)  # (n, H, P, D), (n, H_kv, P, D)
             self.kv[i][:, filled] = torch.cat([k, v], 1).transpose(0, 1)[:, real].to(self.kv[i].dtype)  # (2 H_kv, t, D)
             hidden = lean.finish_layer(layer, hidden, lean.attend(q, k, v, None, self.scaling, self.group))
         last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
@@ -208,7 +209,7 @@ class PagedDecoder:
         groups = self._groups(after, start, slot_map, width)
         hidden, cos, sin = lean.embed(self.model, tokens, positions)  # (b, w, d), each (b, 1, w, D)
         for i, layer in enumerate(self.layers):
-            q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (b, H, w, D), (b, H_kv, w, D)
+            q, k, v = lean.qkv_together(layer, hidden, cos, sin, self.head_dim)  # (b, H, w, D), (b, H_kv, w, D)
             new = torch.cat([k, v], 1).transpose(0, 1).reshape(2 * self.kv_heads, batch * width, self.head_dim)
             self.kv[i].index_copy_(1, new_slots, new if new.dtype == self.kv[i].dtype else new.to(self.kv[i].dtype))
             hidden = lean.finish_layer(layer, hidden, self._attend(q, self.kv[i], groups))
