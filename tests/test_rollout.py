@@ -7,7 +7,8 @@ from scipy.stats import chisquare
 
 from trb.core import blend_logp, merged_logp, solve_beta
 from trb.models import CompatibilityError, VocabSpace, tiny_causal_lm, vocab_space
-from trb.rollout import MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate, skd_logp
+from trb.rollout import (MixturePolicy, RolloutStats, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate,
+                         skd_logp)
 
 VOCAB = 48
 EOS, PAD = 1, 0
@@ -267,18 +268,19 @@ def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
 
 @pytest.mark.parametrize("policy", [TRBPolicy(0.1), SKDPolicy(top_k=5), MixturePolicy(0.3), StudentPolicy(0.8)])
 def test_a_sequence_is_the_same_whatever_shares_its_batch(policy):
-    """Continuous batching: each sequence's randomness is keyed by (key, position, stream), so two batch
-    compositions (everything at once, three rows at a time) and two queue orders give every sequence the same
-    tokens and records."""
+    """Admission by KV memory: each sequence's randomness is keyed by (key, position, stream), so two schedules
+    (everything at once; a budget of three dense rows, which preempts rows, in another queue order) give every
+    sequence the same tokens and records."""
     student, teacher = pair()
     prompts = PROMPTS * 4
     keys = torch.arange(len(prompts)) * 7919 + 3
-    runs = []
+    runs, stats = [], RolloutStats()
     for concurrency, order in ((len(prompts), torch.arange(len(prompts))),
                                (3, torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)))):
         rollout = generate(policy, [prompts[i] for i in order], SPACE, 16, student=student, teacher=teacher,
-                           keys=keys[order], batch=concurrency)
+                           keys=keys[order], batch=concurrency, stats=stats)
         runs.append(rollout.select(order.argsort()))  # back in the original order
+    assert stats.preemptions > 0, "the small budget preempts rows"
     a, b = runs
     assert a.stopped.any() and not a.stopped.all()
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)

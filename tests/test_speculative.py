@@ -159,8 +159,10 @@ def test_speculative_sequences_do_not_depend_on_their_batch():
     keys = torch.arange(len(prompts)) * 104729 + 11
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(1))
     a = generate(TRBPolicy(0.3), prompts, SPACE, 12, student=student, teacher=teacher, gamma=3, keys=keys)
+    stats = RolloutStats()
     b = generate(TRBPolicy(0.3), [prompts[i] for i in order], SPACE, 12, student=student, teacher=teacher, gamma=3,
-                 keys=keys[order], batch=4)
+                 keys=keys[order], batch=4, stats=stats)
     b = b.select(order.argsort())
+    assert stats.preemptions > 0, "a budget of four dense rows preempts rows"
     assert torch.equal(a.completion_ids, b.completion_ids)
     torch.testing.assert_close(a.teacher_logp, b.teacher_logp, rtol=0, atol=1e-5)

@@ -159,7 +159,7 @@ class Queue:
 
     def _emitted(self, i: int, n: int) -> list[int]:
         start = i * self.max_new_tokens
-        return self.tokens[start : start + n].tolist()
+        return self.tokens[start : start + n].tolist() if n else []
 
     def join(self, **values: torch.Tensor) -> None:
         """Append the rows `admit` just added to each per-row state tensor, values[name] (n, ...)."""
