@@ -242,7 +242,10 @@ def test_compiled_dynamic_decoding_samples_what_eager_decoding_samples(policy):
                          teacher=teacher, compile=c) for c in (False, True)]
     assert torch.equal(rollouts[0].completion_ids, rollouts[1].completion_ids)
     assert rollouts[1].stopped.any() and not rollouts[1].stopped.all(), "rows leave the batch mid-rollout"
-    torch.testing.assert_close(rollouts[0].behavior_logp, rollouts[1].behavior_logp, atol=1e-5, rtol=1e-5)
+    # the compiled step rounds differently (both forwards stay within 1e-5 of a fresh one, below); TRB's beta solve then
+    # may land elsewhere in its band below eps (2e-4 eps), which moves the blend's log-probs by up to about 1e-4
+    atol = 1e-4 if policy.needs_teacher else 1e-5
+    torch.testing.assert_close(rollouts[0].behavior_logp, rollouts[1].behavior_logp, atol=atol, rtol=1e-5)
     for role, model in (("student", student), ("teacher", teacher)):
         recorded = getattr(rollouts[1], f"{role}_logp")
         if recorded is not None:
