@@ -26,7 +26,6 @@ from common import device_name, emit, synchronize, time_ms  # noqa: E402
 
 from trb.models import VocabSpace, tiny_causal_lm  # noqa: E402
 from trb.rollout import RolloutStats, StudentPolicy, TRBPolicy, generate  # noqa: E402
-from trb.rollout.speculative import generate_speculative  # noqa: E402
 
 
 def build_models(kind: str, device: torch.device):
@@ -63,8 +62,12 @@ def main() -> None:
     parser.add_argument("--models", choices=["tiny", "qwen3", "qwen3-scaled", "qwen3-0.6b-4b"], default="tiny")
     parser.add_argument("--workload", choices=["batches", "realistic"], default="batches")
     parser.add_argument("--sequences", type=int, default=256, help="realistic: sequences in the step's queue")
-    parser.add_argument("--concurrency", type=int, default=64, help="realistic: sequences decoding at once")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="realistic: the KV budget in sequences (rollout_batch: concurrency x (longest prompt + "
+                             "cap) slots per model)")
     parser.add_argument("--cap", type=int, default=256, help="realistic: max new tokens (lengths' cap)")
+    parser.add_argument("--policies", nargs="+", choices=["student", "trb"], default=["student", "trb"],
+                        help="realistic: the behavior policies to run (the schedule's counts do not depend on it)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -101,9 +104,10 @@ def main() -> None:
             counted["hf_generate"] = int((~ended).sum())
 
         def speculative():
-            rollout, stats = generate_speculative(args.eps, prompts, space, args.new_tokens,
-                                                  torch.Generator(device=device).manual_seed(0), student, teacher,
-                                                  gamma=args.gamma, compile=args.compile)
+            stats = RolloutStats()
+            rollout = generate(TRBPolicy(args.eps), prompts, space, args.new_tokens,
+                               torch.Generator(device=device).manual_seed(0), student=student, teacher=teacher,
+                               gamma=args.gamma, compile=args.compile, stats=stats)
             counted["trb_speculative"] = int(rollout.completion_mask.sum())
             counted["acceptance"] = stats.acceptance
 
@@ -129,6 +133,8 @@ class ScriptedLengths:
     depending on when random-init models happen to emit EOS (it is removed from both distributions before the
     wrapped policy draws). Everything else is the wrapped policy's."""
 
+    speculative = False
+
     def __init__(self, policy, lengths: torch.Tensor, eos_id: int):
         self.policy, self.lengths, self.eos_id = policy, lengths, eos_id
         self.name, self.needs_student, self.needs_teacher = policy.name, policy.needs_student, policy.needs_teacher
@@ -136,6 +142,9 @@ class ScriptedLengths:
     def _no_stop(self, logp):
         return None if logp is None else logp.index_fill(-1, torch.tensor([self.eos_id], device=logp.device),
                                                          float("-inf")).log_softmax(-1)
+
+    def distribution(self, student_logp, teacher_logp):
+        return self.policy.distribution(self._no_stop(student_logp), self._no_stop(teacher_logp))
 
     def choose(self, student_logp, teacher_logp, draws):
         choice = self.policy.choose(self._no_stop(student_logp), self._no_stop(teacher_logp), draws)
@@ -152,12 +161,14 @@ def trace_lengths(count: int, cap: int, seed: int = 0) -> torch.Tensor:
 
 
 def realistic(args, student, teacher, space, device) -> None:
-    """One step's rollouts: `sequences` prompts in a queue, `concurrency` decoding at once, lengths from
-    `trace_lengths`. Reports tokens/s and the two counts that set GPU speed: decode steps relative to the ideal
-    (total tokens / concurrency; beside it the floor no schedule can beat, set by the longest sequence) and KV slots
-    attention read relative to the slots filled; for this engine
-    (continuous batching, paged KV) and for decoding the same queue in fixed batches of `concurrency` over left-padded
-    dense caches (every row reads the batch's full width; the previous engine's scheme)."""
+    """One step's rollouts: `sequences` prompts in a queue, a KV budget of `concurrency` dense rows per model
+    (concurrency x (longest prompt + cap) slots, the engine's `rollout_batch`), lengths from `trace_lengths`.
+    Reports tokens/s (wall and process CPU time) and the counts that set GPU speed: decode steps relative to the
+    ideal (total tokens / concurrency) and to the floor no schedule of the queue can beat, max(ideal, longest
+    sequence - 1) (`steps_over_floor`), the most KV slots held at once beside the budget, rows decoding at once,
+    preemptions, and KV slots attention read relative to the slots filled; for this engine (admission by KV memory,
+    paged KV) and for decoding the same queue in fixed batches of `concurrency` over left-padded dense caches (every
+    row reads the batch's full width; the previous engine's scheme)."""
     lengths = trace_lengths(args.sequences, args.cap)
     prompt_gen = torch.Generator().manual_seed(1)
     prompt_lengths = torch.randint(args.prompt_tokens // 2, args.prompt_tokens + 1, (args.sequences,), generator=prompt_gen)
@@ -172,7 +183,8 @@ def realistic(args, student, teacher, space, device) -> None:
            # no schedule of one step's queue ends before its longest sequence (length - 1 decode steps after the
            # prompt pass): the smallest steps_over_ideal any engine can reach on this workload
            "floor_over_ideal": round(max(1.0, (int(lengths.max()) - 1) * args.concurrency / tokens), 3),
-           "policies": {}}
+           "kv_budget_slots": args.concurrency * (int(prompt_lengths.max()) + args.cap), "policies": {}}
+    floor = max(tokens / args.concurrency, int(lengths.max()) - 1)  # decode steps
     # fixed batches over dense caches, counted from the lengths: each batch decodes until its longest row ends, every
     # row present reading the batch's widest prompt plus the step (finished rows leave)
     steps = read = filled = 0
@@ -185,20 +197,24 @@ def realistic(args, student, teacher, space, device) -> None:
             read += int(alive.sum()) * (width + t)
             filled += int((prompt_lengths[start : start + args.concurrency][alive] + t).sum())
     out["fixed_batches"] = {"steps_over_ideal": round(steps * args.concurrency / tokens, 3),
+                            "steps_over_floor": round(steps / floor, 3),
                             "reads_over_filled": round(read / max(filled, 1), 3)}
-    for name, policy in (("student", StudentPolicy()), ("trb", TRBPolicy(args.eps))):
+    policies = {"student": StudentPolicy(), "trb": TRBPolicy(args.eps)}
+    for name in args.policies:
         stats = RolloutStats()
-        scripted = ScriptedLengths(policy, lengths, space.eos_id)
-        started = time.perf_counter()
+        scripted = ScriptedLengths(policies[name], lengths, space.eos_id)
+        started, used = time.perf_counter(), time.process_time()
         rollout = generate(scripted, prompts, space, args.cap, student=student, teacher=teacher, keys=keys,
-                           concurrency=args.concurrency, compile=args.compile, stats=stats)
+                           batch=args.concurrency, compile=args.compile, stats=stats)
         synchronize(device)
-        seconds = time.perf_counter() - started
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - used
         assert torch.equal(rollout.lengths.cpu(), lengths), "the workload's lengths were not followed"
         out["policies"][name] = {
-            "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
-            "decode_steps": stats.decode_steps, "prompt_passes": stats.prompt_passes,
-            "steps_over_ideal": round(stats.steps_over_ideal, 3),
+            "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1), "decode_steps": stats.decode_steps,
+            "prompt_passes": stats.prompt_passes, "steps_over_ideal": round(stats.steps_over_ideal, 3),
+            "steps_over_floor": round(stats.decode_steps / floor, 3),
+            "peak_kv_slots": stats.peak_slots, "rows": stats.rows, "preemptions": stats.preemptions,
             "reads_over_filled": {role: round(r.ratio, 3) for role, r in stats.reads.items()}}
         print(name, out["policies"][name], file=sys.stderr)
     emit(out)

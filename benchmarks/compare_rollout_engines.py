@@ -1,14 +1,19 @@
-"""CPU time of `generate` (student only, lock-step TRB) and `generate_speculative` on the tiny miniature, for the
-code of one source tree; run it once per tree, alternating trees, to compare two engines on a shared machine.
+"""Process CPU time and wall time of rollouts (student only, lock-step TRB, speculative TRB) on the tiny miniature,
+for the code of one source tree; run it once per tree, alternating trees (ABBA), to compare two engines on a shared
+machine.
 
-    git worktree add /tmp/previous ada57b9   # the previous engine (fixed batches, dense caches)
-    for tree in /tmp/previous $PWD /tmp/previous $PWD; do
-        OMP_NUM_THREADS=1 PYTHONPATH=$tree/src python benchmarks/compare_rollout_engines.py $tree 1 16 64
+    git worktree add /tmp/previous ada57b9   # the engine before the rebuild (fixed batches, dense caches)
+    for tree in /tmp/previous $PWD $PWD /tmp/previous /tmp/previous $PWD; do
+        OMP_NUM_THREADS=1 PYTHONPATH=$tree/src python benchmarks/compare_rollout_engines.py $tree 16 64
     done
 
-Prints one JSON line: per policy and batch, [CPU ms (minimum over repeats), wall ms (median)]. CPU time of the
-process moves less than wall time when other work shares the cores. 32 prompt tokens, 64 new tokens, eps 0.02,
-draft length 4, 1 thread.
+Prints one JSON line: per policy and batch, [CPU ms minimum, CPU ms median, wall ms minimum, wall ms median] over
+REPEATS runs (default 3) after a warm-up. CPU time of the process moves less than wall time when other work shares
+the cores. 32 prompt tokens, NEW_TOKENS new tokens (default 64), eps 0.02, draft length 4, 1 thread; POLICIES
+(default "student trb spec") picks the policies; COMPILE=1 passes compile=True (the trees' compiled decoding). Both
+engines decode every sequence of a call at once (no KV budget), so they decode the same batch shapes, and neither
+records KL(pi_S || pi_T) and H(pi_T) per token (the earlier engine had no such records; the training loop asks for
+them only for losses that reuse recorded teacher log-probs).
 """
 
 import json
@@ -22,26 +27,43 @@ import torch  # noqa: E402
 from bench_rollout import build_models  # noqa: E402
 
 from trb.rollout import StudentPolicy, TRBPolicy, generate  # noqa: E402
-from trb.rollout.speculative import generate_speculative  # noqa: E402
+
+try:  # the engine before the rebuild: speculative TRB was a function of its own
+    from trb.rollout.speculative import generate_speculative  # noqa: E402
+except ImportError:
+    generate_speculative = None
 
 torch.set_num_threads(1)
-repeats = int(os.environ.get("REPEATS", 2))
+repeats = int(os.environ.get("REPEATS", 3))
+new_tokens = int(os.environ.get("NEW_TOKENS", 64))
+compile_ = os.environ.get("COMPILE") == "1"
+policies = os.environ.get("POLICIES", "student trb spec").split()
 student, teacher, space = build_models("tiny", torch.device("cpu"))
+
+
+def run(name: str, prompts: list[list[int]]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    policy = StudentPolicy() if name == "student" else TRBPolicy(0.02)
+    if generate_speculative is not None and name == "spec":
+        generate_speculative(0.02, prompts, space, new_tokens, generator, student, teacher, gamma=4, compile=compile_)
+    elif generate_speculative is not None:
+        generate(policy, prompts, space, new_tokens, generator, student=student, teacher=teacher, compile=compile_)
+    else:  # the training loop's setting: no KL(pi_S || pi_T), H(pi_T) records (the earlier engine had none)
+        generate(policy, prompts, space, new_tokens, generator, student=student, teacher=teacher, compile=compile_,
+                 gamma=4 if name == "spec" else 0, record_kl=False)
+
+
 out = {}
-for batch in [int(b) for b in sys.argv[2:]] or [1, 16, 64]:
+for batch in [int(b) for b in sys.argv[2:]] or [16, 64]:
     prompts = torch.randint(2, 512, (batch, 32), generator=torch.Generator().manual_seed(batch)).tolist()
-    for name, policy in (("student", StudentPolicy()), ("trb", TRBPolicy(0.02)), ("spec", None)):
-        def run():
-            generator = torch.Generator().manual_seed(0)
-            if policy is None:
-                return generate_speculative(0.02, prompts, space, 64, generator, student, teacher, gamma=4)
-            return generate(policy, prompts, space, 64, generator, student=student, teacher=teacher)
-        run()  # warm-up
+    for name in policies:
+        run(name, prompts)  # warm-up
         wall, cpu = [], []
         for _ in range(repeats):
             started, used = time.perf_counter(), time.process_time()
-            run()
+            run(name, prompts)
             wall.append((time.perf_counter() - started) * 1e3)
             cpu.append((time.process_time() - used) * 1e3)
-        out[f"{name}_b{batch}"] = [round(min(cpu), 1), round(statistics.median(wall), 1)]
+        out[f"{name}_b{batch}"] = [round(min(cpu), 1), round(statistics.median(cpu), 1), round(min(wall), 1),
+                                   round(statistics.median(wall), 1)]
 print(json.dumps(out))

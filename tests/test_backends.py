@@ -81,3 +81,25 @@ def test_length_groups_bound_padding_and_cover_every_row():
         assert all(lengths[r] <= longest and longest <= 1.25 * lengths[r] for r in group)
     merged = length_groups(lengths, slack=1.25, max_groups=2)
     assert len(merged) == 2 and sorted(r for g in merged for r in g) == list(range(len(lengths)))
+
+
+@pytest.mark.slow  # compiling the step takes minutes on a CPU
+def test_compiled_single_token_steps_equal_a_full_forward():
+    """compile=True: single-token steps run the compiled `_one_token` (past slots and the token's own key in one
+    softmax, the new keys and values written after it); windows and prompt passes stay eager."""
+    model = family_model("qwen3", torch.float32)
+    dec = PagedDecoder(model, SPACE, pages=1, compile=True)
+    generator = torch.Generator().manual_seed(0)
+    seqs = [[5, 6, 7], [8, 9], list(range(10, 30))]
+    dec.add(seqs)
+    for width in (1, 1, 3, 1):
+        new = torch.randint(2, 64, (dec.rows, width), generator=generator)
+        out = dec.step(new)  # (b, w, V)
+        for row, seq in enumerate(seqs):
+            seqs[row] = seq + new[row].tolist()
+            check(out[row, -1], model, seqs[row], 1e-5)
+    dec.keep(torch.tensor([2, 0]))
+    seqs = [seqs[2], seqs[0]]
+    out = dec.step(torch.tensor([[3], [4]]))
+    for row, token in enumerate((3, 4)):
+        check(out[row, 0], model, seqs[row] + [token], 1e-5)

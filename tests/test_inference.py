@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 
 from trb.config import ConfigError, load_config
-from trb.inference import InferenceCopy, decode_compile
+from trb.inference import InferenceCopy
+from trb.rollout.factory import decode_compile
 from trb.models import add_lora, lora_layers, merged_lora_model
 from trb import lean
 from trb.rollout import TRBPolicy, generate

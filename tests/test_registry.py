@@ -15,8 +15,7 @@ from trb.core import forward_kl
 from trb.divergences import DIVERGENCES, LossSpec, Sampled, register_divergence
 from trb.losses import distill_loss
 from trb.methods import METHODS, Method, register_method
-from trb.rollout import MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate
-from trb.rollout.speculative import generate_speculative
+from trb.rollout import MixturePolicy, RolloutStats, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate
 
 
 @pytest.fixture
@@ -112,8 +111,13 @@ def test_only_the_trb_blend_is_sampled_speculatively(loaded_pair):
     assert TRBPolicy(0.1).speculative
     assert not any(p.speculative for p in (StudentPolicy(), TeacherPolicy(), SKDPolicy(), MixturePolicy()))
     _, student, teacher, vocab = loaded_pair
-    with pytest.raises(ValueError, match="'student' behavior policy cannot be sampled speculatively"):
-        generate_speculative(StudentPolicy(), [[5, 6]], vocab, 4, torch.Generator(), student, teacher)
+    # with speculative decoding on, the other policies decode in lock-step: the same rollouts, no drafts
+    stats = RolloutStats()
+    drafted = generate(StudentPolicy(), [[5, 6]] * 3, vocab, 4, student=student, teacher=teacher, gamma=3,
+                       keys=torch.arange(3), stats=stats)
+    plain = generate(StudentPolicy(), [[5, 6]] * 3, vocab, 4, student=student, keys=torch.arange(3))
+    assert torch.equal(drafted.completion_ids, plain.completion_ids)
+    assert stats.drafted == 0 and stats.decode_steps == int(plain.lengths.max()) - 1
 
 
 def test_a_registered_method_and_divergence_train_by_name_through_the_api(registered, tiny_pair, tmp_path):

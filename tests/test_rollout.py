@@ -7,7 +7,8 @@ from scipy.stats import chisquare
 
 from trb.core import blend_logp, merged_logp, solve_beta
 from trb.models import CompatibilityError, VocabSpace, tiny_causal_lm, vocab_space
-from trb.rollout import MixturePolicy, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate, skd_logp
+from trb.rollout import (MixturePolicy, RolloutStats, SKDPolicy, StudentPolicy, TeacherPolicy, TRBPolicy, generate,
+                         skd_logp)
 
 VOCAB = 48
 EOS, PAD = 1, 0
@@ -69,7 +70,7 @@ def test_recorded_logps_equal_a_fresh_forward_pass(forward):
     prompts = PROMPTS * 4
     for policy in [TRBPolicy(0.05), SKDPolicy(top_k=5), MixturePolicy(0.3), StudentPolicy(0.7)]:
         rollout = generate(policy, prompts, SPACE, 20, torch.Generator().manual_seed(1), student=student,
-                           teacher=teacher, forward=forward, concurrency=7)
+                           teacher=teacher, forward=forward, batch=7)
         assert rollout.stopped.any()
         # fp32: log-probs of magnitude ~5 from differently shaped batches agree to a few ulps (rtol 1e-5)
         torch.testing.assert_close(rollout.student_logp, fresh_token_logp(student, rollout, SPACE), atol=1e-5,
@@ -241,7 +242,10 @@ def test_compiled_dynamic_decoding_samples_what_eager_decoding_samples(policy):
                          teacher=teacher, compile=c) for c in (False, True)]
     assert torch.equal(rollouts[0].completion_ids, rollouts[1].completion_ids)
     assert rollouts[1].stopped.any() and not rollouts[1].stopped.all(), "rows leave the batch mid-rollout"
-    torch.testing.assert_close(rollouts[0].behavior_logp, rollouts[1].behavior_logp, atol=1e-5, rtol=1e-5)
+    # the compiled step rounds differently (both forwards stay within 1e-5 of a fresh one, below); TRB's beta solve then
+    # may land elsewhere in its band below eps (2e-4 eps), which moves the blend's log-probs by up to about 1e-4
+    atol = 1e-4 if policy.needs_teacher else 1e-5
+    torch.testing.assert_close(rollouts[0].behavior_logp, rollouts[1].behavior_logp, atol=atol, rtol=1e-5)
     for role, model in (("student", student), ("teacher", teacher)):
         recorded = getattr(rollouts[1], f"{role}_logp")
         if recorded is not None:
@@ -257,7 +261,7 @@ def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
     student, teacher = (m.to(device) for m in pair())
     for seed in (0, 1):
         rollout = generate(TRBPolicy(0.05), PROMPTS * 4, SPACE, 24, torch.Generator(device).manual_seed(seed),
-                           student=student, teacher=teacher, compile=True, concurrency=8)
+                           student=student, teacher=teacher, compile=True, batch=8)
         with torch.no_grad():
             for model, recorded in ((student, rollout.student_logp), (teacher, rollout.teacher_logp)):
                 torch.testing.assert_close(recorded, fresh_token_logp(model, rollout, SPACE), atol=1e-4, rtol=0)
@@ -267,18 +271,19 @@ def test_cuda_graph_rollouts_record_what_a_fresh_forward_computes():
 
 @pytest.mark.parametrize("policy", [TRBPolicy(0.1), SKDPolicy(top_k=5), MixturePolicy(0.3), StudentPolicy(0.8)])
 def test_a_sequence_is_the_same_whatever_shares_its_batch(policy):
-    """Continuous batching: each sequence's randomness is keyed by (key, position, stream), so two batch
-    compositions (everything at once, three rows at a time) and two queue orders give every sequence the same
-    tokens and records."""
+    """Admission by KV memory: each sequence's randomness is keyed by (key, position, stream), so two schedules
+    (everything at once; a budget of three dense rows, which preempts rows, in another queue order) give every
+    sequence the same tokens and records."""
     student, teacher = pair()
     prompts = PROMPTS * 4
     keys = torch.arange(len(prompts)) * 7919 + 3
-    runs = []
+    runs, stats = [], RolloutStats()
     for concurrency, order in ((len(prompts), torch.arange(len(prompts))),
                                (3, torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)))):
         rollout = generate(policy, [prompts[i] for i in order], SPACE, 16, student=student, teacher=teacher,
-                           keys=keys[order], concurrency=concurrency)
+                           keys=keys[order], batch=concurrency, stats=stats)
         runs.append(rollout.select(order.argsort()))  # back in the original order
+    assert stats.preemptions > 0, "the small budget preempts rows"
     a, b = runs
     assert a.stopped.any() and not a.stopped.all()
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)

@@ -7,8 +7,8 @@ from scipy.stats import chi2_contingency
 
 from trb.forward import token_logp
 from trb.models import VocabSpace, tiny_causal_lm
-from trb.rollout import StudentPolicy, TRBPolicy, generate
-from trb.rollout.speculative import choose_gamma, generate_speculative
+from trb.rollout import RolloutStats, StudentPolicy, TRBPolicy, generate
+from trb.rollout.speculative import choose_gamma
 
 VOCAB, EOS = 10, 1
 SPACE = VocabSpace(size=VOCAB, stop_ids=(EOS,), eos_id=EOS, pad_id=0)
@@ -42,8 +42,9 @@ def test_speculative_matches_lockstep_distribution(eps, compile):
     prompts = [[3, 4, 5]] * 8_000
     lock = generate(TRBPolicy(eps), prompts, SPACE, 5, torch.Generator().manual_seed(0), student=student,
                     teacher=teacher)
-    spec, stats = generate_speculative(eps, prompts, SPACE, 5, torch.Generator().manual_seed(1), student, teacher,
-                                       gamma=3, compile=compile)
+    stats = RolloutStats()
+    spec = generate(TRBPolicy(eps), prompts, SPACE, 5, torch.Generator().manual_seed(1), student=student,
+                    teacher=teacher, gamma=3, compile=compile, stats=stats)
     plain = generate(StudentPolicy(), prompts, SPACE, 5, torch.Generator().manual_seed(2), student=student)
     for a, b in zip(per_position_codes(lock, range(5)), per_position_codes(spec, range(5))):
         assert homogeneous(a, b) > 1e-3
@@ -72,8 +73,9 @@ def test_both_decoders_record_the_full_teacher_kl_and_entropy_at_every_prefix():
     student, teacher = pair()
     prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 4
     lock = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student,
-                    teacher=teacher, concurrency=5)
-    spec, _ = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(0), student, teacher, gamma=3)
+                    teacher=teacher, batch=5)
+    spec = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student,
+                    teacher=teacher, gamma=3)
     for rollout in (lock, spec):
         kl, entropy = prefix_kl_and_entropy(student, teacher, rollout)
         assert kl[rollout.completion_mask].min() > 0.01, "the two models differ at every prefix"
@@ -83,9 +85,9 @@ def test_both_decoders_record_the_full_teacher_kl_and_entropy_at_every_prefix():
     assert plain.teacher_kl is None and plain.teacher_entropy is None, "no teacher ran"
     # a caller whose loss computes them itself turns them off; the rollouts stay the same
     quiet = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student,
-                     teacher=teacher, concurrency=5, record_kl=False)
-    quiet_spec, _ = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(0), student, teacher,
-                                         gamma=3, record_kl=False)
+                     teacher=teacher, batch=5, record_kl=False)
+    quiet_spec = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(0), student=student,
+                          teacher=teacher, gamma=3, record_kl=False)
     for rollout, reference in ((quiet, lock), (quiet_spec, spec)):
         assert rollout.teacher_kl is None and rollout.teacher_entropy is None
         assert torch.equal(rollout.completion_ids, reference.completion_ids)
@@ -97,11 +99,13 @@ def test_speculative_records_equal_a_fresh_forward_and_stay_in_budget(compile):
     student, teacher = pair()
     prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 8
     for gamma in (1, 4):
-        rollout, stats = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator().manual_seed(gamma), student,
-                                              teacher, gamma=gamma, compile=compile)
-        assert stats.teacher_forwards == stats.rounds + 1, "one teacher forward per round (plus the prefill)"
+        stats = RolloutStats()
+        rollout = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator().manual_seed(gamma), student=student,
+                           teacher=teacher, gamma=gamma, compile=compile, stats=stats)
+        rounds, partial = divmod(stats.decode_steps, gamma + 1)  # a round feeds gamma + 1 tokens to every row
+        assert partial == 0
         if gamma == 4:
-            assert stats.rounds < rollout.lengths.max(), "rounds emit several tokens each"
+            assert rounds < rollout.lengths.max(), "rounds emit several tokens each"
         torch.testing.assert_close(rollout.student_logp, token_logp(student, rollout, SPACE), atol=1e-5, rtol=0)
         torch.testing.assert_close(rollout.teacher_logp, token_logp(teacher, rollout, SPACE), atol=1e-5, rtol=0)
         m = rollout.completion_mask
@@ -140,12 +144,13 @@ def test_cuda_graph_speculative_records_equal_a_fresh_forward():
     device = torch.device("cuda")
     student, teacher = (m.to(device) for m in pair())
     prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 8
-    rollout, stats = generate_speculative(0.3, prompts, SPACE, 12, torch.Generator(device).manual_seed(0), student,
-                                          teacher, gamma=4, compile=True)
+    stats = RolloutStats()
+    rollout = generate(TRBPolicy(0.3), prompts, SPACE, 12, torch.Generator(device).manual_seed(0), student=student,
+                       teacher=teacher, gamma=4, compile=True, stats=stats)
     with torch.no_grad():
         torch.testing.assert_close(rollout.student_logp, token_logp(student, rollout, SPACE), atol=1e-4, rtol=0)
         torch.testing.assert_close(rollout.teacher_logp, token_logp(teacher, rollout, SPACE), atol=1e-4, rtol=0)
-    assert stats.rounds < rollout.lengths.max() and float(rollout.realized_kl.max()) <= 0.3 + 1e-6
+    assert stats.decode_steps // 5 < rollout.lengths.max() and float(rollout.realized_kl.max()) <= 0.3 + 1e-6
 
 
 def test_speculative_sequences_do_not_depend_on_their_batch():
@@ -153,9 +158,11 @@ def test_speculative_sequences_do_not_depend_on_their_batch():
     prompts = [[3, 4, 5], [6, 7], [2, 3, 4, 5, 6, 7], [8]] * 5
     keys = torch.arange(len(prompts)) * 104729 + 11
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(1))
-    a, _ = generate_speculative(0.3, prompts, SPACE, 12, None, student, teacher, gamma=3, keys=keys)
-    b, _ = generate_speculative(0.3, [prompts[i] for i in order], SPACE, 12, None, student, teacher, gamma=3,
-                                keys=keys[order], concurrency=4)
+    a = generate(TRBPolicy(0.3), prompts, SPACE, 12, student=student, teacher=teacher, gamma=3, keys=keys)
+    stats = RolloutStats()
+    b = generate(TRBPolicy(0.3), [prompts[i] for i in order], SPACE, 12, student=student, teacher=teacher, gamma=3,
+                 keys=keys[order], batch=4, stats=stats)
     b = b.select(order.argsort())
+    assert stats.preemptions > 0, "a budget of four dense rows preempts rows"
     assert torch.equal(a.completion_ids, b.completion_ids)
     torch.testing.assert_close(a.teacher_logp, b.teacher_logp, rtol=0, atol=1e-5)

@@ -119,7 +119,7 @@ def test_sampled_tokens_follow_mu_beta_at_every_prefix(pair, tmp_path):
 
     student_logp = model_logp(trainer.model, rollout, vocab)  # (B, T, V)
     teacher_logp = model_logp(pair[2], rollout, vocab)  # (B, T, V)
-    mu_logp, beta, _ = TRBPolicy(eps).target(student_logp, teacher_logp)  # (B, T, V), (B, T)
+    mu_logp, beta, _ = TRBPolicy(eps).distribution(student_logp, teacher_logp)  # (B, T, V), (B, T)
     token_logp = mu_logp.gather(-1, rollout.completion_ids[..., None])[..., 0]  # (B, T)
     torch.testing.assert_close(rollout.behavior_logp[mask], token_logp[mask], atol=1e-3, rtol=0)
     torch.testing.assert_close(rollout.beta[mask], beta[mask], atol=1e-3, rtol=0)
@@ -134,7 +134,7 @@ def test_sampled_tokens_follow_mu_beta_at_every_prefix(pair, tmp_path):
     first = trainer.last_rollout.select(slice(0, 1))
     s_logp = model_logp(trainer.model, first, vocab, temperature)[0, 0]  # (V,)
     t_logp = model_logp(pair[2], first, vocab, temperature)[0, 0]  # (V,)
-    mu_logp, beta, _ = TRBPolicy(eps).target(s_logp, t_logp)  # (V,), ()
+    mu_logp, beta, _ = TRBPolicy(eps).distribution(s_logp, t_logp)  # (V,), ()
     assert 0 < beta < 1
     assert goodness_of_fit(counts, mu_logp.exp()) > 1e-3
     assert goodness_of_fit(counts, s_logp.exp()) < 1e-6

@@ -106,11 +106,13 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
-    rollout_batch: int = 64  # sequences decoding at once per rank; finished rows are refilled from the step's queue
+    # the KV budget per rank and model, in sequences: rollout_batch x (longest prompt + max_new_tokens) slots; the
+    # step's sequences join while it holds them (README "Decoding")
+    rollout_batch: int = 64
     speculative_gamma: int = 0  # > 0: TRB rollouts by exact speculative sampling with this draft length
     autocast: str = "auto"  # bf16 mixed precision: auto (bf16 on GPU, fp32 on CPU) | bf16 (also CPUs with AMX) | fp32
     # the behavior policy's math (beta solve, blend, sampling) through torch.compile, paying a compilation once:
-    # auto (trb.inference.decode_compile) compiles on a GPU and decodes eagerly on a CPU; true / false force either
+    # auto (trb.rollout.factory.decode_compile) compiles on a GPU and decodes eagerly on a CPU; true / false force either
     compile: bool | str = "auto"
     micro_batch: int = 64  # sequences per forward/backward (within a rollout batch); the loss does not depend on it
     max_new_tokens: int = 128
@@ -121,7 +123,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_every: int = 20  # 0 disables periodic evaluation (the first and last still run)
     eval_samples: int = 4  # n of avg@n pass@1
-    eval_batch: int = 256
+    eval_batch: int = 256  # an evaluation's KV budget in sequences, as rollout_batch
     checkpoint_every: int = 50  # 0: only the final checkpoint
     log_rollouts_every: int = 10  # save a few rollouts with their per-token records for `trb inspect`; 0: never
     log_rollouts: int = 8  # how many

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trb.losses import LossSpec, distill_loss
 from trb.models import VocabSpace
-from trb.rollout import StudentPolicy, generate
+from trb.rollout import Engine, Rollout, StudentPolicy, own_engine, sequence_keys
 from trb.tasks import Problem, is_correct, tokenize_prompts
 
 
@@ -49,6 +49,7 @@ def evaluate(
     problems: list[Problem],
     vocab: VocabSpace,
     *,
+    engine: Engine | None = None,
     n_samples: int = 4,
     max_new_tokens: int = 128,
     batch_size: int = 256,
@@ -61,9 +62,11 @@ def evaluate(
 ) -> EvalResult:
     """avg@n pass@1 of the student on problems; teacher-KL on its samples when a teacher is given.
 
-    Samples are drawn from one generator seeded with `seed`, so an evaluation is reproducible. The teacher-KL
-    averages over the completion tokens of the first `kl_samples` samples (a teacher pass over every sample would
-    cost more than the sampling itself).
+    Every sample is one sequence of a single rollout call (`engine`: the caller's, or trb's own engine over the
+    student), with a KV budget of `batch_size` sequences; sequence keys come from one generator seeded with `seed`,
+    so an evaluation is reproducible and does not depend on the budget. The teacher-KL averages over the completion
+    tokens of the first `kl_samples` samples (a teacher pass over every sample would cost more than the sampling
+    itself).
     """
     if not problems:  # a rank with no share of a small test set
         return EvalResult(math.nan, [], n_samples, math.nan, math.nan, None)
@@ -71,42 +74,42 @@ def evaluate(
     student.eval()
     generator = torch.Generator(device=student.device).manual_seed(seed)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems], system_prompt)
-    jobs = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(n_samples)]  # problem-major order
-    correct = [0] * len(problems)
-    lengths, truncated, examples = [], 0, []
-    kl_sum, kl_tokens = 0.0, 0
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        rollout = generate(StudentPolicy(temperature), [p for _, p in chunk], vocab, max_new_tokens, generator,
-                           student=student)
-        lengths += rollout.lengths.tolist()
-        truncated += int((~rollout.stopped).sum())
-        for row, (problem_index, _) in enumerate(chunk):
-            ids = rollout.completion_ids[row, : int(rollout.lengths[row])]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            ok = is_correct(text, problems[problem_index].answer)
-            correct[problem_index] += ok
-            if len(examples) < n_examples and row % n_samples == 0:
-                examples.append({"question": problems[problem_index].question, "response": text,
-                                 "answer": problems[problem_index].answer, "correct": ok})
-        kl_rows = min(len(chunk), kl_samples - start)  # the teacher-KL uses the first kl_samples samples
-        if teacher is not None and kl_rows > 0:
-            part = rollout.select(slice(0, kl_rows))
-            loss, _, _ = distill_loss(student, teacher, part, vocab, LossSpec(), part.completion_mask.float())
-            kl_sum, kl_tokens = kl_sum + loss.item(), kl_tokens + int(part.completion_mask.sum())
+    jobs = [i for i in range(len(problems)) for _ in range(n_samples)]  # problem-major order
+    engine = engine if engine is not None else own_engine(student, None, vocab)
+    rollout = engine.rollout(StudentPolicy(temperature), [prompts[i] for i in jobs], max_new_tokens,
+                             sequence_keys(len(jobs), generator), batch=batch_size)
+    correct, examples = [0] * len(problems), []
+    for row, (problem_index, ids) in enumerate(zip(jobs, _completions(rollout))):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ok = is_correct(text, problems[problem_index].answer)
+        correct[problem_index] += ok
+        if len(examples) < n_examples and row % n_samples == 0:
+            examples.append({"question": problems[problem_index].question, "response": text,
+                             "answer": problems[problem_index].answer, "correct": ok})
+    teacher_kl, kl_tokens = None, 0
+    if teacher is not None:  # the teacher-KL uses the first kl_samples samples
+        part = rollout.select(slice(0, kl_samples))
+        loss, _, _ = distill_loss(student, teacher, part, vocab, LossSpec(), part.completion_mask.float())
+        kl_tokens = int(part.completion_mask.sum())
+        teacher_kl = loss.item() / kl_tokens if kl_tokens else None
     student.train(was_training)
     per_problem = [c / n_samples for c in correct]
     return EvalResult(
         pass_at_1=sum(per_problem) / len(per_problem),
         per_problem=per_problem,
         n_samples=n_samples,
-        mean_length=sum(lengths) / len(lengths),
-        truncation_rate=truncated / len(jobs),
-        teacher_kl=kl_sum / kl_tokens if teacher is not None and kl_tokens else None,
+        mean_length=sum(rollout.lengths.tolist()) / len(jobs),
+        truncation_rate=int((~rollout.stopped).sum()) / len(jobs),
+        teacher_kl=teacher_kl,
         examples=examples,
         n_completions=len(jobs),
         kl_tokens=kl_tokens,
     )
+
+
+def _completions(rollout: Rollout) -> list[list[int]]:
+    ids, lengths = rollout.completion_ids.tolist(), rollout.lengths.tolist()
+    return [row[:n] for row, n in zip(ids, lengths)]
 
 
 def merge_results(parts: list[EvalResult]) -> EvalResult:

@@ -23,12 +23,6 @@ from trb.models import lora_layers, merged_weights
 from trb import lean
 
 
-def decode_compile(setting: bool | str, device: torch.device) -> bool:
-    """The config's `compile` for a device: `auto` compiles the policy's math on a GPU and decodes
-    eagerly on a CPU, where compiling repays its minutes of compilation only in long runs (README)."""
-    return device.type == "cuda" if setting == "auto" else setting
-
-
 class InferenceCopy:
     """`model`: what decodes the student; `refresh()`: make it hold the student's current weights.
 

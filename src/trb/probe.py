@@ -20,7 +20,7 @@ import torch
 from trb.core import stream_seed
 from trb.errors import TrbError
 from trb.report import plt
-from trb.rollout import StudentPolicy, TeacherPolicy, TRBPolicy, generate
+from trb.rollout import Engine, StudentPolicy, TeacherPolicy, TRBPolicy, own_engine, sequence_keys
 from trb.stats import holm, mean_ci, paired_difference
 from trb.tasks import Problem, is_correct, tokenize_prompts
 
@@ -28,36 +28,36 @@ from trb.tasks import Problem, is_correct, tokenize_prompts
 @torch.no_grad()
 def continuation_probe(student, teacher, tokenizer, vocab, problems: list[Problem], *, eps: float,
                        lengths: list[int], samples: int = 2, max_new_tokens: int = 128, seed: int = 0,
-                       batch_size: int = 256, system_prompt: str | None = None) -> list[dict]:
+                       batch_size: int = 256, system_prompt: str | None = None,
+                       engine: Engine | None = None) -> list[dict]:
     """Rows {behavior, continuation, t, successes, trials, per_problem}: per_problem[i] = the successes of problem
-    i's `samples` rollouts; `probe_stats` adds rates and intervals."""
+    i's `samples` rollouts; `probe_stats` adds rates and intervals. Every sampling is one call of `engine` (default:
+    trb's own over the two models) with a KV budget of `batch_size` sequences."""
+    engine = engine if engine is not None else own_engine(student, teacher, vocab)
     prompts = tokenize_prompts(tokenizer, [p.question for p in problems], system_prompt)
     jobs = [(i, prompt) for i, prompt in enumerate(prompts) for _ in range(samples)]
+
+    def sample(policy, inputs: list[list[int]], steps: int, generator: torch.Generator) -> list[list[int]]:
+        rollout = engine.rollout(policy, inputs, steps, sequence_keys(len(inputs), generator), batch=batch_size)
+        ids, counts = rollout.completion_ids.tolist(), rollout.lengths.tolist()
+        return [row[:n] for row, n in zip(ids, counts)]
+
     rows = []
     for behavior, policy in (("opd (student)", StudentPolicy()), (f"trb (eps={eps})", TRBPolicy(eps))):
         generator = torch.Generator(device=student.device).manual_seed(stream_seed(seed, "probe", behavior))
-        completions = []
-        for start in range(0, len(jobs), batch_size):
-            chunk = [p for _, p in jobs[start : start + batch_size]]
-            rollout = generate(policy, chunk, vocab, max_new_tokens, generator, student=student, teacher=teacher)
-            completions += [rollout.completion_ids[r, : int(rollout.lengths[r])].tolist() for r in range(len(chunk))]
+        completions = sample(policy, [p for _, p in jobs], max_new_tokens, generator)
         for t in lengths:
             prefixes = [c[:t] for c in completions]
-            finished = [len(c) <= t for c in completions]
-            open_rows = [k for k, done in enumerate(finished) if not done]
-            for continuation, model, cont_policy in (("teacher", teacher, TeacherPolicy()),
-                                                     ("student", student, StudentPolicy())):
+            open_rows = [k for k, c in enumerate(completions) if len(c) > t]
+            for continuation, cont_policy in (("teacher", TeacherPolicy()), ("student", StudentPolicy())):
                 cont_gen = torch.Generator(device=student.device).manual_seed(stream_seed(seed, "continue", t))
-                texts = {k: tokenizer.decode(completions[k], skip_special_tokens=True)
-                         for k, done in enumerate(finished) if done}
-                for start in range(0, len(open_rows), batch_size):
-                    chunk = open_rows[start : start + batch_size]
-                    inputs = [jobs[k][1] + prefixes[k] for k in chunk]
-                    kwargs = {"teacher": model} if continuation == "teacher" else {"student": model}
-                    rollout = generate(cont_policy, inputs, vocab, max_new_tokens - t, cont_gen, **kwargs)
-                    for row, k in enumerate(chunk):
-                        tail = rollout.completion_ids[row, : int(rollout.lengths[row])].tolist()
-                        texts[k] = tokenizer.decode(prefixes[k] + tail, skip_special_tokens=True)
+                texts = {k: tokenizer.decode(c, skip_special_tokens=True)
+                         for k, c in enumerate(completions) if len(c) <= t}
+                if open_rows:
+                    tails = sample(cont_policy, [jobs[k][1] + prefixes[k] for k in open_rows], max_new_tokens - t,
+                                   cont_gen)
+                    texts.update({k: tokenizer.decode(prefixes[k] + tail, skip_special_tokens=True)
+                                  for k, tail in zip(open_rows, tails)})
                 per_problem = [0] * len(problems)
                 for k, (i, _) in enumerate(jobs):
                     per_problem[i] += int(is_correct(texts[k], problems[i].answer))

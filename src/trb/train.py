@@ -80,7 +80,7 @@ class Run:
         if checkpoint is not None:
             model_state, optimizer_state, record = read_checkpoint(checkpoint, s.student)
             distributed.load_full_state(s.student, self.t.optimizer, model_state, optimizer_state)
-            self.t.inference.refresh()
+            self.t.refresh()
             self.t.scheduler.load_state_dict(record["scheduler"])
             self.state, self.resumed = LoopState.from_record(record), True
             self.saved = (self.state.next_step, self.state.last_eval.get("step"))  # saving again adds nothing
@@ -152,8 +152,8 @@ class Run:
             **method.schedule_metrics(step, self.state.method_state),
             **rollout_stats(distributed.gather_objects(rollout_sums(rollouts), self.world)),
         })
-        if self.t.speculative.tested:
-            values["rollout/spec_acceptance"] = self.t.speculative.acceptance
+        if self.t.engine.stats.tested:
+            values["rollout/spec_acceptance"] = self.t.engine.stats.acceptance
         return values
 
     def rollouts(self, step: int) -> list[Rollout]:
@@ -213,7 +213,8 @@ class Run:
                 continue
             mine = problems[self.world.rank :: self.world.size]
             with self.signals.phase(abandon=not self.world.active), s.autocast:
-                result = evaluate(self.t.inference.model, s.tokenizer, mine, s.vocab, n_samples=cfg.eval_samples,
+                result = evaluate(self.t.inference.model, s.tokenizer, mine, s.vocab, engine=self.t.engine,
+                                  n_samples=cfg.eval_samples,
                                   max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch,
                                   seed=stream_seed(cfg.seed, prefix, step, self.world.rank),
                                   teacher=s.teacher if prefix == "eval" else None, system_prompt=cfg.data.system_prompt)

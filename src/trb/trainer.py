@@ -12,9 +12,8 @@ import torch
 from trb import distributed
 from trb.core import linear_ramp, stream_seed
 from trb.forward import FinalHidden
-from trb.inference import InferenceCopy, decode_compile
-from trb.rollout import BehaviorPolicy, generate
-from trb.rollout.speculative import SpeculativeStats, generate_speculative
+from trb.inference import InferenceCopy
+from trb.rollout import BehaviorPolicy, RolloutStats, build_engine
 from trb.sequences import Rollout
 
 if TYPE_CHECKING:
@@ -27,16 +26,18 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class Trainer:
-    """The pieces of one run the loop body uses: models, optimizer, the data-parallel hidden-state module."""
+    """The pieces of one run the loop body uses: models, optimizer, the data-parallel hidden-state module, the rollout
+    engine."""
 
     def __init__(self, cfg: TrainConfig, s: Setup):
         self.cfg, self.s = cfg, s
-        self.speculative = SpeculativeStats()
         # Rollouts and evaluation decode a plain copy of the student (full weights, LoRA merged, bf16 under bf16
         # autocast on a GPU), built before the student is sharded and refreshed after every update.
         decode_dtype = torch.bfloat16 if s.bf16 and s.device.type == "cuda" else next(s.student.parameters()).dtype
         self.inference = InferenceCopy(s.student, decode_dtype, sharded=s.world.active and cfg.distributed == "fsdp")
-        self.compile = decode_compile(cfg.compile, s.device)
+        # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
+        self.engine = build_engine(cfg, self.inference.model, s.teacher, s.vocab, record_topk=cfg.loss.record_topk,
+                                   record_kl=cfg.loss.recorded is not None)
         hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.teacher_hidden = FinalHidden(s.teacher, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.hidden = distributed.wrap(hidden, s.student, cfg.distributed, s.world)
@@ -55,30 +56,22 @@ class Trainer:
         """Indices of the step's sequences this rank decodes: every world-size-th one."""
         return list(range(self.s.world.rank, count, self.s.world.size))
 
-    def decode(self, step: int, policy: BehaviorPolicy, sequences: list[list[int]],
-               teacher_only: bool = False) -> list[Rollout]:
-        """This rank's rollouts of the step, rollout_batch sequences decoding at once (continuous batching); a policy
-        that can be sampled speculatively (TRB's blend) is, when speculative_gamma > 0. Sequence i's randomness is
-        keyed by (seed, step, i): the rollouts do not depend on the world size or on which sequences share a batch."""
+    def decode(self, step: int, policy: BehaviorPolicy, sequences: list[list[int]]) -> list[Rollout]:
+        """This rank's rollouts of the step through the run's engine (`trb.rollout.Engine`); the engine's stats are
+        those of this call. Sequence i's randomness is keyed by (seed, step, i): the rollouts do not depend on the
+        world size or on which sequences share a batch."""
         s, cfg = self.s, self.cfg
-        models = {"teacher": s.teacher} if teacher_only else {"student": self.inference.model, "teacher": s.teacher}
         mine = self.my_sequences(len(sequences))
-        prompts = [sequences[i] for i in mine]
         keys = torch.tensor([stream_seed(cfg.seed, step, i, "rollout") & 0xFFFFFFFF for i in mine])
-        # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
-        options = dict(keys=keys, concurrency=cfg.rollout_batch, compile=self.compile, forward=cfg.models.forward,
-                       record_kl=cfg.loss.recorded is not None)
-        self.speculative = SpeculativeStats()
+        self.engine.stats = RolloutStats()
         with s.autocast:
-            if cfg.speculative_gamma and policy.speculative:
-                rollout, stats = generate_speculative(policy, prompts, s.vocab, cfg.max_new_tokens, None,
-                                                      self.inference.model,
-                                                      s.teacher, cfg.speculative_gamma, **options)
-                self.speculative = stats
-            else:
-                rollout = generate(policy, prompts, s.vocab, cfg.max_new_tokens, record_topk=cfg.loss.record_topk,
-                                   **options, **models)
-        return [rollout]
+            return [self.engine.rollout(policy, [sequences[i] for i in mine], cfg.max_new_tokens, keys)]
+
+    def refresh(self) -> None:
+        """After the student's weights changed (an update, a resume, the SFT warmup): the inference copy, then the
+        engine, hold them."""
+        self.inference.refresh()
+        self.engine.update_student(self.inference.model)
 
     def backward(self, micro_batches: list[Rollout], loss_fn) -> None:
         """loss_fn(micro) -> scalar for each micro-batch; gradients synchronized once, on the last one. Each rank's
@@ -102,5 +95,5 @@ class Trainer:
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
-            self.inference.refresh()
+            self.refresh()
         return grad_norm, lr

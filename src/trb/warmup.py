@@ -22,8 +22,7 @@ def sft_warmup(t, updates: int, prompt_steps: int, samples_per_prompt: int, writ
     cfg, s = t.cfg, t.s
     indices = [i for step in range(prompt_steps)
                for i in step_prompts(step, cfg.prompts_per_step, len(s.prompts), cfg.seed)]
-    samples = t.decode(-1, TeacherPolicy(), [s.prompts[i] for i in indices for _ in range(samples_per_prompt)],
-                       teacher_only=True)
+    samples = t.decode(-1, TeacherPolicy(), [s.prompts[i] for i in indices for _ in range(samples_per_prompt)])
     pairs = [(r.prompt_ids[row][r.prompt_mask[row]].tolist(), r.completion_ids[row][r.completion_mask[row]].tolist())
              for r in samples for row in range(len(r.stopped))]  # this rank's (prompt, teacher response) pairs
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(stream_seed(cfg.seed, "sft"))).tolist()
@@ -49,5 +48,5 @@ def sft_warmup(t, updates: int, prompt_steps: int, samples_per_prompt: int, writ
         distributed.clip_grad_norm(params, cfg.grad_clip)
         optimizer.step()
         write(0, {"sft/update": update + 1, "sft/loss": distributed.all_reduce_sum(total[0], s.world, s.device)})
-    t.inference.refresh()
+    t.refresh()
     log(f"SFT warmup: {updates} updates on {len(pairs) * s.world.size} teacher samples")

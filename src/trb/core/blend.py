@@ -182,7 +182,7 @@ def trust_region(
     """
     path = _Path(student_logp, teacher_logp)
     if isinstance(eps, torch.Tensor):
-        eps_t = eps.to(path.q.dtype).expand(path.var_q.shape)  # (...)
+        eps_t = eps.to(device=path.q.device, dtype=path.q.dtype).expand(path.var_q.shape)  # (...)
     else:  # a fill, not a host-to-device copy: the solver can run inside a captured CUDA graph
         eps_t = torch.full_like(path.var_q, float(eps))  # (...)
     teacher_feasible = kl_divergence(teacher_logp, student_logp) <= eps_t  # (...)

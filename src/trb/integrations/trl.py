@@ -3,8 +3,8 @@ from a `trb` behavior policy.
 
 TRL's trainer samples completions from the student and trains it towards the teacher with its generalized JSD
 (`beta = 1`: reverse KL) at `temperature`. `TRBDistillationTrainer` changes only where those completions come from:
-`_generate_single_turn`, the trainer's generation seam, decodes with `trb.rollout.generate`, student and teacher in
-lock-step, from the behavior policy of a `trb` method at TRL's optimizer step (`state.global_step`), e.g. TRB's
+`_generate_single_turn`, the trainer's generation seam, decodes with trb's own engine (`trb.rollout`), student and
+teacher in lock-step, from the behavior policy of a `trb` method at TRL's optimizer step (`state.global_step`), e.g. TRB's
 blend with its annealed budget eps_k. The loss needs no importance weights (METHOD.md section 1), so nothing else
 changes. After the warmup (eps_k = 0) the rollouts are the student's, as in the plain trainer.
 
@@ -36,7 +36,7 @@ except ImportError as error:
 from trb.core import stream_seed, with_temperature
 from trb.methods import METHODS, Method
 from trb.models import vocab_space
-from trb.rollout import BehaviorPolicy, Draws, Rollout, StudentPolicy, generate
+from trb.rollout import BehaviorPolicy, Draws, Rollout, StudentPolicy, own_engine
 
 __all__ = [
     "FixedBehavior", "TRBDistillationTrainer", "TemperedPolicy", "resolve_method", "sampler_methods", "sampling_only",
@@ -91,10 +91,14 @@ class TemperedPolicy:
     def needs_teacher(self) -> bool:
         return self.policy.needs_teacher
 
+    def _tempered(self, logp: torch.Tensor | None) -> torch.Tensor | None:
+        return None if logp is None else with_temperature(logp, self.temperature)  # (B, V)
+
+    def distribution(self, student_logp, teacher_logp):
+        return self.policy.distribution(self._tempered(student_logp), self._tempered(teacher_logp))
+
     def choose(self, student_logp, teacher_logp, draws: Draws):
-        student_logp = None if student_logp is None else with_temperature(student_logp, self.temperature)  # (B, V)
-        teacher_logp = None if teacher_logp is None else with_temperature(teacher_logp, self.temperature)  # (B, V)
-        return self.policy.choose(student_logp, teacher_logp, draws)
+        return self.policy.choose(self._tempered(student_logp), self._tempered(teacher_logp), draws)
 
 
 def resolve_method(method: Method | BehaviorPolicy | str, params: dict | None) -> Method:
@@ -201,8 +205,8 @@ class TRBDistillationTrainer(DistillationTrainer):
             was_training = student.training
             student.eval()
             teacher = self.accelerator.unwrap_model(self.teacher_model).eval()
-            rollout = generate(policy, [list(p) for p in prompt_ids], self.vocab, self.max_completion_length,
-                               student=student, teacher=teacher, keys=keys, record_kl=False)  # TRL's loss
+            engine = own_engine(student, teacher, self.vocab, record_kl=False)  # TRL's loss computes them
+            rollout = engine.rollout(policy, [list(p) for p in prompt_ids], self.max_completion_length, keys)
             student.train(was_training)
         self.last_rollout = rollout
         self._log_rollout(mode, rollout)

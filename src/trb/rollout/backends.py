@@ -6,10 +6,14 @@ the pages its tokens fill, so KV memory grows with the tokens actually decoded, 
 the pool for the sequence that replaces it. At every step attention reads each row's filled slots only: rows are
 grouped by length (`length_groups`) and each group gathers its slots up to its own longest row, so the slots read stay
 within READ_SLACK of the slots filled. Rows leave and join the batch by reindexing the page table: no KV is copied.
+With compile=True a single-token step runs through torch.compile (`_one_token`, dynamic shapes: one compilation per
+model): every row reads up to the longest row's slots (one masked group) and the step writes the new keys and values
+after the compiled forward, which fuses the many small operations of a decode step.
 """
 
 from __future__ import annotations
 
+import functools
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -22,6 +26,10 @@ from trb.rollout.decoder import Decoder, Reads
 PAGE_SLOTS = 16  # slots per KV page
 READ_SLACK = 1.2  # a length group's rows are all within this factor of its longest row
 MAX_GROUPS = 16  # at most this many length groups per step (each costs a gather and an attention call per layer)
+
+
+# a length group of one decode step: rows (None: all, in order), their slots flattened, how many rows, mask
+Group = tuple[torch.Tensor | None, torch.Tensor, int, torch.Tensor | None]
 
 
 def length_groups(lengths: list[int], slack: float = READ_SLACK, max_groups: int = MAX_GROUPS) -> list[list[int]]:
@@ -48,12 +56,13 @@ def _logp(logits: torch.Tensor, vocab: VocabSpace, stop_ids: torch.Tensor) -> to
 class PagedDecoder:
     """The lean forward of a Llama-family model (`trb.lean`) over a paged KV cache. See the module docstring."""
 
-    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, pages: int = 64):
-        self.model, self.vocab = model, vocab
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, pages: int = 64, compile: bool = False):
+        self.model, self.vocab, self.compile = model, vocab, compile
         config = model.config
         attn = model.base_model.layers[0].self_attn
-        self.layers = list(model.base_model.layers)
         self.kv_heads, self.head_dim = config.num_key_value_heads, attn.head_dim
+        self.layers = [lean.plain_layer(layer, config.num_attention_heads, self.kv_heads)
+                       for layer in model.base_model.layers]
         self.group = config.num_attention_heads // self.kv_heads
         self.scaling, self.qk_norm = attn.scaling, hasattr(attn, "q_norm")
         self.device = model.device
@@ -62,10 +71,9 @@ class PagedDecoder:
         self.lengths: list[int] = []  # filled slots per row
         self.pages: list[list[int]] = []  # page ids per row
         self.free_pages: list[int] = []
-        # per layer (H_kv, pages * PAGE_SLOTS, D): a gather of slots is then (H_kv, b, L, D), whose batch dimensions
-        # merge into one, so attention's batched matmuls read it without another copy
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        # per layer (2 H_kv, pages * PAGE_SLOTS, D), keys then values: one gather of slots reads both, (2 H_kv, b, L,
+        # D), whose batch dimensions merge into one, so attention's batched matmuls read it without another copy
+        self.kv: list[torch.Tensor] = []
         self.capacity = 0
         self.initial_pages = pages
         self.table = torch.zeros((0, 1), dtype=torch.long, device=self.device)  # (b, pages per row) page ids
@@ -86,15 +94,14 @@ class PagedDecoder:
             return
         old = self.capacity
         self.capacity = max(2 * old, old + need, self.initial_pages)
-        shape = (self.kv_heads, self.capacity * PAGE_SLOTS, self.head_dim)
-        for store in (self.keys, self.values):
-            for i in range(len(self.layers)):
-                grown = torch.zeros(shape, dtype=self._dtype(), device=self.device)  # masked slots: finite
-                if i < len(store):
-                    grown[:, : old * PAGE_SLOTS] = store[i]
-                    store[i] = grown
-                else:
-                    store.append(grown)
+        shape = (2 * self.kv_heads, self.capacity * PAGE_SLOTS, self.head_dim)
+        for i in range(len(self.layers)):
+            grown = torch.zeros(shape, dtype=self._dtype(), device=self.device)  # masked slots: finite
+            if i < len(self.kv):
+                grown[:, : old * PAGE_SLOTS] = self.kv[i]
+                self.kv[i] = grown
+            else:
+                self.kv.append(grown)
         self.free_pages.extend(range(self.capacity - 1, old - 1, -1))
 
     def _reserve(self, row: int, length: int) -> None:
@@ -129,22 +136,19 @@ class PagedDecoder:
             self.slot_map = (self.table[:, :, None] * PAGE_SLOTS + within).flatten(1)  # (b, S)
         return self.slot_map
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
-        """Queries (b, H, w, D) over each row's filled slots, heads concatenated: (b, w, H * D). A group is (rows
-        (b_g,), or None for all rows in order; slots (b_g, L_g); mask (b_g, 1, w, L_g) True = attended, or None when
-        a single token attends every slot)."""
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+        """Queries (b, H, w, D) over each row's filled slots of one layer's pool kv (2 H_kv, slots, D), heads
+        concatenated: (b, w, H * D). A group is (rows (b_g,), or None for all rows in order; their slots (b_g, L_g)
+        flattened; b_g; mask (b_g, 1, w, L_g) True = attended, or None when a single token attends every slot)."""
         batch, heads, width, _ = q.shape
         out = None
-        for rows, slots, mask in groups:
-            shape = (self.kv_heads, *slots.shape, self.head_dim)
-            k = keys.index_select(1, slots.flatten()).view(shape)  # (H_kv, b_g, L_g, D)
-            v = values.index_select(1, slots.flatten()).view(shape)
+        for rows, slots, n, mask in groups:
+            both = kv.index_select(1, slots).view(2 * self.kv_heads, n, -1, self.head_dim)  # (2 H_kv, b_g, L_g, D)
+            k, v = both[: self.kv_heads], both[self.kv_heads :]  # (H_kv, b_g, L_g, D) each
             q_g = q if rows is None else q[rows]  # (b_g, H, w, D)
             if width > 1:
                 attended = lean.attend(q_g, k.transpose(0, 1), v.transpose(0, 1), mask, self.scaling, self.group)
             else:  # grouped-query attention as batched matmuls (SDPA under a mask takes its slow path here)
-                n = len(slots)
                 qg = q_g.reshape(n, self.kv_heads, self.group, self.head_dim).transpose(0, 1)  # (H_kv, b_g, g, D)
                 exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
                 scores = torch.matmul(qg, k.transpose(-1, -2)).to(exact) * self.scaling  # (H_kv, b_g, g, L_g)
@@ -180,9 +184,8 @@ class PagedDecoder:
         filled = slots[real]  # (tokens,)
         hidden, cos, sin = lean.embed(self.model, ids, positions)  # (n, P, d), each (1, 1, P, D)
         for i, layer in enumerate(self.layers):
-            q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (n, H, P, D), (n, H_kv, P, D)
-            self.keys[i][:, filled] = k.transpose(0, 1)[:, real].to(self.keys[i].dtype)  # (H_kv, tokens, D)
-            self.values[i][:, filled] = v.transpose(0, 1)[:, real].to(self.values[i].dtype)
+            q, k, v = lean.qkv_together(layer, hidden, cos, sin, self.head_dim)  # (n, H, P, D), (n, H_kv, P, D)
+            self.kv[i][:, filled] = torch.cat([k, v], 1).transpose(0, 1)[:, real].to(self.kv[i].dtype)  # (2 H_kv, t, D)
             hidden = lean.finish_layer(layer, hidden, lean.attend(q, k, v, None, self.scaling, self.group))
         last = hidden[torch.arange(len(prompts), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return _logp(lean.output_logits(self.model, last), self.vocab, self.stop_ids)  # (n, V)
@@ -193,35 +196,55 @@ class PagedDecoder:
         before = self.lengths
         after = [n + width for n in before]
         for row, n in enumerate(after):
-            self._reserve(row, n)
+            if n > PAGE_SLOTS * len(self.pages[row]):
+                self._reserve(row, n)
         self.lengths = after
         self._sync_table()
         start = torch.tensor(before, device=self.device)  # (b,)
-        offsets = torch.arange(width, device=self.device)  # (w,)
-        positions = start[:, None] + offsets  # (b, w)
+        positions = start[:, None] + torch.arange(width, device=self.device)  # (b, w)
         slot_map = self._slot_map()  # (b, S)
         new_slots = slot_map.gather(1, positions).flatten()  # (b * w,)
+        if self.compile and width == 1:
+            return self._compiled_step(tokens, positions, start, slot_map, new_slots, max(before))
+        groups = self._groups(after, start, slot_map, width)
+        hidden, cos, sin = lean.embed(self.model, tokens, positions)  # (b, w, d), each (b, 1, w, D)
+        for i, layer in enumerate(self.layers):
+            q, k, v = lean.qkv_together(layer, hidden, cos, sin, self.head_dim)  # (b, H, w, D), (b, H_kv, w, D)
+            new = torch.cat([k, v], 1).transpose(0, 1).reshape(2 * self.kv_heads, batch * width, self.head_dim)
+            self.kv[i].index_copy_(1, new_slots, new if new.dtype == self.kv[i].dtype else new.to(self.kv[i].dtype))
+            hidden = lean.finish_layer(layer, hidden, self._attend(q, self.kv[i], groups))
+        return _logp(lean.output_logits(self.model, hidden), self.vocab, self.stop_ids)  # (b, w, V)
+
+    def _compiled_step(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
+                       slot_map: torch.Tensor, new_slots: torch.Tensor, longest: int) -> torch.Tensor:
+        """One token per row through the compiled `_one_token`: every row reads the past slots up to the longest
+        row's (one group, masked), and the new keys and values are written after it."""
+        past = torch.arange(longest, device=self.device)[None] < start[:, None]  # (b, L)
+        logits, new = _compiled_one_token()(self.model, self.head_dim, self.scaling, self.qk_norm, tokens, positions,
+                                            slot_map[:, :longest].flatten(), past, self.kv)
+        for pool, kv in zip(self.kv, new):
+            pool.index_copy_(1, new_slots, kv.to(pool.dtype))
+        self.reads.read += len(start) * (longest + 1)
+        self.reads.filled += sum(self.lengths)
+        return _logp(logits, self.vocab, self.stop_ids)  # (b, 1, V)
+
+    def _groups(self, lengths: list[int], start: torch.Tensor, slot_map: torch.Tensor, width: int) -> list[Group]:
+        """The step's length groups (`length_groups`), each read up to its longest row; counts the reads."""
         groups = []
-        for rows in length_groups(after):  # each group's rows by decreasing length
-            longest, shortest = after[rows[0]], after[rows[-1]]
-            rows_t = None if len(rows) == batch else torch.tensor(rows, device=self.device)  # (b_g,)
-            slots = (slot_map if rows_t is None else slot_map[rows_t])[:, :longest].contiguous()  # (b_g, L_g)
+        for rows in length_groups(lengths):  # each group's rows by decreasing length
+            longest, shortest = lengths[rows[0]], lengths[rows[-1]]
+            rows_t = None if len(rows) == len(lengths) else torch.tensor(rows, device=self.device)  # (b_g,)
+            slots = (slot_map if rows_t is None else slot_map[rows_t])[:, :longest]  # (b_g, L_g)
             mask = None
             if width > 1 or shortest < longest:
                 # token i of the window sees the row's slots before it and itself: slot j < start + i + 1
+                offsets = torch.arange(width, device=self.device)
                 limit = (start if rows_t is None else start[rows_t])[:, None, None] + offsets[None, :, None] + 1
                 mask = (torch.arange(longest, device=self.device)[None, None] < limit)[:, None]  # (b_g, 1, w, L_g)
-            groups.append((rows_t, slots, mask))
+            groups.append((rows_t, slots.flatten(), len(rows), mask))
             self.reads.read += len(rows) * longest
-        self.reads.filled += sum(after)
-        hidden, cos, sin = lean.embed(self.model, tokens, positions)  # (b, w, d), each (b, 1, w, D)
-        for i, layer in enumerate(self.layers):
-            q, k, v = lean.qkv(layer, hidden, cos, sin, self.head_dim, self.qk_norm)  # (b, H, w, D), (b, H_kv, w, D)
-            shape = (self.kv_heads, batch * width, self.head_dim)
-            self.keys[i].index_copy_(1, new_slots, k.transpose(0, 1).reshape(shape).to(self.keys[i].dtype))
-            self.values[i].index_copy_(1, new_slots, v.transpose(0, 1).reshape(shape).to(self.values[i].dtype))
-            hidden = lean.finish_layer(layer, hidden, self._attend(q, self.keys[i], self.values[i], groups))
-        return _logp(lean.output_logits(self.model, hidden), self.vocab, self.stop_ids)  # (b, w, V)
+        self.reads.filled += sum(lengths)
+        return groups
 
     def keep(self, rows: torch.Tensor) -> None:
         kept = rows.tolist()
@@ -243,7 +266,43 @@ class PagedDecoder:
     @property
     def kv_bytes(self) -> int:
         """Bytes of the KV pool as allocated (it grows with the tokens decoded and never shrinks within a rollout)."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+
+def _one_token(model: PreTrainedModel, head_dim: int, scaling: float, qk_norm: bool, tokens: torch.Tensor,
+               positions: torch.Tensor, slots: torch.Tensor, past: torch.Tensor,
+               pools: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One token per row over the paged pool without writing to it, so that torch.compile sees no mutation (the
+    caller writes the returned keys and values). tokens, positions (b, 1); slots (b * L,) the pool index of each
+    row's first L slots, past (b, L) True where they are filled; pools[i] (2 H_kv, S, D). The softmax runs over the
+    past slots and the token's own key together. Returns logits (b, 1, V) and each layer's new keys and values
+    (2 H_kv, b, D)."""
+    batch = tokens.shape[0]
+    hidden, cos, sin = lean.embed(model, tokens, positions)  # (b, 1, d), each (b, 1, 1, D)
+    closed = ~past[None, :, None, :]  # (1, b, 1, L)
+    new = []
+    for layer, pool in zip(model.base_model.layers, pools):
+        q, k, v = lean.qkv(layer, hidden, cos, sin, head_dim, qk_norm)  # (b, H, 1, D), (b, H_kv, 1, D) x 2
+        kv_heads = k.shape[1]
+        both = pool.index_select(1, slots).view(2 * kv_heads, batch, -1, head_dim)  # (2 H_kv, b, L, D)
+        q = q.reshape(batch, kv_heads, -1, head_dim).transpose(0, 1)  # (H_kv, b, g, D): a KV head's queries together
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # (H_kv, b, 1, D)
+        exact = torch.promote_types(q.dtype, torch.float32)  # the softmax in fp32 at least
+        scores = torch.matmul(q, both[:kv_heads].transpose(-1, -2)).to(exact) * scaling  # (H_kv, b, g, L)
+        scores = scores.masked_fill(closed, float("-inf"))
+        own = (q * k).sum(-1, keepdim=True).to(exact) * scaling  # (H_kv, b, g, 1)
+        top = torch.maximum(scores.amax(-1, keepdim=True), own)
+        scores, own = torch.exp(scores - top), torch.exp(own - top)
+        total = scores.sum(-1, keepdim=True) + own
+        attended = (torch.matmul(scores.to(v.dtype), both[kv_heads:]) + own.to(v.dtype) * v) / total.to(v.dtype)
+        hidden = lean.finish_layer(layer, hidden, attended.transpose(0, 1).reshape(batch, 1, -1))  # heads in order
+        new.append(torch.cat([k, v])[:, :, 0])  # (2 H_kv, b, D)
+    return lean.output_logits(model, hidden), new
+
+
+@functools.cache
+def _compiled_one_token():
+    return torch.compile(_one_token, dynamic=True)
 
 
 class HFDecoder:
@@ -322,15 +381,15 @@ def _join(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache,
     return cache, torch.cat([pad(mask, 1), pad(new_mask, 1)])
 
 
-def make_decoder(model: PreTrainedModel, vocab: VocabSpace, forward: str = "auto") -> Decoder:
+def make_decoder(model: PreTrainedModel, vocab: VocabSpace, forward: str = "auto", compile: bool = False) -> Decoder:
     """The backend for this model: forward = "lean" (paged, Llama family only), "hf", or "auto" (lean where
-    `trb.lean.supports` the model, else hf)."""
+    `trb.lean.supports` the model, else hf). compile: the paged decoder's single-token steps through torch.compile."""
     if forward not in ("auto", "lean", "hf"):
         raise ValueError(f"forward must be 'auto', 'lean' or 'hf', got {forward!r}")
     if forward == "lean" and not lean.supports(model):
         raise ValueError(f"the lean forward does not support this {type(model).__name__}; use forward 'auto' or 'hf'")
     if forward != "hf" and lean.supports(model):
-        return PagedDecoder(model, vocab)
+        return PagedDecoder(model, vocab, compile=compile)
     return HFDecoder(model, vocab)
 
 

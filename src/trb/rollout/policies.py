@@ -1,9 +1,20 @@
 """Behavior policies: how each method picks the next token from the student's and teacher's distributions.
 
 A policy sees, at one decoding step, the student's and (if it needs one) the teacher's next-token log-probabilities
-on the shared vocabulary, both (B, V) at temperature 1, and returns a `Choice`. Policies are small, named and
-stateless; schedules (an annealed eps, a temperature ramp) live in the training loop, which builds the policy that
-applies at each optimizer step.
+on the shared vocabulary, both (B, V) at temperature 1. Two methods:
+
+- `distribution(student_logp, teacher_logp) -> (log mu (B, V), beta (B,), KL(mu || pi_S) (B,))`: the behavior
+  distribution at each prefix, its blend weight (0 for the student, 1 for the teacher) and the trust-region budget it
+  spends (0 where the student does not run). Every engine asks this one method for mu: the own engine's `choose`
+  goes through it, speculative TRB verifies drafts against it, and an engine that samples inside its own model (a
+  `compute_logits` hook) calls it there.
+- `choose(student_logp, teacher_logp, draws) -> Choice`: one token per row, drawn as the method defines it (SKD's
+  proposal and injection, the mixture's coin), with its record.
+
+Policies are small, named and stateless; schedules (an annealed eps, a temperature ramp) live in the training loop,
+which builds the policy that applies at each optimizer step. A policy's numbers (eps, temperatures, alpha) are
+0-dim tensors from construction, so compiled code takes them as inputs: a schedule that changes them at every step
+compiles once.
 
 `draws` holds the step's randomness: `draws.token(logp) -> (B,)` picks a token (an exponential race, or argmax for
 greedy decoding) and `draws.uniform() -> (B,)` flips a coin. Each call takes a fresh stream keyed by the sequence and
@@ -13,12 +24,15 @@ position (`trb.core.keyed_uniform`), so a sequence's tokens depend on nothing bu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
 
 import torch
 
 from trb.core import blend_logp, keyed_sample, keyed_uniform, kl_divergence, trust_region, with_temperature
+
+# log mu (B, V), beta (B,), KL(mu || pi_S) (B,)
+Distribution = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Draws:
@@ -57,16 +71,17 @@ class Choice:
 
 
 class BehaviorPolicy(Protocol):
-    """What the decode engine asks of a behavior policy. needs_student / needs_teacher: which models must run.
-    speculative: the policy can also be sampled exactly by speculative decoding (`trb.rollout.speculative`): it has
-    `target(student_logp, teacher_logp) -> (log mu (..., V), beta (...), KL(mu || pi_S) (...))`, the distribution it
-    samples at a prefix,
-    which depends on nothing but that prefix (TRB's blend)."""
+    """What an engine asks of a behavior policy. needs_student / needs_teacher: which models must run.
+    speculative: mu at a prefix depends on nothing but that prefix's two distributions (TRB's blend), so the policy
+    can also be sampled exactly by speculative decoding (`trb.rollout.speculative`), which draws through
+    `distribution` alone."""
 
     name: str
     needs_student: bool
     needs_teacher: bool
     speculative: bool
+
+    def distribution(self, student_logp: torch.Tensor | None, teacher_logp: torch.Tensor | None) -> Distribution: ...
 
     def choose(self, student_logp: torch.Tensor | None, teacher_logp: torch.Tensor | None, draws: Draws) -> Choice: ...
 
@@ -76,95 +91,126 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _tensor(value: float | torch.Tensor) -> torch.Tensor:
+    """A policy's number as a 0-dim float64 tensor (rounded to the math's dtype where it is used)."""
+    return torch.as_tensor(value, dtype=torch.float64).detach()
+
+
+def _set(policy, name: str, value) -> None:
+    object.__setattr__(policy, name, value)  # frozen dataclasses: derived fields are set once, at construction
+
+
 def _pick(logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, token[:, None])[:, 0]  # (B,)
 
 
-def _choice_from(mu_logp, student_logp, token, beta, from_teacher) -> Choice:
-    kl = kl_divergence(mu_logp, student_logp) if student_logp is not None else torch.zeros_like(beta)
-    return Choice(token, _pick(mu_logp, token), beta, kl, from_teacher)
+def _drawn(target: Distribution, draws: Draws, from_teacher: bool) -> Choice:
+    """A token drawn from the policy's distribution itself, with its record."""
+    mu, beta, kl = target  # (B, V), (B,), (B,)
+    token = draws.token(mu)  # (B,)
+    return Choice(token, _pick(mu, token), beta, kl, torch.full_like(token, from_teacher, dtype=torch.bool))
 
 
 @dataclass(frozen=True)
-class StudentPolicy:
-    """Sample from the student at temperature tau (vanilla OPD at tau = 1; temperature warmup ramps tau)."""
+class _Tempered:
+    """Sampling from one model at temperature tau (the subclass says which: `distribution`)."""
 
+    speculative: ClassVar[bool] = False
     temperature: float = 1.0
-    name: str = "student"
-    needs_student: bool = True
-    needs_teacher: bool = False
-    speculative: bool = False
+    _tau: torch.Tensor = field(init=False, repr=False, compare=False)
+    _plain: bool = field(init=False, repr=False, compare=False)  # tau = 1: the log-probs as given
 
     def __post_init__(self):
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(float(self.temperature) > 0, f"temperature must be > 0, got {float(self.temperature)}")
+        _set(self, "_tau", _tensor(self.temperature))
+        _set(self, "_plain", float(self.temperature) == 1.0)
+
+    def _mu(self, logp: torch.Tensor) -> torch.Tensor:
+        return logp if self._plain else with_temperature(logp, self._tau)  # (B, V)
 
     def choose(self, student_logp, teacher_logp, draws) -> Choice:
-        mu = student_logp if self.temperature == 1.0 else with_temperature(student_logp, self.temperature)  # (B, V)
-        token = draws.token(mu)  # (B,)
-        zeros = torch.zeros(token.shape, device=token.device)
-        no_teacher = torch.zeros_like(token, dtype=torch.bool)
-        if mu is student_logp:  # KL(pi_S || pi_S) = 0: no pass over the vocabulary for it
-            return Choice(token, _pick(mu, token), zeros, zeros, no_teacher)
-        return _choice_from(mu, student_logp, token, zeros, no_teacher)
+        return _drawn(self.distribution(student_logp, teacher_logp), draws, from_teacher=not self.needs_student)
 
 
 @dataclass(frozen=True)
-class TRBPolicy:
+class StudentPolicy(_Tempered):
+    """Sample from the student at temperature tau (vanilla OPD at tau = 1; temperature warmup ramps tau)."""
+
+    name: ClassVar[str] = "student"
+    needs_student: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = False
+
+    def distribution(self, student_logp, teacher_logp) -> Distribution:
+        mu = self._mu(student_logp)  # (B, V)
+        zeros = student_logp.new_zeros(student_logp.shape[:-1])  # (B,)
+        return mu, zeros, zeros if self._plain else kl_divergence(mu, student_logp)  # KL(pi_S || pi_S) = 0: no pass
+
+
+@dataclass(frozen=True)
+class TeacherPolicy(_Tempered):
+    """Sample from the teacher at temperature tau (SFT-warmup data, sequence-level KD). The student does not run:
+    the budget spent is recorded as 0."""
+
+    name: ClassVar[str] = "teacher"
+    needs_student: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = True
+
+    def distribution(self, student_logp, teacher_logp) -> Distribution:
+        mu = self._mu(teacher_logp)  # (B, V)
+        return mu, teacher_logp.new_ones(mu.shape[:-1]), teacher_logp.new_zeros(mu.shape[:-1])
+
+
+class _BothModels:
+    """A policy of the student's and the teacher's distributions."""
+
+    needs_student: ClassVar[bool] = True
+    needs_teacher: ClassVar[bool] = True
+    speculative: ClassVar[bool] = False
+
+
+def _around_student(mu: torch.Tensor, student_logp: torch.Tensor) -> Distribution:
+    """mu (B, V) of a policy that does not blend (beta 0), with the budget it spends, KL(mu || pi_S)."""
+    return mu, student_logp.new_zeros(mu.shape[:-1]), kl_divergence(mu, student_logp)
+
+
+@dataclass(frozen=True)
+class TRBPolicy(_BothModels):
     """Sample from mu_beta*, the blend closest to the teacher with KL(mu || pi_S) <= eps (METHOD.md section 2).
     Fixed-eps blending is this policy with the same eps at every step."""
 
+    name: ClassVar[str] = "trb"
+    speculative: ClassVar[bool] = True
     eps: float
-    name: str = "trb"
-    needs_student: bool = True
-    needs_teacher: bool = True
-    speculative: bool = True
+    _eps: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if not isinstance(self.eps, torch.Tensor):
-            _check(math.isfinite(self.eps) and self.eps >= 0, f"eps must be a finite number >= 0, got {self.eps}")
+        eps = float(self.eps)
+        _check(math.isfinite(eps) and eps >= 0, f"eps must be a finite number >= 0, got {eps}")
+        _set(self, "_eps", _tensor(self.eps))
 
-    def target(self, student_logp: torch.Tensor,
-               teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log mu_beta* (..., V), beta* (...) and the realized KL(mu || pi_S) (...) (float64-exact, at most eps): the
-        distribution this policy samples from at each prefix (lock-step and speculative decoding both draw through
-        it) and the budget it spends."""
-        beta, kl = trust_region(student_logp, teacher_logp, self.eps)  # (...) each
+    def distribution(self, student_logp, teacher_logp) -> Distribution:
+        """log mu_beta* (..., V), beta* (...) and the realized KL(mu || pi_S) (...) (float64-exact, at most eps)."""
+        beta, kl = trust_region(student_logp, teacher_logp, self._eps)  # (...) each
         return blend_logp(student_logp, teacher_logp, beta), beta, kl
 
     def choose(self, student_logp, teacher_logp, draws) -> Choice:
-        mu, beta, kl = self.target(student_logp, teacher_logp)  # (B, V), (B,), (B,)
-        token = draws.token(mu)  # (B,)
-        return Choice(token, _pick(mu, token), beta, kl, torch.zeros_like(token, dtype=torch.bool))
+        return _drawn(self.distribution(student_logp, teacher_logp), draws, from_teacher=False)
 
 
-@dataclass(frozen=True)
-class TeacherPolicy:
-    """Sample from the teacher (SFT-warmup data, sequence-level KD). The student does not run."""
-
-    temperature: float = 1.0
-    name: str = "teacher"
-    needs_student: bool = False
-    needs_teacher: bool = True
-    speculative: bool = False
-
-    def __post_init__(self):
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-
-    def choose(self, student_logp, teacher_logp, draws) -> Choice:
-        mu = teacher_logp if self.temperature == 1.0 else with_temperature(teacher_logp, self.temperature)  # (B, V)
-        token = draws.token(mu)  # (B,)
-        ones = torch.ones(token.shape, device=token.device)
-        return _choice_from(mu, None, token, ones, torch.ones_like(token, dtype=torch.bool))
+def _teacher_top(teacher_logp: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The teacher's top-k tokens as a mask, (B, V) bool."""
+    k = min(top_k, teacher_logp.shape[-1])
+    return torch.zeros_like(teacher_logp, dtype=torch.bool).scatter_(-1, teacher_logp.topk(k, -1).indices, True)
 
 
-def skd_logp(student_logp: torch.Tensor, teacher_logp: torch.Tensor, top_k: int, teacher_temperature: float):
+def skd_logp(student_logp: torch.Tensor, teacher_logp: torch.Tensor, top_k: int,
+             teacher_temperature: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The SKD behavior distribution, analytically: log mu (B, V) and the teacher's top-k mask (B, V).
 
     y ~ pi_S is kept if it is in the teacher's top-k, otherwise replaced by a sample of pi_T at temperature tau_T:
     mu(a) = pi_S(a) 1[a in topk_T] + P_S(y not in topk_T) pi_T^tau(a).
     """
-    k = min(top_k, teacher_logp.shape[-1])
-    in_top = torch.zeros_like(teacher_logp, dtype=torch.bool).scatter_(-1, teacher_logp.topk(k, -1).indices, True)
+    in_top = _teacher_top(teacher_logp, top_k)  # (B, V)
     outside = torch.logsumexp(torch.where(in_top, float("-inf"), student_logp), dim=-1, keepdim=True)  # (B, 1)
     injected = outside + with_temperature(teacher_logp, teacher_temperature)  # (B, V)
     kept = torch.where(in_top, student_logp, float("-inf"))  # (B, V)
@@ -172,49 +218,53 @@ def skd_logp(student_logp: torch.Tensor, teacher_logp: torch.Tensor, top_k: int,
 
 
 @dataclass(frozen=True)
-class SKDPolicy:
+class SKDPolicy(_BothModels):
     """Interleaved teacher injection (SKD-style): keep the student's token if the teacher ranks it in its top-k,
     else replace it with a sample from the teacher at temperature tau_T."""
 
+    name: ClassVar[str] = "skd"
     top_k: int = 25
     teacher_temperature: float = 1.0
-    name: str = "skd"
-    needs_student: bool = True
-    needs_teacher: bool = True
-    speculative: bool = False
+    _tau: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
-        _check(self.teacher_temperature > 0, f"teacher_temperature must be > 0, got {self.teacher_temperature}")
+        tau = float(self.teacher_temperature)
+        _check(tau > 0, f"teacher_temperature must be > 0, got {tau}")
+        _set(self, "_tau", _tensor(self.teacher_temperature))
+
+    def distribution(self, student_logp, teacher_logp) -> Distribution:
+        return _around_student(skd_logp(student_logp, teacher_logp, self.top_k, self._tau)[0], student_logp)
 
     def choose(self, student_logp, teacher_logp, draws) -> Choice:
-        mu, in_top = skd_logp(student_logp, teacher_logp, self.top_k, self.teacher_temperature)  # (B, V)
+        mu, beta, kl = self.distribution(student_logp, teacher_logp)  # (B, V), (B,), (B,)
         proposal = draws.token(student_logp)  # (B,)
-        injected = draws.token(with_temperature(teacher_logp, self.teacher_temperature))  # (B,)
-        replace = ~_pick(in_top, proposal)  # (B,)
+        injected = draws.token(with_temperature(teacher_logp, self._tau))  # (B,)
+        replace = ~_pick(_teacher_top(teacher_logp, self.top_k), proposal)  # (B,)
         token = torch.where(replace, injected, proposal)  # (B,)
-        zeros = torch.zeros(token.shape, device=token.device)
-        return _choice_from(mu, student_logp, token, zeros, replace)
+        return Choice(token, _pick(mu, token), beta, kl, replace)
 
 
 @dataclass(frozen=True)
-class MixturePolicy:
+class MixturePolicy(_BothModels):
     """MiniLLM teacher-mixed sampling from alpha pi_T + (1 - alpha) pi_S: a coin with probability alpha picks the
     teacher as the source of the token. The per-token importance weight pi_S / mixture is
     exp(student_logp - behavior_logp) of the rollout record."""
 
+    name: ClassVar[str] = "mixture"
     alpha: float = 0.2
-    name: str = "mixture"
-    needs_student: bool = True
-    needs_teacher: bool = True
-    speculative: bool = False
+    _alpha: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        _check(0 < self.alpha < 1, f"alpha must be in (0, 1), got {self.alpha}")
+        _check(0 < float(self.alpha) < 1, f"alpha must be in (0, 1), got {float(self.alpha)}")
+        _set(self, "_alpha", _tensor(self.alpha))
+
+    def distribution(self, student_logp, teacher_logp) -> Distribution:
+        mu = torch.logaddexp(student_logp + torch.log1p(-self._alpha), teacher_logp + torch.log(self._alpha))  # (B, V)
+        return _around_student(mu, student_logp)
 
     def choose(self, student_logp, teacher_logp, draws) -> Choice:
-        mu = torch.logaddexp(student_logp + math.log1p(-self.alpha), teacher_logp + math.log(self.alpha))  # (B, V)
-        from_teacher = draws.uniform() < self.alpha  # (B,)
+        mu, beta, kl = self.distribution(student_logp, teacher_logp)  # (B, V), (B,), (B,)
+        from_teacher = draws.uniform() < self._alpha  # (B,)
         token = torch.where(from_teacher, draws.token(teacher_logp), draws.token(student_logp))  # (B,)
-        zeros = torch.zeros(token.shape, device=token.device)
-        return _choice_from(mu, student_logp, token, zeros, from_teacher)
+        return Choice(token, _pick(mu, token), beta, kl, from_teacher)
