@@ -1,8 +1,11 @@
-"""Loading a run: the device, the student/teacher pair, the tokenizers and the data, each checked before any heavy
-work (`setup`); the pair must share a tokenization and fit the context the run asks for."""
+"""Loading a run: the CPU threads, the device, the student/teacher pair, the tokenizers and the data, each checked
+before any heavy work (`setup`); the pair must share a tokenization and fit the context the run asks for, and a
+warning says when max_new_tokens cuts many reference solutions short."""
 
 from __future__ import annotations
 
+import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,47 @@ from trb.models import CompatibilityError, add_lora, load_causal_lm, load_tokeni
 from trb.run_folder import RunDir
 from trb.stopping import StopSignals
 from trb.tasks import data_splits, format_prompt, tokenize_prompts
+
+
+def set_threads(threads: int | None) -> str:
+    """Set torch's CPU (intra-op) threads to `threads`; by default to OMP_NUM_THREADS where set (as `trb compare` and
+    `trb demo` set it for their runs), else to the cores other processes leave idle (`idle_cores`). Torch's own
+    default, every core, oversubscribes a busy machine. Returns the line that says what was chosen and why."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+        return f"torch threads: {threads}"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    torch.set_num_threads(idle_cores(cores, load))
+    return f"torch threads: {idle_cores(cores, load)} ({cores} cores, load average {load:.1f}; --threads N to choose)"
+
+
+def idle_cores(cores: int, load: float) -> int:
+    """The cores other processes leave idle: the cores less the 1-minute load average, rounded, at least 1."""
+    return max(1, min(cores, math.floor(cores - load + 0.5)))
+
+
+# Share of the reference solutions max_new_tokens may cut short before a run warns: above 1% the cap sits below the
+# 99th percentile of their lengths, and pass@1 can lose that share of the problems whose answers are as long.
+TRUNCATION_WARN_SHARE = 0.01
+
+
+def truncation_warning(lengths: list[int], max_new_tokens: int) -> str | None:
+    """A warning when max_new_tokens cuts more than TRUNCATION_WARN_SHARE of the reference solutions, whose `lengths`
+    are their tokens (with EOS): how many, and the caps that cover 95%, 99% and all of them."""
+    cut = sum(n > max_new_tokens for n in lengths)
+    if cut <= TRUNCATION_WARN_SHARE * len(lengths):
+        return None
+    ordered = sorted(lengths)
+
+    def cover(share: float) -> int:  # the smallest cap under which `share` of the solutions fit
+        return ordered[math.ceil(share * len(ordered)) - 1]
+
+    return (f"max_new_tokens={max_new_tokens} cuts {cut:,} of the {len(lengths):,} reference solutions short "
+            f"({cut / len(lengths):.1%}, in the student's tokens with EOS; trb warns above "
+            f"{TRUNCATION_WARN_SHARE:.0%}): max_new_tokens={cover(0.95)} covers 95% of them, {cover(0.99)} 99% and "
+            f"{ordered[-1]} all; raise it, or rollouts and evaluations stop such answers before they end")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,6 +86,7 @@ class Setup:
     test_problems: list
     bf16: bool = False  # bf16 autocast for decoding and training forwards (config `autocast`)
     val_problems: list = field(default_factory=list)  # validation: evaluated beside the test set, never trained on
+    warnings: list[str] = field(default_factory=list)  # what the run should say before it starts (`truncation_warning`)
 
     @property
     def autocast(self):
@@ -112,9 +157,12 @@ def _load(cfg: TrainConfig, world: distributed.World, run: RunDir) -> Setup:
         )
     solutions = [ids + [vocab.eos_id] for ids in
                  tokenizer([p.solution for p in train_problems], add_special_tokens=False)["input_ids"]]
+    held_out = tokenizer([p.solution for p in val_problems + test_problems], add_special_tokens=False)["input_ids"]
+    warning = truncation_warning([len(ids) for ids in solutions] + [len(ids) + 1 for ids in held_out],
+                                 cfg.max_new_tokens)
     bf16 = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
     return Setup(run, world, device, student, teacher, tokenizer, vocab, prompts, solutions,
-                 test_problems, bf16, val_problems)
+                 test_problems, bf16, val_problems, [warning] if warning else [])
 
 
 def check_same_tokenization(student_tokenizer, teacher_tokenizer, problems, system_prompt) -> None:
