@@ -284,7 +284,7 @@ class Run:
         summary = {"status": status, "run": str(run.path), "final": self.state.last_eval.get("values", {}),
                    "decoder": self.t.decoder,  # what decoded the student's rollouts
                    "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
-                               f"{torch.get_num_threads()} torch threads), {s.device}, {self.world.size} rank(s)",
+                               f"{torch.get_num_threads()} torch thread(s)), {s.device}, {self.world.size} rank(s)",
                    "warnings": s.warnings}
         if status == "completed" and self.world.main:  # summary.json marks a finished run
             write_atomic(run.path / "summary.json", json.dumps(summary, indent=1))
