@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 
 SETTINGS = {  # name -> environment
@@ -29,6 +30,14 @@ SETTINGS = {  # name -> environment
     "all cores, passive": {"OMP_NUM_THREADS": "{cores}", "OMP_WAIT_POLICY": "PASSIVE"},
     "all cores, active": {"OMP_NUM_THREADS": "{cores}", "OMP_WAIT_POLICY": "ACTIVE"},
 }
+
+
+def cpu_model() -> str:
+    """The processor's name as /proc/cpuinfo gives it (platform.processor() is often just the architecture)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
 
 
 def child(steps: int) -> None:
@@ -85,7 +94,7 @@ def main() -> None:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
-    result = {"benchmark": "threads", "device": f"cpu: {platform.processor() or platform.machine()}, {cores} cores",
+    result = {"benchmark": "threads", "device": f"cpu: {cpu_model()}, {cores} cores",
               "load_average_1min_at_start": round(load_before, 2), "added_load": args.load,
               "step": "word miniature, TRB rollouts 8 prompts x 4, 64 new tokens, reverse-KL backward, AdamW"}
     for name, values in samples.items():

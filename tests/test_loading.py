@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from trb import loading
 from trb.config import load_config
-from trb.loading import idle_cores, set_threads, truncation_warning
+from trb.loading import busy_cores, cpu_times, idle_cores, set_threads, truncation_warning
 from trb.models import load_tokenizer
 from trb.tasks import SETTINGS
 
@@ -22,16 +23,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cores,load,expected", [
-    (2, 4.8, 1),  # the busy 2-core machine of benchmarks/bench_threads.py
+@pytest.mark.parametrize("cores,busy,expected", [
+    (2, 2.0, 1),  # the busy 2-core machine of benchmarks/bench_threads.py
     (2, 0.1, 2),  # a quiet one: every core, torch's own default
     (2, 0.6, 1),  # 1.4 cores idle
     (2, 0.5, 2),  # 1.5 rounds up
     (16, 3.4, 13),
-    (4, 40.0, 1),  # never fewer than one
+    (4, 4.0, 1),  # never fewer than one
 ])
-def test_idle_cores_are_the_cores_less_the_load_at_least_one(cores, load, expected):
-    assert idle_cores(cores, load) == expected
+def test_idle_cores_are_the_cores_less_the_busy_ones_at_least_one(cores, busy, expected):
+    assert idle_cores(cores, busy) == expected
+
+
+def test_cpu_times_count_normal_priority_work_as_busy_and_nice_work_as_idle():
+    #              user  nice   system idle  iowait irq softirq steal guest guest_nice
+    line = "cpu  1000  5000   300    2000  100    20  30      50    7     9\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+    assert cpu_times(line) == (1000 + 300 + 20 + 30 + 50, 1000 + 5000 + 300 + 2000 + 100 + 20 + 30 + 50)
+
+
+def test_busy_cores_lie_between_none_and_all():
+    assert 0.0 <= busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9
 
 
 def test_set_threads_takes_the_option_then_omp_num_threads_then_the_idle_cores(monkeypatch):
@@ -41,10 +52,10 @@ def test_set_threads_takes_the_option_then_omp_num_threads_then_the_idle_cores(m
         assert set_threads(None) == "torch threads: 3 (OMP_NUM_THREADS)" and torch.get_num_threads() == 3
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setattr(os, "cpu_count", lambda: 2)
-        monkeypatch.setattr(os, "getloadavg", lambda: (4.8, 5.1, 8.0))
-        assert set_threads(None) == "torch threads: 1 (2 cores, load average 4.8; --threads N to choose)"
+        monkeypatch.setattr(loading, "busy_cores", lambda: 1.9)
+        assert set_threads(None) == "torch threads: 1 (2 cores, 1.9 busy with other work; --threads N to choose)"
         assert torch.get_num_threads() == 1
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.2, 0.3))
+        monkeypatch.setattr(loading, "busy_cores", lambda: 0.2)
         assert set_threads(None).startswith("torch threads: 2 (") and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)  # the suite's (tests/conftest.py)

@@ -404,7 +404,8 @@ def test_prepare_with_other_options_does_not_replace_a_finished_pair(tmp_path, m
     assert main(command + ["--teacher-steps", "9", "--overwrite"]) == 0
     report = json.loads((out / "prepare.json").read_text())
     assert report["teacher"]["sft_steps"] == 9 and report["settings"]["config"]["teacher_sft"]["steps"] == 9
-    assert not (out / ".resume").exists() and hashes(out)["teacher/model.safetensors"] != made["teacher/model.safetensors"]
+    assert not (out / ".resume").exists()
+    assert hashes(out)["teacher/model.safetensors"] != made["teacher/model.safetensors"]
 
 
 def test_prepare_on_its_own_finished_pair_returns_the_report_and_trains_nothing(tiny_run):

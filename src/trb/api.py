@@ -74,7 +74,7 @@ def distill(config: TrainConfig | str | Path, overrides: list[str] = (), log=pri
     config: a TrainConfig, or a YAML path (`trb:configs/miniature_arith.yaml`); overrides: `key=value` strings as on
     the command line (`method.name=...` may name a method registered with `register_method`, `loss.divergence=...`
     one registered with `register_divergence`). log: where progress lines go. threads: torch's CPU threads (default:
-    OMP_NUM_THREADS where set, else the cores other processes leave idle; `trb.loading.set_threads`). OpenMP reads its
+    OMP_NUM_THREADS where set, else the cores other work leaves idle; `trb.loading.set_threads`). OpenMP reads its
     wait policy when torch loads, which in Python is before this call: export OMP_WAIT_POLICY=PASSIVE before starting
     Python on a machine other work shares (the `trb` command sets it itself; docs/cli.md#threads). Returns the run's
     summary: status, run folder, final evaluation."""

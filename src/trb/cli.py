@@ -282,8 +282,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-THREADS_HELP = ("torch CPU threads (default: OMP_NUM_THREADS if set, else the cores other processes leave idle: the "
-                "cores minus the 1-minute load average, at least 1)")
+THREADS_HELP = ("torch CPU threads (default: OMP_NUM_THREADS if set, else the cores other work leaves idle, "
+                "measured over 0.3 s at start, at least 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +24,43 @@ from trb.tasks import data_splits, format_prompt, tokenize_prompts
 
 def set_threads(threads: int | None) -> str:
     """Set torch's CPU (intra-op) threads to `threads`; by default to OMP_NUM_THREADS where set (as `trb compare` and
-    `trb demo` set it for their runs), else to the cores other processes leave idle (`idle_cores`). Torch's own
-    default, every core, oversubscribes a busy machine. Returns the line that says what was chosen and why."""
+    `trb demo` set it for their runs), else to the cores other work leaves idle (`busy_cores`, `idle_cores`). Torch's
+    own default, every core, oversubscribes a busy machine. Returns the line that says what was chosen and why."""
     if threads is not None:
         torch.set_num_threads(threads)
         return f"torch threads: {threads}"
     if os.environ.get("OMP_NUM_THREADS"):
         return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
-    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
-    torch.set_num_threads(idle_cores(cores, load))
-    return f"torch threads: {idle_cores(cores, load)} ({cores} cores, load average {load:.1f}; --threads N to choose)"
+    cores, busy = os.cpu_count() or 1, busy_cores()
+    torch.set_num_threads(idle_cores(cores, busy))
+    return (f"torch threads: {idle_cores(cores, busy)} ({cores} cores, {busy:.1f} busy with other work; --threads N to "
+            "choose)")
 
 
-def idle_cores(cores: int, load: float) -> int:
-    """The cores other processes leave idle: the cores less the 1-minute load average, rounded, at least 1."""
-    return max(1, min(cores, math.floor(cores - load + 0.5)))
+def idle_cores(cores: int, busy: float) -> int:
+    """The cores other work leaves idle: the cores less the busy ones, rounded, at least 1."""
+    return max(1, min(cores, math.floor(cores - busy + 0.5)))
+
+
+def busy_cores(window_s: float = 0.3) -> float:
+    """How many cores other processes keep busy at normal priority: their share of the CPU time over `window_s`
+    (this process sleeps meanwhile) from /proc/stat, times the cores; where there is no /proc/stat, the 1-minute load
+    average. Work at a lower priority (nice) does not count: the scheduler gives its cores to a run that wants them."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return os.getloadavg()[0]
+    busy_before, total_before = cpu_times(stat.read_text())
+    time.sleep(window_s)
+    busy_after, total_after = cpu_times(stat.read_text())
+    return (os.cpu_count() or 1) * (busy_after - busy_before) / max(total_after - total_before, 1)
+
+
+def cpu_times(proc_stat: str) -> tuple[int, int]:
+    """(busy, total) CPU time of all cores, in clock ticks, from /proc/stat's first line (user, nice, system, idle,
+    iowait, irq, softirq, steal, ...): busy is user + system + irq + softirq + steal, nice and idle are not."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, proc_stat.split("\n", 1)[0].split()[1:9])
+    busy = user + system + irq + softirq + steal
+    return busy, busy + nice + idle + iowait
 
 
 # Share of the reference solutions max_new_tokens may cut short before a run warns: above 1% the cap sits below the
