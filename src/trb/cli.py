@@ -433,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # OpenMP's idle threads sleep instead of spinning (unless the environment says otherwise): read when torch loads,
     # so set before any subcommand imports it, and inherited by the runs `trb compare` and `trb demo` start. On a
-    # busy 2-core machine a spinning thread waited out whole time slices, and a training step with torch's default
-    # two threads took 7 times as long as with one (benchmarks/bench_threads.py, docs/cli.md#threads).
+    # busy 2-core machine a waiting thread spun while the one it waited for was off its core, and a training step
+    # with torch's default two threads took 9 times as long as with one (benchmarks/bench_threads.py, docs/cli.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # train: SIGTERM/SIGINT handled before the heavy imports, so a signal at any moment gets a clean exit
     args.signals = StopSignals().install() if args.command == "train" else None
