@@ -92,12 +92,12 @@ def test_report_labels_the_run_by_its_method_not_its_folder(trained):
 
 
 def test_train_says_what_it_does_between_evaluations_in_plain_lines(trained):
-    """No progress bar (stderr is not a terminal) and no bar characters: a line for the threads, the loading, each
-    evaluation as it starts and as it ends, and the first training step."""
+    """No progress bar (stderr is not a terminal) and no bar characters: a line once the models and data are loaded
+    (with the threads chosen), each evaluation as it starts and as it ends, and the first training step."""
     lines = trained["log"].splitlines()
     assert "\r" not in trained["log"] and "it/s" not in trained["log"]
-    assert lines[0] == "torch threads: 1 (OMP_NUM_THREADS)"  # the suite's (tests/conftest.py)
-    assert lines[1].startswith("loading the student ")
+    assert lines[0].startswith("loaded the student, the teacher and 60 training prompts in ")
+    assert lines[0].endswith(" s; torch threads: 1 (OMP_NUM_THREADS)")  # the suite's (tests/conftest.py)
     started = lines.index("step 0: evaluating avg@1 pass@1 on 8 test problems and 4 validation problems")
     assert lines[started + 1].startswith("step 0: pass@1 ") and lines[started + 1].endswith(" s)")
     step = next(i for i, line in enumerate(lines) if line.startswith("step 1/4: loss "))
@@ -117,9 +117,9 @@ def test_train_warns_when_max_new_tokens_cuts_the_reference_solutions_short(trai
     assert main(["train", str(trained["config"]), f"out_dir={trained['run']}", "resume=true", "--dry-run",
                  "--threads", "1"]) == 0
     captured = capsys.readouterr()
-    assert json.loads(captured.out.strip().splitlines()[-1])["warnings"] == [warning]
-    assert captured.err.splitlines()[0] == "torch threads: 1"
-    assert f"trb: warning: {warning}" in captured.err.splitlines()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert report["warnings"] == [warning] and report["torch_threads"] == 1
+    assert captured.err.splitlines() == [f"trb: warning: {warning}"]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trb import preflight
 from trb.config import TrainConfig, apply_overrides, as_dict, build, load_config
-from trb.loading import set_threads
 from trb.models import VocabSpace, load_causal_lm, load_tokenizer, vocab_space
 from trb.rollout import BehaviorPolicy, Rollout, generate
 from trb.tasks import tokenize_prompts
@@ -74,7 +73,8 @@ def distill(config: TrainConfig | str | Path, overrides: list[str] = (), log=pri
     config: a TrainConfig, or a YAML path (`trb:configs/miniature_arith.yaml`); overrides: `key=value` strings as on
     the command line (`method.name=...` may name a method registered with `register_method`, `loss.divergence=...`
     one registered with `register_divergence`). log: where progress lines go. threads: torch's CPU threads (default:
-    OMP_NUM_THREADS where set, else the cores other work leaves idle; `trb.loading.set_threads`). OpenMP reads its
+    OMP_NUM_THREADS where set, else the cores other work leaves idle; `trb.loading.set_threads`;
+    the first progress line says which). OpenMP reads its
     wait policy when torch loads, which in Python is before this call: export OMP_WAIT_POLICY=PASSIVE before starting
     Python on a machine other work shares (the `trb` command sets it itself; docs/cli.md#threads). Returns the run's
     summary: status, run folder, final evaluation."""
@@ -83,5 +83,4 @@ def distill(config: TrainConfig | str | Path, overrides: list[str] = (), log=pri
     else:
         config = load_config(config, list(overrides))
     preflight.train_paths(config)  # every path the config names, before the models load
-    log(set_threads(threads))
-    return train(config, log=log)
+    return train(config, log=log, threads=threads)

@@ -85,17 +85,15 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)  # checked before torch is imported: a bad value fails at once
     preflight.train_paths(cfg, dry_run=args.dry_run)  # and every path it names
     _quiet_libraries()
-    from trb.loading import set_threads
     from trb.train import dry_run, train
 
-    _log(set_threads(args.threads))
     if args.dry_run:
-        report = dry_run(cfg, log=lambda message: None, signals=args.signals)
+        report = dry_run(cfg, log=lambda message: None, signals=args.signals, threads=args.threads)
         for warning in report["warnings"]:
             _log(f"trb: warning: {warning}")
         print(json.dumps(report))
         return 0
-    summary = train(cfg, log=_log, signals=args.signals)
+    summary = train(cfg, log=_log, signals=args.signals, threads=args.threads)
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else EXIT_PREEMPTED
 
@@ -118,7 +116,7 @@ def cmd_eval(args) -> int:
     from trb.tasks import load_problems, problem_splits
     from trb.loading import resolve_device, set_threads
 
-    _log(set_threads(args.threads))
+    chosen = set_threads(args.threads)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
     student = load_causal_lm(args.model, device)
@@ -128,6 +126,7 @@ def cmd_eval(args) -> int:
         problems = load_problems(args.data)
     else:
         _, problems = problem_splits(args.data, 1, args.problems, args.data_seed, fields=None)
+    _log(f"evaluating avg@{args.n} pass@1 on {len(problems)} problems; {chosen}")  # once everything is loaded
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = evaluate(student, tokenizer, problems, vocab, n_samples=args.n, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch, seed=args.seed, teacher=teacher, system_prompt=args.system_prompt)
@@ -177,7 +176,7 @@ def cmd_prepare(args) -> int:
     from trb.loading import resolve_device, set_threads
     from trb.miniature import prepare
 
-    _log(set_threads(args.threads))
+    set_threads(args.threads)  # prepare's data line says how many
     report = prepare(args.source, Path(args.out), config, device=str(resolve_device(args.device)), log=_log,
                      teacher_from=args.teacher_from, teacher_more_steps=args.teacher_more_steps or 0,
                      student_from=args.student_from, overwrite=args.overwrite)

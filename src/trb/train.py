@@ -30,7 +30,7 @@ from trb.config import ConfigError, TrainConfig
 from trb.core import step_prompts, stream_seed
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
-from trb.loading import Setup, setup
+from trb.loading import Setup, set_threads, setup
 from trb.losses import distill_loss
 from trb.models import merged_lora_model
 from trb.records import write_record
@@ -334,11 +334,11 @@ def rollout_stats(sums: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> dict:
+def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None, threads: int | None = None) -> dict:
     """Validate a config end to end without writing to its out_dir: load and check the models, tokenizers and data
     as the real run would, then run one tiny optimizer step (one prompt, a few tokens, its checkpoint) in a temporary
     folder. Returns what was checked. An out_dir that already holds a run is not refused (nothing is written there):
-    the report's "out_dir" says whether the real run could use it as given."""
+    the report's "out_dir" says whether the real run could use it as given. threads: as `train`'s."""
     out_dir = "ok"
     if (Path(cfg.out_dir) / "config.yaml").exists():  # a run is there: the dry run leaves it alone and says so
         try:
@@ -349,6 +349,7 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
         RunDir.check(cfg)
     with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
         started = time.perf_counter()
+        set_threads(threads)
         s = setup(replace(cfg, out_dir=tmp, resume=False), signals)
         s.test_problems, s.val_problems = s.test_problems[:1], s.val_problems[:1]
         world = s.world.size
@@ -363,17 +364,20 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
             "vocab_size": s.vocab.size, "stop_ids": list(s.vocab.stop_ids), "eos_emitted": s.vocab.eos_id,
             "train_prompts": len(s.prompts), "longest_prompt_tokens": max(map(len, s.prompts)),
             "method": cfg.method.name, "ranks": world, "out_dir": out_dir, "decoder": summary["decoder"],
-            "warnings": s.warnings,
+            "warnings": s.warnings, "torch_threads": torch.get_num_threads(),
             "load_s": round(loaded - started, 1), "step_s": round(time.perf_counter() - loaded, 1),
         }
     log(f"dry run ok: {report}")
     return report
 
 
-def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSignals | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup.
-    signals: the process's SIGTERM/SIGINT handler (`trb train` installs one at start); without one, train installs
-    its own for the call when it runs in the main thread. A signal while loading raises `Stopped`."""
+def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSignals | None = None,
+          threads: int | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup (the
+    process's torch threads stay as they are). signals: the process's SIGTERM/SIGINT handler (`trb train` installs one
+    at start); without one, train installs its own for the call when it runs in the main thread. A signal while
+    loading raises `Stopped`. threads: torch's CPU threads (`trb.loading.set_threads`: by default OMP_NUM_THREADS or
+    the cores other work leaves idle)."""
     own = signals is None
     signals = signals or StopSignals()
     if own and threading.current_thread() is threading.main_thread():
@@ -381,8 +385,11 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSign
     try:
         with signals.phase(abandon=True):
             if s is None:
-                log(f"loading the student {cfg.models.student}, the teacher {cfg.models.teacher} and the data")
+                chosen, started = set_threads(threads), time.perf_counter()
                 s = setup(cfg, signals)
+                if s.world.main:
+                    log(f"loaded the student, the teacher and {len(s.prompts):,} training prompts in "
+                        f"{time.perf_counter() - started:.0f} s; {chosen}")
         with signals.phase(abandon=False):
             return _train(cfg, log, s, signals)
     finally:

@@ -141,7 +141,8 @@ class Preparation:
         self.wall["data"] = time.perf_counter() - t0
         mean_tokens = sum(len(p) + len(c) for p, c in zip(self.prompts, self.completions)) / len(train)
         self.log(f"data: {len(train)} train / {len(self.splits['val'])} val / {len(self.splits['test'])} test "
-                 f"problems, vocabulary {len(tokenizer)}, {mean_tokens:.1f} tokens per sequence")
+                 f"problems, vocabulary {len(tokenizer)}, {mean_tokens:.1f} tokens per sequence; "
+                 f"{torch.get_num_threads()} torch thread(s)")
 
     def score(self, model: PreTrainedModel, problems: list[Problem], seed: int) -> EvalResult:
         return evaluate(model, self.tokenizer, problems, vocab_space(self.tokenizer, student=model),
