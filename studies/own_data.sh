@@ -84,7 +84,7 @@ mkdir -p "$DEST"
 STEPS="data prepare eval_teacher eval_student train eval_trained compare eval_shipped_teacher train_shipped
   eval_trained_shipped"
 for name in $STEPS; do
-  threads=$(grep -m1 '^torch threads' "$OUT/$name.log" || true)
+  threads=$(grep -m1 -oE 'torch threads: .*|[0-9]+ torch thread\(s\)' "$OUT/$name.log" || true)
   echo "$name: $(cat "$OUT/$name.time") s${threads:+ ($threads)}"
 done > "$DEST/times.txt"
 cp "$MACHINE" "$DEST/machine.txt"

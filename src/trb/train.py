@@ -383,15 +383,15 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSign
     if own and threading.current_thread() is threading.main_thread():
         signals.install()
     try:
+        loaded = None  # what the run says once it is ready to start
         with signals.phase(abandon=True):
             if s is None:
                 chosen, started = set_threads(threads), time.perf_counter()
                 s = setup(cfg, signals)
-                if s.world.main:
-                    log(f"loaded the student, the teacher and {len(s.prompts):,} training prompts in "
-                        f"{time.perf_counter() - started:.0f} s; {chosen}")
+                loaded = (f"loaded the student, the teacher and {len(s.prompts):,} training prompts in "
+                          f"{time.perf_counter() - started:.0f} s; {chosen}")
         with signals.phase(abandon=False):
-            return _train(cfg, log, s, signals)
+            return _train(cfg, log, s, signals, loaded)
     finally:
         if s is not None:
             s.run.unlock()
@@ -399,14 +399,14 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSign
             signals.uninstall()
 
 
-def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
+def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals, loaded: str | None) -> dict:
     run = Run(cfg, s, log, signals)
-    for warning in s.warnings:
-        run.log(f"trb: warning: {warning}")
     if run.state.next_step >= cfg.steps and (s.run.path / "summary.json").exists():
         run.log(f"{s.run.path} already completed {cfg.steps} steps")
         return json.loads((s.run.path / "summary.json").read_text())
     if run.state.next_step > cfg.steps:
         raise ConfigError(f"the run in {str(s.run.path)!r} has done {run.state.next_step} steps, more than "
                           f"steps={cfg.steps}")
+    for line in ([loaded] if loaded else []) + [f"trb: warning: {warning}" for warning in s.warnings]:
+        run.log(line)  # once nothing but the run itself can fail: a refused run says one line
     return run.finish(run.loop())
