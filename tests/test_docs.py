@@ -180,7 +180,8 @@ def check_make(argv: list[str], venv: Path) -> None:
     assert any('-e ".[test,trl,docs]"' in line for line in setup), lines
     ran = [line for line in lines if line not in setup and not line.startswith("touch ")]
     expected = {"setup": [], "demo": [f"{venv}/bin/trb demo"], "docs": ["mkdocs build --strict --site-dir site"],
-                "test": ["mkdocs build --strict", "-m pytest"]}[argv[1]]
+                "test": ["ruff check src tests benchmarks examples studies", "mkdocs build --strict", "-m pytest"],
+                }[argv[1]]
     assert len(ran) == len(expected) and all(e in r for e, r in zip(expected, ran)), ran
     assert not venv.exists(), "make -n ran nothing"
 
