@@ -52,6 +52,7 @@ def test_set_threads_takes_the_option_then_omp_num_threads_then_the_idle_cores(m
         assert set_threads(None) == "torch threads: 3 (OMP_NUM_THREADS)" and torch.get_num_threads() == 3
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.setattr(os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
         monkeypatch.setattr(loading, "busy_cores", lambda: 1.9)
         assert set_threads(None) == "torch threads: 1 (2 cores, 1.9 busy with other work; --threads N to choose)"
         assert torch.get_num_threads() == 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ def set_threads(threads: int | None) -> str:
         return f"torch threads: {threads}"
     if os.environ.get("OMP_NUM_THREADS"):
         return f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
-    cores, busy = os.cpu_count() or 1, busy_cores()
+    # the cores this process may run on (a container's or taskset's share on Linux; busy_cores counts the machine's)
+    cores = len(os.sched_getaffinity(0)) if sys.platform == "linux" else os.cpu_count() or 1
+    busy = busy_cores()
     torch.set_num_threads(idle_cores(cores, busy))
     return (f"torch threads: {idle_cores(cores, busy)} ({cores} cores, {busy:.1f} busy with other work; --threads N to "
             "choose)")
