@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny student/teacher pair on disk with a real miniature tokenizer."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,11 @@ import torch
 
 from trb.models import tiny_causal_lm
 from trb.tasks import SETTINGS, train_tokenizer
+
+
+# The suite's torch runs on one thread, in its processes and in those they start; `trb` leaves torch's threads as
+# OMP_NUM_THREADS sets them (its own default would follow the machine's load: trb.loading.set_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def make_pair(folder: Path, architecture: str = "qwen3", student_width: int = 32, teacher_width: int = 48) -> dict:

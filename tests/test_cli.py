@@ -2,8 +2,11 @@
 a report and a figure for every training run, dry runs beside an existing run, evaluation of a whole test file from
 a run folder or its latest pointer."""
 
+import contextlib
 import hashlib
+import io
 import json
+import resource
 import subprocess
 import sys
 import time
@@ -38,7 +41,8 @@ def gsm8k_file(path: Path, split: str, count: int) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tiny_pair, tmp_path_factory):
-    """A finished 4-step TRB run of the tiny pair on a GSM8K-format train file, and a 230-problem test file."""
+    """A finished 4-step TRB run of the tiny pair on a GSM8K-format train file, a 230-problem test file, and what the
+    run wrote to stderr (not a terminal)."""
     root = tmp_path_factory.mktemp("cli")
     train_file = gsm8k_file(root / "train.jsonl", "train", 64)
     test_file = gsm8k_file(root / "test.jsonl", "test", 230)
@@ -51,8 +55,10 @@ def trained(tiny_pair, tmp_path_factory):
         "warmup_steps": 0, "method": {"name": "trb", "eps0": 0.05, "horizon": 2},
     }))
     run = root / "run"
-    assert main(["train", str(config), f"out_dir={run}"]) == 0
-    return {"run": run, "config": config, "test_file": test_file}
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        assert main(["train", str(config), f"out_dir={run}"]) == 0
+    return {"run": run, "config": config, "test_file": test_file, "log": stderr.getvalue()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -66,11 +72,54 @@ def test_train_writes_report_and_four_panel_learning_curves(trained):
     report = (run / "report.md").read_text()
     assert report.startswith("# trb train: trb\n")
     final = summary["final"]["eval/pass_at_1"]
-    row = next(line for line in report.splitlines() if line.startswith(f"| {run.name} |"))
+    row = next(line for line in report.splitlines() if line.startswith("| trb |"))
     assert row.split("|")[4].strip() == f"{final:.3f}"  # the final pass@1 column
     assert f"Final pass@1 {final:.3f}" in report and "![learning curves](learning_curves.png)" in report
     image = matplotlib.image.imread(run / "learning_curves.png")  # (H, W, 4)
     assert image.shape[1] == 4 * 5 * 120, "pass@1, loss, teacher-KL and eps/beta panels, 5 inches each at 120 dpi"
+
+
+def test_report_labels_the_run_by_its_method_not_its_folder(trained):
+    """The regression: the report's table and legends named the run by its folder ("run"), not its method."""
+    report = (trained["run"] / "report.md").read_text()
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["method", "trb"], rows
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Progress and warnings of a run whose stderr is not a terminal
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_train_says_what_it_does_between_evaluations_in_plain_lines(trained):
+    """No progress bar (stderr is not a terminal) and no bar characters: a line once the models and data are loaded
+    (with the threads chosen), each evaluation as it starts and as it ends, and the first training step."""
+    lines = trained["log"].splitlines()
+    assert "\r" not in trained["log"] and "it/s" not in trained["log"]
+    assert lines[0].startswith("loaded the student, the teacher and 60 training prompts in ")
+    assert lines[0].endswith(" s; torch threads: 1 (OMP_NUM_THREADS)")  # the suite's (tests/conftest.py)
+    started = lines.index("step 0: evaluating avg@1 pass@1 on 8 test problems and 4 validation problems")
+    assert lines[started + 1].startswith("step 0: pass@1 ") and lines[started + 1].endswith(" s)")
+    step = next(i for i, line in enumerate(lines) if line.startswith("step 1/4: loss "))
+    assert started < step and lines[step].endswith(" s/step")
+    for evaluated in (2, 4):
+        assert f"step {evaluated}: evaluating avg@1 pass@1 on 8 test problems and 4 validation problems" in lines
+
+
+def test_train_warns_when_max_new_tokens_cuts_the_reference_solutions_short(trained, capsys):
+    """max_new_tokens=12 cuts every arith solution (about 50 tokens): the run says so before it starts, with the
+    caps that would cover them, in its log and its summary; the dry run reports it too."""
+    (warning,) = json.loads((trained["run"] / "summary.json").read_text())["warnings"]
+    assert warning.startswith("max_new_tokens=12 cuts 72 of the 72 reference solutions short (100.0%")
+    assert "trb warns above 1%" in warning and "covers 95% of them" in warning
+    assert f"trb: warning: {warning}" in trained["log"].splitlines()
+    capsys.readouterr()
+    assert main(["train", str(trained["config"]), f"out_dir={trained['run']}", "resume=true", "--dry-run",
+                 "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    assert report["warnings"] == [warning] and report["torch_threads"] == 1
+    assert captured.err.splitlines() == [f"trb: warning: {warning}"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -188,41 +237,74 @@ def test_setting_names_of_the_command_line_are_the_settings_and_presets():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    ["train", "/no/such.yaml"],
-    ["train", "trb:configs/miniature_word.yaml", "stesp=3"],
-    ["train", "trb:configs/miniature_arith.yaml", "loss.divergence=kl"],
-    ["train", "trb:configs/miniature_arith.yaml", "models.student=/no/student"],
-    ["compare", "trb:configs/miniature_arith.yaml", "--methods", "trb:eps0=x", "--out", "/tmp/unused"],
-    ["demo", "method.eps0=-1"],
-    ["prepare", "/no/problems.jsonl", "--out", "/tmp/unused"],
-    ["prepare", "word", "--out", "/tmp/unused", "--preset", "big"],
-    ["eval", "--model", "/no/model"],
-    ["inspect", "/no/run"],
-    ["tables", "/no/results"],
-    ["eval", "--model", "/tmp", "--n", "0"],
-], ids=["train", "train config key", "train config value", "train model path", "compare config value",
-        "demo config value", "prepare source", "prepare preset", "eval", "inspect", "tables", "eval option"])
-def test_path_option_and_config_errors_print_in_under_a_second_without_torch(args):
+FAST = [  # (name, arguments, the message's words); {tmp}: a fresh folder, {file}: a file, {bad}: a file of bad JSON
+    ("train", ["train", "/no/such.yaml"], "config file '/no/such.yaml' not found"),
+    ("train config key", ["train", "trb:configs/miniature_word.yaml", "stesp=3"], "did you mean 'steps'"),
+    ("train config value", ["train", "trb:configs/miniature_arith.yaml", "loss.divergence=kl"], "unknown divergence"),
+    ("train model path", ["train", "trb:configs/miniature_arith.yaml", "models.student=/no/student"],
+     "models.student '/no/student': no such file or folder"),
+    ("train out_dir is a file", ["train", "trb:configs/miniature_arith.yaml", "out_dir={file}"],
+     "exists and is not a folder"),
+    ("train model path is a file", ["train", "trb:configs/miniature_arith.yaml", "models.teacher={file}"],
+     "models.teacher '{file}' is a file; give a model folder"),
+    ("train trb: name typo", ["train", "trb:configs/miniature_word.yaml", "models.student=trb:miniature/wrod/student"],
+     "trb ships no such file or folder; did you mean 'trb:miniature/word/student'?"),
+    ("train resume on a missing folder", ["train", "trb:configs/miniature_arith.yaml", "out_dir={tmp}/no/run",
+                                          "resume=true"], "resume=true but out_dir"),
+    ("train bad JSON", ["train", "trb:configs/miniature_arith.yaml", "data.source={bad}"],
+     "{bad}:2: not valid JSON"),
+    ("train bad JSON test file", ["train", "trb:configs/miniature_arith.yaml", "data.source=word",
+                                  "data.test_source={bad}"], "{bad}:2: not valid JSON"),
+    ("train dry run out_dir is a file", ["train", "trb:configs/miniature_arith.yaml", "out_dir={file}", "--dry-run"],
+     "exists and is not a folder"),
+    ("compare config value", ["compare", "trb:configs/miniature_arith.yaml", "--methods", "trb:eps0=x", "--out",
+                              "{tmp}/c"], "eps0 must be a number"),
+    ("demo config value", ["demo", "method.eps0=-1"], "eps0 must be a finite number >= 0"),
+    ("prepare source", ["prepare", "/no/problems.jsonl", "--out", "{tmp}/p"], "is neither a setting"),
+    ("prepare preset", ["prepare", "word", "--out", "{tmp}/p", "--preset", "big"], "invalid choice: 'big'"),
+    ("prepare bad JSON", ["prepare", "{bad}", "--out", "{tmp}/p"], "{bad}:2: not valid JSON"),
+    ("prepare over another pair", ["prepare", "arith", "--out", "{tmp}/pair"], "holds a finished pair made with other"),
+    ("eval", ["eval", "--model", "/no/model"], "--model '/no/model': no such file or folder"),
+    ("eval model is a file", ["eval", "--model", "{file}"], "--model '{file}' is a file"),
+    ("eval trb: name typo", ["eval", "--model", "trb:miniature/arith/studnet"], "did you mean 'trb:miniature/arith/"),
+    ("eval bad JSON", ["eval", "--model", "trb:miniature/arith/student", "--data", "{bad}", "--all"],
+     "{bad}:2: not valid JSON"),
+    ("eval option", ["eval", "--model", "/tmp", "--n", "0"], "argument --n: expected a positive integer"),
+    ("inspect", ["inspect", "/no/run"], "is not a run folder"),
+    ("tables", ["tables", "/no/results"], "holds neither plan.json"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", FAST, ids=[f[0] for f in FAST])
+def test_path_option_config_and_data_errors_take_under_2_cpu_seconds_without_torch(name, args, message, tmp_path):
+    """One line, exit 2, torch and transformers never imported, under 2 s of the process's CPU time. The process's
+    CPU time, not its wall time, is the bar: on a loaded machine (the test suite beside other work) a process that
+    imports nothing heavy can still wait seconds for a core. The wall clock gets a generous 30 s."""
+    (tmp_path / "pair").mkdir()
+    (tmp_path / "pair" / "prepare.json").write_text(json.dumps({"settings": {"source": "word"}}))
+    (tmp_path / "bad.jsonl").write_text('{"question": "1 + 1?", "answer": "2\\n#### 2"}\n{"question": "2 + 2?",\n')
+    fill = {"tmp": str(tmp_path), "file": str(ROOT / "pyproject.toml"), "bad": str(tmp_path / "bad.jsonl")}
+    args, message = [a.format(**fill) for a in args], message.format(**fill)
     code = "\n".join([
-        "import sys, time",
-        "started = time.perf_counter()",
+        "import sys",
         "from trb.cli import main",
         "try:",
         "    code = main(sys.argv[1:])",
         "except SystemExit as stop:",
         "    code = stop.code",
-        "print(time.perf_counter() - started, 'torch' in sys.modules, 'transformers' in sys.modules)",
+        "print('torch' in sys.modules, 'transformers' in sys.modules)",
         "sys.exit(code)",
     ])
-    started = time.perf_counter()
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60,
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"})
-    wall = time.perf_counter() - started
-    seconds, torch_loaded, transformers_loaded = result.stdout.split()
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "error:" in result.stderr
-    assert (torch_loaded, transformers_loaded) == ("False", "False")
-    assert float(seconds) < 1.0, f"the command itself took {float(seconds):.2f} s (process {wall:.2f} s)"
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "error:" in result.stderr and message in result.stderr, result.stderr
+    assert result.stdout.split() == ["False", "False"], "torch or transformers was imported"
+    assert cpu < 2.0, f"the process took {cpu:.2f} s of CPU ({wall:.2f} s wall)"
+    assert wall < 30.0
 
 
 def test_config_and_the_api_names_load_without_torch():

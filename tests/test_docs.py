@@ -180,7 +180,8 @@ def check_make(argv: list[str], venv: Path) -> None:
     assert any('-e ".[test,trl,docs]"' in line for line in setup), lines
     ran = [line for line in lines if line not in setup and not line.startswith("touch ")]
     expected = {"setup": [], "demo": [f"{venv}/bin/trb demo"], "docs": ["mkdocs build --strict --site-dir site"],
-                "test": ["mkdocs build --strict", "-m pytest"]}[argv[1]]
+                "test": ["ruff check src tests benchmarks examples studies", "mkdocs build --strict", "-m pytest"],
+                }[argv[1]]
     assert len(ran) == len(expected) and all(e in r for e, r in zip(expected, ran)), ran
     assert not venv.exists(), "make -n ran nothing"
 
@@ -221,13 +222,12 @@ def test_own_data_commands(tmp_path, monkeypatch):
     """The own-data recipe on 120 train and 6 test problems: `trb prepare` with the word preset shrunk to 1-layer
     models, 2 SFT steps each and 6 evaluation problems; `trb eval` at avg@1; `trb train` and `trb compare` (seeds 0
     and 1) at 2 steps of 2 x 2 rollouts on 4 test and 2 validation problems."""
-    import trb.prepare
+    from trb.miniature import PRESETS, ModelSize
 
-    tiny = replace(trb.prepare.PRESETS["word"], vocab_size=160, num_train=48, num_val=6, num_test=6, eval_samples=1,
-                   teacher=trb.prepare.ModelSize(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64),
-                   student=trb.prepare.ModelSize(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32),
-                   max_new_tokens=24)
-    monkeypatch.setitem(trb.prepare.PRESETS, "word", tiny)
+    tiny = replace(PRESETS["word"], vocab_size=160, num_train=48, num_val=6, num_test=6, eval_samples=1,
+                   teacher=ModelSize(layers=1, hidden=32, heads=4, kv_heads=2, intermediate=64),
+                   student=ModelSize(layers=1, hidden=16, heads=2, kv_heads=1, intermediate=32), max_new_tokens=24)
+    monkeypatch.setitem(PRESETS, "word", tiny)
     gsm8k_file(tmp_path / "train.jsonl", "train", 120)
     gsm8k_file(tmp_path / "test.jsonl", "test", 6)
     extra = {"prepare": ["--teacher-steps", "2", "--student-steps", "2", "--threads", "1"],
@@ -240,6 +240,25 @@ def test_own_data_commands(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "learning_curves.png").is_file()
     results = (tmp_path / "cmp" / "results.md").read_text()
     assert "opd" in results and "trb" in results and "p_Holm" in results
+
+
+def test_own_data_recipe_caps_answers_alike_in_every_step():
+    """The regression: the recipe trained with answers capped at 64 tokens (the config's) while `trb prepare` (the word
+    preset) and `trb eval` capped them at 96. Every step of the shown recipe caps them at the word preset's cap."""
+    from trb.config import load_config
+    from trb.miniature import PRESETS
+
+    caps = {}
+    for argv in commands("test_own_data_commands"):
+        if argv[1] == "prepare":
+            caps["prepare"] = PRESETS["word"].max_new_tokens  # the preset the recipe's file source uses
+        elif argv[1] == "eval":
+            caps[f"eval {argv[3]}"] = int(argv[argv.index("--max-new-tokens") + 1])
+        else:
+            overrides = [a for a in argv[3:] if "=" in a and not a.startswith("-")]
+            caps[argv[1]] = load_config(argv[2], overrides).max_new_tokens
+    assert set(caps) == {"prepare", "eval pair/teacher", "eval pair/student", "eval run", "train", "compare"}
+    assert set(caps.values()) == {PRESETS["word"].max_new_tokens}, caps
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 checkpoints and its report, runs are reproducible, configs are validated, problem files split deterministically."""
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trb.cli import main
 from trb.models import VocabSpace, tiny_causal_lm
 from trb.forward import completion_select
 from trb.miniature import (
@@ -28,6 +30,7 @@ from trb.miniature import (
     split_problems,
 )
 from trb.miniature import prepare as run_prepare
+from trb.miniature.config import finished_pair, prepare_settings
 from trb.miniature.storage import save_and_reload
 from trb.rollout import StudentPolicy, generate
 from trb.sequences import position_ids, rollout_from_tokens
@@ -357,3 +360,83 @@ def test_stopped_by_a_signal_keeps_the_model_and_continues_exactly(tiny_run, tmp
         assert third[role]["sft_steps"] == full[role]["sft_steps"]
         assert third[role]["test"] == full[role]["test"]
     assert third["student"]["validation_curve"] == full["student"]["validation_curve"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A finished pair is never replaced unless asked
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under folder, by relative path: equal means byte-identical and nothing added."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_prepare_with_other_options_does_not_replace_a_finished_pair(tmp_path, monkeypatch, capsys):
+    """The regression: `trb prepare` with other options into a finished pair's folder retrained and replaced the
+    teacher and left prepare.json describing the old one. Now other options are refused (one line, exit 2, every file
+    byte-identical), the same command says the pair is done (exit 0, nothing touched), and --overwrite makes it
+    again with the new options."""
+    monkeypatch.setitem(PRESETS, "arith", TINY)
+    out = tmp_path / "pair"
+    command = ["prepare", "arith", "--out", str(out), "--threads", "1"]
+    assert main(command) == 0
+    made = hashes(out)
+    assert json.loads((out / "prepare.json").read_text())["settings"]["config"]["teacher_sft"]["steps"] == 8
+    capsys.readouterr()
+
+    assert main(command) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["status"] == "done"
+    assert captured.err == (f"trb prepare: {out} holds the finished pair of this command; nothing to do (--overwrite "
+                            "makes it again)\n")
+    assert hashes(out) == made
+
+    for other, changed in ((["--teacher-steps", "9"], "config.teacher_sft.steps: 8 -> 9"), (["--seed", "1"], "seed"),
+                           (["--preset", "word"], "config.")):
+        assert main(command + other) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"trb: error: {out} holds a finished pair made with other "
+                                                   "settings (") and changed in err[0] and "--overwrite" in err[0], err
+        assert hashes(out) == made
+
+    assert main(command + ["--teacher-steps", "9", "--overwrite"]) == 0
+    report = json.loads((out / "prepare.json").read_text())
+    assert report["teacher"]["sft_steps"] == 9 and report["settings"]["config"]["teacher_sft"]["steps"] == 9
+    assert not (out / ".resume").exists()
+    assert hashes(out)["teacher/model.safetensors"] != made["teacher/model.safetensors"]
+
+
+def test_prepare_on_its_own_finished_pair_returns_the_report_and_trains_nothing(tiny_run):
+    out, report, _ = tiny_run
+    before, lines = hashes(out), []
+    assert run_prepare("arith", out, TINY, log=lines.append) == json.loads(json.dumps(report))
+    assert lines == [f"{out} holds the finished pair of these settings (prepare.json); nothing to do"]
+    assert hashes(out) == before
+
+
+def test_what_an_output_folder_may_hold(tmp_path):
+    """finished_pair: an empty or new folder, or a stopped run (continued by prepare), is free; models that no
+    prepare.json describes, or an unreadable one, are refused; a report written before reports held their settings
+    is compared by its source, config and reused folders."""
+    settings = prepare_settings("arith", TINY, None, 0, None)
+    assert finished_pair(tmp_path / "new", settings, overwrite=False) is None
+    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    with pytest.raises(PrepareError, match="holds teacher/ but no prepare.json of a finished pair; .* --overwrite"):
+        finished_pair(tmp_path / "models", settings, overwrite=False)
+    assert finished_pair(tmp_path / "models", settings, overwrite=True) is None
+    (tmp_path / "models" / ".resume").mkdir()
+    assert finished_pair(tmp_path / "models", settings, overwrite=False) is None  # a stopped run: prepare continues it
+
+    (tmp_path / "old" / "teacher").mkdir(parents=True)
+    (tmp_path / "old" / "prepare.json").write_text("{not json")
+    with pytest.raises(PrepareError, match="prepare.json is unreadable"):
+        finished_pair(tmp_path / "old", settings, overwrite=False)
+    legacy = {"status": "completed", "source": "arith", "config": settings["config"],
+              "teacher": {"reused_from": "earlier/teacher"}, "student": {}}
+    (tmp_path / "old" / "prepare.json").write_text(json.dumps(legacy))
+    reused = prepare_settings("arith", TINY, "earlier/teacher", 0, None)
+    assert finished_pair(tmp_path / "old", reused, overwrite=False) == legacy
+    with pytest.raises(PrepareError, match=r"other settings \(teacher_from: earlier/teacher -> None\)"):
+        finished_pair(tmp_path / "old", settings, overwrite=False)

@@ -158,8 +158,12 @@ def test_a_registered_method_and_divergence_train_by_name_through_the_api(regist
     overrides = ["method.name=counting", "method.temperature=0.8", "loss.divergence=counted_reverse_kl",
                  f"out_dir={tmp_path / 'run'}"]
     assert isinstance(load_config(config, overrides).method, Counting)
-    summary = trb.distill(config, [*overrides, "steps=1"], log=lambda m: None)
+    try:
+        summary = trb.distill(config, [*overrides, "steps=1"], log=lambda m: None, threads=2)
+    finally:
+        torch.set_num_threads(1)  # the suite's (tests/conftest.py)
     assert summary["status"] == "completed" and calls["before"] == 1 and calls["divergence"] > 0
+    assert " cores, 2 torch thread(s))" in summary["hardware"]
     summary = trb.distill(config, [*overrides, "steps=2", "resume=true"], log=lambda m: None)
     assert summary["status"] == "completed" and calls["before"] == 1, "a resumed run does not warm up again"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

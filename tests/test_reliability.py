@@ -385,7 +385,9 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(damage, two_che
     damage_fn(run / "checkpoints" / "step_00000002")
     capsys.readouterr()
     assert main(["train", config, f"out_dir={run}", "resume=true"]) == 0
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    # every warning but the tiny budget's answers cut short (max_new_tokens of a few tokens)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line
+                and "reference solutions short" not in line]
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith(f"trb: warning: checkpoint step_00000002 is damaged ({message}")
     assert warnings[0].endswith("; resuming from step_00000001")

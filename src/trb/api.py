@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trb import preflight
 from trb.config import TrainConfig, apply_overrides, as_dict, build, load_config
 from trb.models import VocabSpace, load_causal_lm, load_tokenizer, vocab_space
 from trb.rollout import BehaviorPolicy, Rollout, generate
@@ -66,15 +67,20 @@ def sample_rollouts(pair: Pair, policy: BehaviorPolicy, prompts: list[str] | lis
                     teacher=pair.teacher, record_topk=record_topk)
 
 
-def distill(config: TrainConfig | str | Path, overrides: list[str] = (), log=print) -> dict:
+def distill(config: TrainConfig | str | Path, overrides: list[str] = (), log=print, threads: int | None = None) -> dict:
     """Run `trb train` from Python: the same checks, loop, checkpoints, evaluations and run folder (`out_dir`).
 
     config: a TrainConfig, or a YAML path (`trb:configs/miniature_arith.yaml`); overrides: `key=value` strings as on
     the command line (`method.name=...` may name a method registered with `register_method`, `loss.divergence=...`
-    one registered with `register_divergence`). log: where progress lines go. Returns the run's summary: status,
-    run folder, final evaluation."""
+    one registered with `register_divergence`). log: where progress lines go. threads: torch's CPU threads (default:
+    OMP_NUM_THREADS where set, else the cores other work leaves idle; `trb.loading.set_threads`;
+    the first progress line says which). OpenMP reads its
+    wait policy when torch loads, which in Python is before this call: export OMP_WAIT_POLICY=PASSIVE before starting
+    Python on a machine other work shares (the `trb` command sets it itself; docs/cli.md#threads). Returns the run's
+    summary: status, run folder, final evaluation."""
     if isinstance(config, TrainConfig):
         config = build(TrainConfig, apply_overrides(as_dict(config), list(overrides))) if overrides else config
     else:
         config = load_config(config, list(overrides))
-    return train(config, log=log)
+    preflight.train_paths(config)  # every path the config names, before the models load
+    return train(config, log=log, threads=threads)

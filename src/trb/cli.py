@@ -26,16 +26,17 @@ import re
 import sys
 from pathlib import Path
 
+from trb import preflight
 from trb.errors import TrbError
+from trb.paths import resolve_builtin
 from trb.stopping import Stopped, StopSignals
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after saving a checkpoint: rerun with resume=true
 EXIT_INTERRUPTED = 130  # Ctrl-C outside the steps that save a checkpoint first
 
-# The built-in settings, which are also the `trb prepare` presets (trb.tasks.SETTINGS, trb.miniature.PRESETS; a test
-# holds the three equal). Named here so that a bad name fails before torch is imported.
-SETTINGS = ("arith", "word", "chain")
+# The built-in settings, which are also the `trb prepare` presets: a bad name fails before torch is imported.
+SETTINGS = preflight.SETTINGS
 
 
 class UsageError(TrbError):
@@ -69,10 +70,11 @@ def _writable_folder(path: str, option: str) -> Path:
     return folder
 
 
-def _existing(path: str | None, option: str) -> None:
-    """A model, run or data path must exist (trb:... names a shipped file; a setting name is not a path)."""
-    if path is not None and not path.startswith("trb:") and path not in SETTINGS and not Path(path).exists():
-        raise UsageError(f"{option} {path!r}: no such file or folder")
+def _log(message: str) -> None:
+    """A progress line on stderr that leaves a progress bar whole."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def cmd_train(args) -> int:
@@ -81,24 +83,26 @@ def cmd_train(args) -> int:
     from trb.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # checked before torch is imported: a bad value fails at once
-    for option, path in (("models.student", cfg.models.student), ("models.teacher", cfg.models.teacher),
-                         ("data.source", cfg.data.source), ("data.test_source", cfg.data.test_source)):
-        _existing(path, option)
+    preflight.train_paths(cfg, dry_run=args.dry_run)  # and every path it names
     _quiet_libraries()
     from trb.train import dry_run, train
 
     if args.dry_run:
-        print(json.dumps(dry_run(cfg, log=lambda message: None, signals=args.signals)))
+        report = dry_run(cfg, log=lambda message: None, signals=args.signals, threads=args.threads)
+        for warning in report["warnings"]:
+            _log(f"trb: warning: {warning}")
+        print(json.dumps(report))
         return 0
-    summary = train(cfg, log=lambda message: print(message, file=sys.stderr), signals=args.signals)
+    summary = train(cfg, log=_log, signals=args.signals, threads=args.threads)
     print(json.dumps(summary))
     return 0 if summary["status"] == "completed" else EXIT_PREEMPTED
 
 
 def cmd_eval(args) -> int:
-    _existing(args.model, "--model")
-    _existing(args.teacher, "--teacher")
-    _existing(args.data, "--data")
+    preflight.model_path(args.model, "--model")
+    if args.teacher is not None:
+        preflight.model_path(args.teacher, "--teacher")
+    preflight.problem_source(args.data, "--data")
     if args.all and args.data in SETTINGS:
         raise UsageError(f"--all scores every problem of a file; --data {args.data} is a generated setting (use "
                          "--problems N)")
@@ -110,8 +114,9 @@ def cmd_eval(args) -> int:
     from trb.evaluate import evaluate
     from trb.models import load_causal_lm, load_tokenizer, vocab_space
     from trb.tasks import load_problems, problem_splits
-    from trb.loading import resolve_device
+    from trb.loading import resolve_device, set_threads
 
+    chosen = set_threads(args.threads)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model)
     student = load_causal_lm(args.model, device)
@@ -121,6 +126,7 @@ def cmd_eval(args) -> int:
         problems = load_problems(args.data)
     else:
         _, problems = problem_splits(args.data, 1, args.problems, args.data_seed, fields=None)
+    _log(f"evaluating avg@{args.n} pass@1 on {len(problems)} problems; {chosen}")  # once everything is loaded
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = evaluate(student, tokenizer, problems, vocab, n_samples=args.n, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch, seed=args.seed, teacher=teacher, system_prompt=args.system_prompt)
@@ -131,41 +137,53 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _prepare_summary(out: str, report: dict, status: str) -> str:
+    """The line `trb prepare` prints for a finished pair: both models' sizes and test pass@1, wall times, warnings."""
+    summary = {role: {"parameters": report[role]["parameters"], "test_pass_at_1": report[role]["test"]["pass_at_1"]}
+               for role in ("teacher", "student")}
+    return json.dumps({"status": status, "out": out, **summary, "wall_s": report["wall_s"],
+                       "warnings": report["warnings"]})
+
+
 def cmd_prepare(args) -> int:
     if args.source not in SETTINGS and not Path(args.source).is_file():
         raise UsageError(f"source {args.source!r} is neither a setting ({', '.join(SETTINGS)}) nor a problem file")
+    preflight.problem_source(args.source, "source")
     _writable_folder(args.out, "--out")
     if (args.teacher_more_steps or args.student_from) and not args.teacher_from:
         raise UsageError("--teacher-more-steps and --student-from need --teacher-from (the tokenizer comes with it)")
-    from trb.paths import resolve_builtin
-
     for role in ("teacher", "student"):
         folder = getattr(args, f"{role}_from")
-        if folder is not None and not (resolve_builtin(folder) / "config.json").is_file():
-            raise UsageError(f"--{role}-from {folder!r} is not a prepared {role} folder (no config.json)")
-    _quiet_libraries()
+        if folder is not None:
+            preflight.model_path(folder, f"--{role}-from")
+            if not (resolve_builtin(folder) / "config.json").is_file():
+                raise UsageError(f"--{role}-from {folder!r} is not a prepared {role} folder (no config.json)")
     from dataclasses import replace
 
-    import torch
-    from tqdm import tqdm
+    from trb.miniature.config import PRESETS, finished_pair, prepare_settings, with_steps
 
-    from trb.miniature import PRESETS, prepare, with_steps
-    from trb.loading import resolve_device
-
-    device = str(resolve_device(args.device))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     preset = args.preset or (args.source if args.source in PRESETS else "word")
     config = with_steps(replace(PRESETS[preset], seed=args.seed), args.teacher_steps, args.student_steps)
-    report = prepare(args.source, Path(args.out), config, device=device,
-                     log=lambda message: tqdm.write(message, file=sys.stderr), teacher_from=args.teacher_from,
-                     teacher_more_steps=args.teacher_more_steps or 0, student_from=args.student_from)
+    settings = prepare_settings(args.source, config, args.teacher_from, args.teacher_more_steps or 0,
+                                args.student_from)
+    done = finished_pair(Path(args.out), settings, args.overwrite)  # refuses a pair of other settings, untouched
+    if done is not None:
+        print(f"trb prepare: {args.out} holds the finished pair of this command; nothing to do (--overwrite makes "
+              "it again)", file=sys.stderr)
+        print(_prepare_summary(args.out, done, "done"))
+        return 0
+    _quiet_libraries()
+    from trb.loading import resolve_device, set_threads
+    from trb.miniature import prepare
+
+    set_threads(args.threads)  # prepare's data line says how many
+    report = prepare(args.source, Path(args.out), config, device=str(resolve_device(args.device)), log=_log,
+                     teacher_from=args.teacher_from, teacher_more_steps=args.teacher_more_steps or 0,
+                     student_from=args.student_from, overwrite=args.overwrite)
     if report["status"] == "stopped":
         print(json.dumps(report))
         return EXIT_PREEMPTED
-    summary = {role: {"parameters": report[role]["parameters"], "test_pass_at_1": report[role]["test"]["pass_at_1"]}
-               for role in ("teacher", "student")}
-    print(json.dumps({"out": args.out, **summary, "wall_s": report["wall_s"], "warnings": report["warnings"]}))
+    print(_prepare_summary(args.out, report, report["status"]))
     return 0
 
 
@@ -205,9 +223,9 @@ def cmd_compare(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    _existing(args.student, "--student")
-    _existing(args.teacher, "--teacher")
-    _existing(args.data, "--data")
+    preflight.model_path(args.student, "--student")
+    preflight.model_path(args.teacher, "--teacher")
+    preflight.problem_source(args.data, "--data")
     _writable_folder(args.out, "--out")
     _quiet_libraries()
     import torch
@@ -263,6 +281,10 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+THREADS_HELP = ("torch CPU threads (default: OMP_NUM_THREADS if set, else the cores other work leaves idle, "
+                "measured over 0.3 s at start, at least 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trb", description="On-policy distillation with Trust-Region behavior Blending.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -273,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eps0=0.01 steps=100")
     p.add_argument("--dry-run", action="store_true",
                    help="load and check models, tokenizers and data, run one tiny step; write nothing to out_dir")
+    p.add_argument("--threads", type=_positive, help=THREADS_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="avg@n pass@1 at temperature 1.0 of a checkpoint")
@@ -293,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt")
     p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--out", help="write the full result (with per-problem scores) to this JSON file")
+    p.add_argument("--threads", type=_positive, help=THREADS_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -309,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "2,000 steps, student 3,000); default: the setting's own, word for a file")
     p.add_argument("--teacher-steps", type=_positive, help="the teacher's SFT steps (default: the preset's)")
     p.add_argument("--student-steps", type=_positive, help="the student's SFT steps (default: the preset's)")
-    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive, help=THREADS_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="make the pair again even though --out holds a finished pair (or a stopped run) of it, and "
+                   "replace it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-from", help="reuse the teacher (and tokenizer) of an earlier run: its teacher/ folder, "
                    "or trb:miniature/<setting>/teacher")
@@ -403,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # OpenMP's idle threads sleep instead of spinning (unless the environment says otherwise): read when torch loads,
+    # so set before any subcommand imports it, and inherited by the runs `trb compare` and `trb demo` start. On a
+    # busy 2-core machine a waiting thread spun while the one it waited for was off its core, and a training step
+    # with torch's default two threads took 9 times as long as with one (benchmarks/bench_threads.py, docs/cli.md).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # train: SIGTERM/SIGINT handled before the heavy imports, so a signal at any moment gets a clean exit
     args.signals = StopSignals().install() if args.command == "train" else None
     try:

@@ -1,5 +1,6 @@
-"""The base of every error `trb` reports to a user as one line (bad config, data, paths, models, numerics), and the
-one check that validated configs (`trb.config`, the methods, the miniature's presets) make of their values."""
+"""The base of every error `trb` reports to a user as one line (bad config, data, paths, models, numerics), the
+errors of configs, paths and data files, and the one check that validated configs (`trb.config`, the methods, the
+miniature's presets) make of their values."""
 
 
 class TrbError(ValueError):
@@ -8,6 +9,14 @@ class TrbError(ValueError):
 
 class ConfigError(TrbError):
     """A config that cannot run as written; the message names the key and the fix."""
+
+
+class PathError(TrbError):
+    """A path a command or config names that is missing or of the wrong kind; the message names the option or key."""
+
+
+class DataError(TrbError):
+    """A problem file that cannot be read; the message names the file and the line."""
 
 
 def require(ok: bool, message: str) -> None:

@@ -95,15 +95,16 @@ def plot_learning_curves(runs: dict[str, Path], path: Path, title: str,
     plt.close(fig)
 
 
-def write_run_report(run: Path, title: str, description: str) -> None:
+def write_run_report(run: Path, label: str, title: str, description: str) -> None:
     """run/report.md (the summary table, the figure, the final evaluation) and run/learning_curves.png (pass@1,
-    loss, teacher-KL, eps / beta) of one training run, from its metrics.jsonl."""
+    loss, teacher-KL, eps / beta) of one training run, from its metrics.jsonl; `label` (the method) names the run in
+    the table and the legends."""
     run = Path(run)
-    plot_learning_curves({run.name: run}, run / "learning_curves.png", title,
+    plot_learning_curves({label: run}, run / "learning_curves.png", title,
                          panels=("pass_at_1", "loss", "teacher_kl", "behavior"))
     row = summary_row(run)
     lines = [f"# {title}", "", description, ""]
     if row:
-        lines += [markdown_table({run.name: row}), ""]
+        lines += [markdown_table({label: row}), ""]
     lines += ["![learning curves](learning_curves.png)", ""]
     (run / "report.md").write_text("\n".join(lines))

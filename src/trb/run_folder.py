@@ -24,9 +24,11 @@ from pathlib import Path
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
+from trb import preflight
 from trb.checkpoint import sha256_file
 from trb.config import ConfigError, TrainConfig, as_dict, load_config
 from trb.errors import TrbError
+from trb.preflight import LOCK
 from trb.models import resolve_checkpoint
 from trb.sequences import Rollout
 from trb.tasks import SETTINGS
@@ -106,7 +108,6 @@ def identity_differences(saved_cfg: dict, saved_inputs: dict | None, cfg: TrainC
     return out
 
 
-LOCK = ".lock"
 INPUTS = "inputs.json"
 
 
@@ -129,30 +130,9 @@ class RunDir:
     @staticmethod
     def check(cfg: TrainConfig) -> None:
         """Refuse, before any work and without touching anything, a folder that holds another run, holds no run when
-        resume=true, is not empty, or cannot be created or written. Whether a run can be resumed with this config is
-        checked against its content once the folder is locked (`open`)."""
-        path = Path(cfg.out_dir)
-        existing = path / "config.yaml"
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"out_dir {str(path)!r} exists and is not a folder; choose another out_dir")
-        if existing.exists():
-            if not cfg.resume:
-                raise ConfigError(
-                    f"out_dir {str(path)!r} already holds a run; pass resume=true to continue it or choose another "
-                    "out_dir"
-                )
-        elif cfg.resume is True:
-            raise ConfigError(f"resume=true but out_dir {str(path)!r} holds no run (no config.yaml); check the path, "
-                              "or pass resume=auto to resume a run if there is one and start one if not")
-        elif path.exists() and any(p.name != LOCK for p in path.iterdir()):
-            raise ConfigError(f"out_dir {str(path)!r} is not empty and holds no run; choose an empty or new folder")
-        ancestor = next(p for p in (path, *path.absolute().parents) if p.exists())
-        if not ancestor.is_dir():
-            raise ConfigError(f"out_dir {str(path)!r} cannot be created: {str(ancestor)!r} is a file; choose another "
-                              "out_dir")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ConfigError(f"out_dir {str(path)!r} is not writable ({str(ancestor)!r} denies writing); choose "
-                              "another out_dir")
+        resume=true, is not empty, or cannot be created or written (`trb.preflight.run_folder`). Whether a run can be
+        resumed with this config is checked against its content once the folder is locked (`open`)."""
+        preflight.run_folder(cfg.out_dir, cfg.resume)
 
     def lock(self) -> None:
         """Take the run's exclusive lock; the OS releases it when the process ends, however it ends."""

@@ -30,7 +30,7 @@ from trb.config import ConfigError, TrainConfig
 from trb.core import step_prompts, stream_seed
 from trb.errors import TrbError
 from trb.evaluate import evaluate, merge_results
-from trb.loading import Setup, setup
+from trb.loading import Setup, set_threads, setup
 from trb.losses import distill_loss
 from trb.models import merged_lora_model
 from trb.records import write_record
@@ -39,6 +39,9 @@ from trb.run_folder import MetricsLog, RunDir, save_rollouts, write_atomic
 from trb.sequences import Rollout, rollout_from_tokens
 from trb.stopping import Stopped, StopSignals
 from trb.trainer import Trainer
+
+
+PROGRESS_S = 30  # seconds between the progress lines of a run whose stderr is not a terminal (no progress bar)
 
 
 class NumericalError(TrbError):
@@ -74,6 +77,7 @@ class Run:
         self.state, self.resumed = LoopState(seed=cfg.seed), False
         self.saved: tuple | None = None  # (next step, step of its last evaluation) of the newest checkpoint
         self.metrics: MetricsLog | None = None
+        self.last_line: float | None = None  # when `progress` last logged
         checkpoint = None
         if cfg.resume:
             checkpoint = latest_checkpoint(s.run.checkpoints, warn=lambda message: self.log(f"trb: warning: {message}"))
@@ -96,8 +100,8 @@ class Run:
                    dynamic_ncols=True, disable=None if self.world.main else True)
         try:
             # step 0, or a resume from a checkpoint saved when a signal abandoned this evaluation
-            if state.next_step < cfg.steps and self.eval_due(state.next_step) and self.evaluate(state.next_step):
-                self.log(f"step {state.next_step}: pass@1 {self.pass_at_1():.3f}")
+            if state.next_step < cfg.steps and self.eval_due(state.next_step):
+                self.evaluate(state.next_step)
             if not self.resumed and method.before_training(self.t, self.write, self.log):
                 self.save()
             for step in bar:
@@ -108,16 +112,16 @@ class Run:
                 method.observe(step, values, state.method_state)
                 self.write(step + 1, values)
                 state.next_step = done = step + 1
-                if done < cfg.steps and not self.stop_requested() and self.eval_due(done) and self.evaluate(done):
-                    if self.world.main:
-                        tqdm.write(f"step {done}: pass@1 {self.pass_at_1():.3f}")
+                if bar.disable:  # no bar (stderr is not a terminal): a line now and then
+                    self.progress(done, values)
+                if done < cfg.steps and not self.stop_requested() and self.eval_due(done):
+                    self.evaluate(done)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", pass1=f"{self.pass_at_1():.3f}")
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     self.save()
             bar.close()
             if status == "completed":
-                if self.evaluate(cfg.steps):
-                    self.log(f"step {cfg.steps}: pass@1 {self.pass_at_1():.3f}")
+                self.evaluate(cfg.steps)
                 self.save()
                 if self.stop_requested():  # arrived during the final evaluation of data-parallel ranks or the save
                     status = "preempted"
@@ -207,7 +211,9 @@ class Run:
         cfg, s = self.cfg, self.s
         if self.state.last_eval.get("step") == step:
             return False
-        values = {}
+        values, started = {}, time.perf_counter()
+        self.log(f"step {step}: evaluating avg@{cfg.eval_samples} pass@1 on {len(s.test_problems)} test problems"
+                 + (f" and {len(s.val_problems)} validation problems" if s.val_problems else ""))
         for prefix, problems in (("eval", s.test_problems), ("val", s.val_problems)):
             if not problems:
                 continue
@@ -228,6 +234,9 @@ class Run:
             values.update({f"{prefix}/{k}": v for k, v in result.as_dict().items() if v is not None})
         self.write(step, values)
         self.state.last_eval = {"step": step, "values": values}
+        self.log(f"step {step}: pass@1 {self.pass_at_1():.3f}"
+                 + (f", validation {values['val/pass_at_1']:.3f}" if "val/pass_at_1" in values else "")
+                 + f" ({time.perf_counter() - started:.0f} s)")
         return True
 
     def save(self) -> None:
@@ -246,6 +255,12 @@ class Run:
     def write(self, step: int, values: dict) -> None:
         if self.metrics is not None:
             self.metrics.write(step, values)
+
+    def progress(self, done: int, values: dict) -> None:
+        """A line after the first step and then at most every PROGRESS_S seconds, where no progress bar shows."""
+        if self.last_line is None or time.perf_counter() - self.last_line >= PROGRESS_S:
+            self.last_line = time.perf_counter()
+            self.log(f"step {done}/{self.cfg.steps}: loss {values['loss']:.4f}, {values['time/step_s']:.1f} s/step")
 
     def pass_at_1(self) -> float:
         return self.state.last_eval.get("values", {}).get("eval/pass_at_1", float("nan"))
@@ -269,11 +284,12 @@ class Run:
             self.metrics.close()
         summary = {"status": status, "run": str(run.path), "final": self.state.last_eval.get("values", {}),
                    "decoder": self.t.decoder,  # what decoded the student's rollouts
-                   "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), {s.device}, "
-                               f"{self.world.size} rank(s)"}
+                   "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, "
+                               f"{torch.get_num_threads()} torch thread(s)), {s.device}, {self.world.size} rank(s)",
+                   "warnings": s.warnings}
         if status == "completed" and self.world.main:  # summary.json marks a finished run
             write_atomic(run.path / "summary.json", json.dumps(summary, indent=1))
-            write_run_report(run.path, f"trb train: {cfg.method.name}", (
+            write_run_report(run.path, cfg.method.name, f"trb train: {cfg.method.name}", (
                 f"Student {cfg.models.student}, teacher {cfg.models.teacher}, data {cfg.data.source}. Method "
                 f"{json.dumps({'name': cfg.method.name, **vars(cfg.method)})}; {cfg.steps} steps of "
                 f"{cfg.prompts_per_step} prompts x {cfg.rollouts_per_prompt} rollouts; avg@{cfg.eval_samples} pass@1 "
@@ -319,11 +335,11 @@ def rollout_stats(sums: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> dict:
+def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None, threads: int | None = None) -> dict:
     """Validate a config end to end without writing to its out_dir: load and check the models, tokenizers and data
     as the real run would, then run one tiny optimizer step (one prompt, a few tokens, its checkpoint) in a temporary
     folder. Returns what was checked. An out_dir that already holds a run is not refused (nothing is written there):
-    the report's "out_dir" says whether the real run could use it as given."""
+    the report's "out_dir" says whether the real run could use it as given. threads: as `train`'s."""
     out_dir = "ok"
     if (Path(cfg.out_dir) / "config.yaml").exists():  # a run is there: the dry run leaves it alone and says so
         try:
@@ -334,6 +350,7 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
         RunDir.check(cfg)
     with tempfile.TemporaryDirectory(prefix="trb-dry-run-") as tmp:
         started = time.perf_counter()
+        set_threads(threads)
         s = setup(replace(cfg, out_dir=tmp, resume=False), signals)
         s.test_problems, s.val_problems = s.test_problems[:1], s.val_problems[:1]
         world = s.world.size
@@ -348,25 +365,34 @@ def dry_run(cfg: TrainConfig, log=print, signals: StopSignals | None = None) -> 
             "vocab_size": s.vocab.size, "stop_ids": list(s.vocab.stop_ids), "eos_emitted": s.vocab.eos_id,
             "train_prompts": len(s.prompts), "longest_prompt_tokens": max(map(len, s.prompts)),
             "method": cfg.method.name, "ranks": world, "out_dir": out_dir, "decoder": summary["decoder"],
+            "warnings": s.warnings, "torch_threads": torch.get_num_threads(),
             "load_s": round(loaded - started, 1), "step_s": round(time.perf_counter() - loaded, 1),
         }
     log(f"dry run ok: {report}")
     return report
 
 
-def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSignals | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup.
-    signals: the process's SIGTERM/SIGINT handler (`trb train` installs one at start); without one, train installs
-    its own for the call when it runs in the main thread. A signal while loading raises `Stopped`."""
+def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSignals | None = None,
+          threads: int | None = None) -> dict:
+    """Run (or resume) a training run; returns a summary with the final evaluation. s: an already loaded Setup (the
+    process's torch threads stay as they are). signals: the process's SIGTERM/SIGINT handler (`trb train` installs one
+    at start); without one, train installs its own for the call when it runs in the main thread. A signal while
+    loading raises `Stopped`. threads: torch's CPU threads (`trb.loading.set_threads`: by default OMP_NUM_THREADS or
+    the cores other work leaves idle)."""
     own = signals is None
     signals = signals or StopSignals()
     if own and threading.current_thread() is threading.main_thread():
         signals.install()
     try:
+        loaded = None  # what the run says once it is ready to start
         with signals.phase(abandon=True):
-            s = s or setup(cfg, signals)
+            if s is None:
+                chosen, started = set_threads(threads), time.perf_counter()
+                s = setup(cfg, signals)
+                loaded = (f"loaded the student, the teacher and {len(s.prompts):,} training prompts in "
+                          f"{time.perf_counter() - started:.0f} s; {chosen}")
         with signals.phase(abandon=False):
-            return _train(cfg, log, s, signals)
+            return _train(cfg, log, s, signals, loaded)
     finally:
         if s is not None:
             s.run.unlock()
@@ -374,7 +400,7 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSign
             signals.uninstall()
 
 
-def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
+def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals, loaded: str | None) -> dict:
     run = Run(cfg, s, log, signals)
     if run.state.next_step >= cfg.steps and (s.run.path / "summary.json").exists():
         run.log(f"{s.run.path} already completed {cfg.steps} steps")
@@ -382,4 +408,6 @@ def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals) -> dict:
     if run.state.next_step > cfg.steps:
         raise ConfigError(f"the run in {str(s.run.path)!r} has done {run.state.next_step} steps, more than "
                           f"steps={cfg.steps}")
+    for line in ([loaded] if loaded else []) + [f"trb: warning: {warning}" for warning in s.warnings]:
+        run.log(line)  # once nothing but the run itself can fail: a refused run says one line
     return run.finish(run.loop())

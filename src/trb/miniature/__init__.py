@@ -22,26 +22,23 @@ tokens + solution tokens are the tokens of the joined text.
     trb prepare arith --out src/trb/assets/miniature/arith     # the shipped checkpoints, preset "arith"
     trb prepare my_gsm8k.jsonl --out runs/pair --preset word    # a user's problems with worked solutions
 
-The package: `config` (presets, checked without torch), `sft` (batches, loss, the SFT loop), `storage` (models on
-disk, a stopped run's stages), `pipeline` (`prepare` and its stages).
+The package: `config` (presets and what an output folder may hold, checked without torch), `sft` (batches, loss, the
+SFT loop), `storage` (models on disk, a stopped run's stages), `pipeline` (`prepare` and its stages). The names
+below are imported on first use, so that `trb prepare` checks its options and output folder before torch loads.
 """
 
-from trb.miniature.config import PRESETS, SAVE_DTYPES, ModelSize, PrepareConfig, PrepareError, SFTConfig, with_steps
-from trb.miniature.pipeline import prepare, split_problems
-from trb.miniature.sft import epoch_batches, lr_factor, sft, sft_loss
+from importlib import import_module
 
-__all__ = [
-    "PRESETS",
-    "SAVE_DTYPES",
-    "ModelSize",
-    "PrepareConfig",
-    "PrepareError",
-    "SFTConfig",
-    "epoch_batches",
-    "lr_factor",
-    "prepare",
-    "sft",
-    "sft_loss",
-    "split_problems",
-    "with_steps",
-]
+_EXPORTS = {  # name -> module; imported on first use, so that `trb.miniature.config` loads without torch
+    **dict.fromkeys(("PRESETS", "SAVE_DTYPES", "ModelSize", "PrepareConfig", "PrepareError", "SFTConfig",
+                     "finished_pair", "prepare_settings", "with_steps"), "trb.miniature.config"),
+    **dict.fromkeys(("prepare", "split_problems"), "trb.miniature.pipeline"),
+    **dict.fromkeys(("epoch_batches", "lr_factor", "sft_loss"), "trb.miniature.sft"),  # the loop: trb.miniature.sft.sft
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'trb.miniature' has no attribute {name!r}")
+    return getattr(import_module(_EXPORTS[name]), name)

@@ -1,10 +1,13 @@
 """What `trb prepare` is asked to make: model shapes, the SFT recipes, the sizes of the data and the student's target
-window (`PrepareConfig`), and the presets of the shipped settings. Building and checking one imports no torch."""
+window (`PrepareConfig`), the presets of the shipped settings, and what a run's output folder may hold
+(`finished_pair`). Building and checking one imports no torch."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from trb.errors import TrbError, require
 
@@ -142,3 +145,70 @@ def with_steps(config: PrepareConfig, teacher_steps: int | None, student_steps: 
 
     return replace(config, teacher_sft=budget(config.teacher_sft, teacher_steps),
                    student_sft=budget(config.student_sft, student_steps))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A prepare run's settings, and the output folder it may write to
+# ------------------------------------------------------------------------------------------------------------------
+
+RESUME = ".resume"  # a stopped run's stages (trb.miniature.storage); settings.json in it holds its settings
+REPORT = "prepare.json"  # a finished run's report; its "settings" say what the run was asked to make
+
+
+def prepare_settings(source: str, config: PrepareConfig, teacher_from, teacher_more_steps: int, student_from) -> dict:
+    """What a prepare run is asked to make, as JSON reads it back (tuples become lists): a rerun is compared with it."""
+    return json.loads(json.dumps({
+        "source": source, "config": asdict(config),
+        "teacher_from": None if teacher_from is None else str(teacher_from),
+        "teacher_more_steps": teacher_more_steps,
+        "student_from": None if student_from is None else str(student_from),
+    }))
+
+
+def differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
+    """'key: saved -> new' for every (nested) key whose value differs."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a} -> {b}")
+    return out
+
+
+def report_settings(report: dict) -> dict:
+    """The settings a finished run's report records (reports written before they held them: rebuilt from the
+    source, the config and the reused models' folders)."""
+    if "settings" in report:
+        return report["settings"]
+    return {"source": report.get("source"), "config": report.get("config"),
+            "teacher_from": report.get("teacher", {}).get("reused_from"),
+            "teacher_more_steps": report.get("teacher", {}).get("more_sft_steps", 0),
+            "student_from": report.get("student", {}).get("reused_from")}
+
+
+def finished_pair(out_dir: Path, settings: dict, overwrite: bool) -> dict | None:
+    """The report of the finished pair in out_dir when it was made with these settings (the same command again:
+    nothing to do), else None: out_dir holds no finished pair, or overwrite says to make it again. A finished pair of
+    other settings, or teacher/ or student/ folders that no prepare run describes, are refused (PrepareError) and
+    nothing is touched. A stopped run (out_dir/.resume) is left to `prepare`, which continues it."""
+    if overwrite or not out_dir.is_dir() or (out_dir / RESUME).is_dir():
+        return None
+    if not (out_dir / REPORT).is_file():
+        models = [role for role in ("teacher", "student") if (out_dir / role).exists()]
+        if models:
+            raise PrepareError(f"{out_dir} holds {' and '.join(f'{m}/' for m in models)} but no {REPORT} of a "
+                               "finished pair; choose another --out, or pass --overwrite to replace them")
+        return None
+    try:
+        report = json.loads((out_dir / REPORT).read_text())
+    except ValueError:
+        raise PrepareError(f"{out_dir / REPORT} is unreadable; choose another --out, or pass --overwrite to make the "
+                           "pair again") from None
+    changed = differences(report_settings(report), settings)
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise PrepareError(f"{out_dir} holds a finished pair made with other settings ({shown}); nothing was "
+                           "changed: choose another --out, or pass --overwrite to replace it")
+    return report

@@ -22,9 +22,10 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedModel
 
 from trb.evaluate import EvalResult, evaluate
-from trb.miniature.config import PrepareConfig, PrepareError, SFTConfig
+from trb.miniature.config import (REPORT, RESUME, PrepareConfig, PrepareError, SFTConfig, differences, finished_pair,
+                                  prepare_settings)
 from trb.miniature.sft import sft
-from trb.miniature.storage import (RESUME, earlier_run, load_stage, new_model, parameters, prepared_folder, reuse,
+from trb.miniature.storage import (earlier_run, load_stage, new_model, parameters, prepared_folder, reuse,
                                    save_and_reload, save_stage, size_of)
 from trb.models import vocab_space
 from trb.stopping import StopSignals
@@ -66,18 +67,6 @@ def split_problems(source: str, config: PrepareConfig) -> dict[str, list[Problem
     }
 
 
-def differences(saved: dict, new: dict, prefix: str = "") -> list[str]:
-    """'key: saved -> new' for every (nested) key whose value differs."""
-    out = []
-    for key in sorted(set(saved) | set(new)):
-        a, b = saved.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a} -> {b}")
-    return out
-
-
 def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -100,30 +89,23 @@ class Preparation:
         self.wall: dict[str, float] = {}
         self.warnings: list[str] = []
         self.earlier_runs: dict[str, dict | None] = {}
+        # what the run was asked to do, before load_data resolves teacher_from: what a rerun is compared with
+        self.settings = prepare_settings(source, config, teacher_from, teacher_more_steps, student_from)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         self.log(f"WARNING: {message}")
-
-    def settings(self) -> dict:
-        """What the run was asked to do, as JSON reads it back (tuples become lists)."""
-        return json.loads(json.dumps({
-            "source": self.source, "config": asdict(self.config),
-            "teacher_from": None if self.teacher_from is None else str(self.teacher_from),
-            "teacher_more_steps": self.teacher_more_steps,
-            "student_from": None if self.student_from is None else str(self.student_from),
-        }))
 
     def continue_stopped(self) -> None:
         """Load the stages of a stopped run in out_dir, which must have been asked for the same settings."""
         if not (self.resume_dir / "settings.json").is_file():
             return
         saved = json.loads((self.resume_dir / "settings.json").read_text())
-        changed = differences(saved, self.settings())
+        changed = differences(saved, self.settings)
         if changed:
             raise PrepareError(f"{self.out_dir} holds a stopped prepare run with other settings "
-                               f"({', '.join(changed)}); rerun it with its own options to continue it, or choose "
-                               "another output folder")
+                               f"({', '.join(changed)}); rerun it with its own options to continue it, choose another "
+                               "output folder, or pass --overwrite to start over")
         self.stages = {role: load_stage(self.resume_dir / role, self.device) for role in ROLES
                        if (self.resume_dir / role / "stage.json").is_file()}
         self.log(f"continuing the stopped run in {self.out_dir}: " + ", ".join(
@@ -159,7 +141,8 @@ class Preparation:
         self.wall["data"] = time.perf_counter() - t0
         mean_tokens = sum(len(p) + len(c) for p, c in zip(self.prompts, self.completions)) / len(train)
         self.log(f"data: {len(train)} train / {len(self.splits['val'])} val / {len(self.splits['test'])} test "
-                 f"problems, vocabulary {len(tokenizer)}, {mean_tokens:.1f} tokens per sequence")
+                 f"problems, vocabulary {len(tokenizer)}, {mean_tokens:.1f} tokens per sequence; "
+                 f"{torch.get_num_threads()} torch thread(s)")
 
     def score(self, model: PreTrainedModel, problems: list[Problem], seed: int) -> EvalResult:
         return evaluate(model, self.tokenizer, problems, vocab_space(self.tokenizer, student=model),
@@ -289,6 +272,7 @@ class Preparation:
         models["student"]["in_window"] = lo <= curve[-1][1] <= hi
         return {
             "status": "completed",
+            "settings": self.settings,
             "source": self.source,
             "config": asdict(config),
             "data": {name: len(problems) for name, problems in self.splits.items()}
@@ -308,6 +292,7 @@ def prepare(
     teacher_from: str | Path | None = None,
     teacher_more_steps: int = 0,
     student_from: str | Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Train the tokenizer, teacher and student for `source` (a setting name or a problem file), save them under
     out_dir/{teacher,student}, and write out_dir/prepare.json (the returned report).
@@ -322,17 +307,28 @@ def prepare(
     checkpoint in out_dir/<role> (in save_dtype; with a finished teacher, both), its exact training state in
     out_dir/.resume, and the report {"status": "stopped", ...} is returned. Calling prepare again with the same
     arguments continues from there and gives the same models as an uninterrupted run; other arguments are refused.
+
+    A finished pair in out_dir is never replaced unless overwrite: made with the same arguments, prepare logs that
+    it is done and returns its report; made with others, it is refused (PrepareError) and nothing is touched. With
+    overwrite, a finished pair or a stopped run in out_dir is discarded and the pair made again.
     """
     out_dir, device = Path(out_dir), torch.device(device)
     if (teacher_more_steps or student_from is not None) and teacher_from is None:
         raise PrepareError("teacher_more_steps and student_from need teacher_from (the tokenizer comes with it)")
     run = Preparation(source, out_dir, config, device, log, teacher_from, teacher_more_steps, student_from)
-    run.continue_stopped()
-    settings = run.settings()  # before load_data resolves teacher_from: what a rerun is compared with
+    done = finished_pair(out_dir, run.settings, overwrite)
+    if done is not None:
+        log(f"{out_dir} holds the finished pair of these settings ({REPORT}); nothing to do")
+        return done
+    if not overwrite:
+        run.continue_stopped()
     run.load_data()
     if not run.stages:  # the data are good: from here on a stopped run can be continued
+        if overwrite:  # what the folder held describes other models from here on
+            shutil.rmtree(run.resume_dir, ignore_errors=True)
+            (out_dir / REPORT).unlink(missing_ok=True)
         run.resume_dir.mkdir(parents=True, exist_ok=True)
-        (run.resume_dir / "settings.json").write_text(json.dumps(settings, indent=1))
+        (run.resume_dir / "settings.json").write_text(json.dumps(run.settings, indent=1))
     teacher, teacher_sft = run.teacher()
     if teacher_sft["stopped"]:
         return run.stopped("teacher", teacher_sft)
@@ -342,6 +338,6 @@ def prepare(
     models = {role: run.ship(role, model, result)
               for role, model, result in (("teacher", teacher, teacher_sft), ("student", student, student_sft))}
     report = run.report(models, curve)
-    (out_dir / "prepare.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     shutil.rmtree(run.resume_dir)
     return report

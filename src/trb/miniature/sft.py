@@ -55,15 +55,16 @@ def epoch_batches(lengths: torch.Tensor, batch_size: int, generator: torch.Gener
 
 
 class Progress:
-    """A stage's progress bar (tqdm, on stderr) and log lines: the mean loss since the last line, the lr and the rate,
-    about ten lines per stage."""
+    """A stage's progress bar (tqdm, on stderr when it is a terminal: none in a log file) and log lines: the mean loss
+    since the last line, the lr and the rate, about ten lines per stage."""
 
     def __init__(self, name: str, config: SFTConfig, done: int, log: Callable[[str], None]):
         self.name, self.config, self.done, self.log = name, config, done, log
         self.every = max(1, min(200, config.steps // 10))
         self.window_loss, self.window_steps, self.recent_loss = 0.0, 0, float("nan")  # since the last log line
         self.start = time.perf_counter()
-        self.bar = tqdm(total=config.steps, initial=done, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(total=config.steps, initial=done, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0,
+                        disable=None)
 
     def update(self, step: int, loss: float, lr: float) -> None:
         self.window_loss, self.window_steps = self.window_loss + loss, self.window_steps + 1

@@ -26,7 +26,6 @@ from trb.miniature.config import ModelSize, PrepareError
 from trb.models import tiny_causal_lm
 from trb.paths import resolve_builtin
 
-RESUME = ".resume"
 
 
 def new_model(size: ModelSize, tokenizer: PreTrainedTokenizerBase, max_positions: int, seed: int,

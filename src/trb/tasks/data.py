@@ -11,20 +11,16 @@ being skipped: a silently shrunk evaluation set changes every pass@1 computed on
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from trb.errors import TrbError
+from trb.errors import DataError
+from trb.preflight import json_lines
 from trb.tasks.grading import extract_answer
 from trb.tasks.problems import Problem
 
 _CALCULATOR = re.compile(r"<<[^>]*>>")
-
-
-class DataError(TrbError):
-    """A problem file that cannot be read; the message names the file and the line."""
 
 
 def _records(path: Path) -> Iterator[tuple[str, object]]:
@@ -44,20 +40,8 @@ def _records(path: Path) -> Iterator[tuple[str, object]]:
         for row, record in enumerate(rows, start=1):
             yield f"{path}: row {row}", record
         return
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); fix or remove the line") from None
-            yield f"{path}:{line_no}", record
+    for line_no, record in json_lines(path):
+        yield f"{path}:{line_no}", record
 
 
 def _text(record: dict, key: str, where: str) -> str:
