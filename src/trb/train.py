@@ -144,8 +144,11 @@ class Run:
         s.student.eval()
         rollouts = self.rollouts(step)
         rollout_time = time.perf_counter() - started
+        if method.reads_student_logp:  # the engine may not have recorded them (vLLM)
+            rollouts = [self.t.fill_token_logp(r) for r in rollouts]
         if self.world.main and cfg.log_rollouts_every and step % cfg.log_rollouts_every == 0:
-            save_rollouts(s.run.path / "rollouts" / f"step_{step:08d}.json", step, rollouts[0], cfg.log_rollouts,
+            logged = self.t.fill_token_logp(rollouts[0].select(slice(0, cfg.log_rollouts)), teacher=True)
+            save_rollouts(s.run.path / "rollouts" / f"step_{step:08d}.json", step, logged, cfg.log_rollouts,
                           s.tokenizer, method.schedule_metrics(step, self.state.method_state))
         s.student.train()
         values = self.update(step, rollouts)

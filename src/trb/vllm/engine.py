@@ -139,6 +139,18 @@ class VLLMEngine:
 
         return current_platform.is_cuda_alike()
 
+    def max_model_len(self) -> int:
+        """Prompt + completion tokens per sequence in every engine this one may start (with a teacher: the blend's,
+        the smaller)."""
+        return self._max_model_len(BLEND if self.teacher_folder is not None else STUDENT_ONLY)
+
+    def start(self, policy: BehaviorPolicy) -> None:
+        """Start now the engine `policy` samples with (the blend if it reads the teacher, the student alone
+        otherwise), so that settings vLLM cannot run fail here rather than at the first generation."""
+        kind = BLEND if policy.needs_teacher else STUDENT_ONLY
+        if self.kind != kind:
+            self._start(kind)
+
     def _max_model_len(self, kind: str) -> int:
         if self.settings.max_model_len:
             return self.settings.max_model_len
