@@ -405,12 +405,15 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSign
 
 def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals, loaded: str | None) -> dict:
     run = Run(cfg, s, log, signals)
-    if run.state.next_step >= cfg.steps and (s.run.path / "summary.json").exists():
-        run.log(f"{s.run.path} already completed {cfg.steps} steps")
-        return json.loads((s.run.path / "summary.json").read_text())
-    if run.state.next_step > cfg.steps:
-        raise ConfigError(f"the run in {str(s.run.path)!r} has done {run.state.next_step} steps, more than "
-                          f"steps={cfg.steps}")
-    for line in ([loaded] if loaded else []) + [f"trb: warning: {warning}" for warning in s.warnings]:
-        run.log(line)  # once nothing but the run itself can fail: a refused run says one line
-    return run.finish(run.loop())
+    try:
+        if run.state.next_step >= cfg.steps and (s.run.path / "summary.json").exists():
+            run.log(f"{s.run.path} already completed {cfg.steps} steps")
+            return json.loads((s.run.path / "summary.json").read_text())
+        if run.state.next_step > cfg.steps:
+            raise ConfigError(f"the run in {str(s.run.path)!r} has done {run.state.next_step} steps, more than "
+                              f"steps={cfg.steps}")
+        for line in ([loaded] if loaded else []) + [f"trb: warning: {warning}" for warning in s.warnings]:
+            run.log(line)  # once nothing but the run itself can fail: a refused run says one line
+        return run.finish(run.loop())
+    finally:
+        run.t.engine.close()  # vLLM's engine and memory (one vLLM engine per process)
