@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -47,17 +48,21 @@ def metrics(run) -> list[dict]:
 def test_trb_train_runs_end_to_end_on_vllm(tmp_path, method):
     """3 steps of OPD / TRB with every rollout and evaluation from vLLM: finite losses, the behavior records of the
     method (OPD: beta 0, no KL spent; TRB: beta in (0, 1), KL(mu || pi_S) at most eps_k at every token), evaluations
-    at steps 0 and 3, and a logged rollout whose student log-probs (filled by the training forward of the student
-    after 2 updates) equal vLLM's behavior log-probs under OPD: the engine samples the trained student."""
+    at the start and the end, and a logged rollout whose student log-probs (filled by the training forward of the
+    student after 2 updates) equal vLLM's behavior log-probs under OPD: the engine samples the trained student. The
+    OPD run stops after 2 steps and resumes for the third, so that rollout comes from the engine of the resumed run,
+    which must hold the checkpoint's student, not the one on disk."""
     run = tmp_path / method
-    done = trb_train(*SMALL, f"method.name={method}", f"out_dir={run}")
-    assert done.returncode == 0, done.stderr[-3000:]
+    for steps in ([2, 3] if method == "opd" else [3]):
+        done = trb_train(*SMALL, f"method.name={method}", f"out_dir={run}", f"steps={steps}",
+                         *(["resume=true"] if steps == 3 and method == "opd" else []))
+        assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["decoder"] == "vllm" and summary["status"] == "completed"
     lines = metrics(run)
     steps = [m for m in lines if "loss" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
-    assert [m["step"] for m in lines if "eval/pass_at_1" in m] == [0, 3]
+    assert [m["step"] for m in lines if "eval/pass_at_1" in m] == ([0, 2, 3] if method == "opd" else [0, 3])
     for m in steps:
         assert math.isfinite(m["loss"]) and m["loss"] > 0 and m["tokens"] > 0
         assert 0 < m["rollout/length"] <= 96 and 0 <= m["rollout/stop_rate"] <= 1
@@ -142,3 +147,21 @@ def test_the_trl_vllm_example_runs_quick(tmp_path):
     assert second["trb/eps"] == 0 and second["trb/beta"] == 0 and second["trb/realized_kl"] == 0
     assert math.isfinite(first["loss"]) and math.isfinite(second["loss"])
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_teacher_whose_stack_cannot_share_the_engine_is_one_line_before_any_step(tmp_path):
+    from trb.paths import resolve_builtin
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve_builtin(PAIR + "teacher"), teacher)
+    config = json.loads((teacher / "config.json").read_text())
+    layers = ["sliding_attention"] * config["num_hidden_layers"]
+    (teacher / "config.json").write_text(json.dumps({**config, "layer_types": layers, "use_sliding_window": True,
+                                                     "sliding_window": 64}))
+    done = trb_train(*SMALL, f"models.teacher={teacher}", f"out_dir={tmp_path / 'run'}")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("trb: error:")]
+    assert errors == ["trb: error: the teacher model has ['sliding_attention'] attention layers (or a sliding window); "
+                      "the blend engine shares one KV cache between full-attention stacks only; use "
+                      "rollout.engine=trb"], done.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
