@@ -28,8 +28,7 @@ from trb.rollout import StudentPolicy, TeacherPolicy, TRBPolicy
 pytestmark = pytest.mark.vllm
 
 PAIR = "trb:miniature/arith/"
-SMALL = ["rollout.engine=vllm", "rollout.kv_cache_bytes=67108864", "rollout.dtype=float32",
-         "rollout.enforce_eager=true", "steps=3", "prompts_per_step=4", "rollouts_per_prompt=2", "data.num_train=200",
+SMALL = ["rollout.engine=vllm", "rollout.kv_cache_bytes=67108864", "rollout.enforce_eager=true", "steps=3", "prompts_per_step=4", "rollouts_per_prompt=2", "data.num_train=200",
          "data.num_test=8", "eval_every=0", "eval_samples=1", "checkpoint_every=0", "log_rollouts_every=1",
          "warmup_steps=0"]
 
@@ -165,3 +164,23 @@ def test_a_teacher_whose_stack_cannot_share_the_engine_is_one_line_before_any_st
                       "the blend engine shares one KV cache between full-attention stacks only; use "
                       "rollout.engine=trb"], done.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_auto_dtype_samples_in_the_students_dtype_not_the_checkpoints_bf16():
+    """The shipped pair is stored in bf16 and trains in fp32: with rollout.dtype=auto vLLM holds fp32 weights, as the
+    own engine decodes the fp32 student (vLLM's own "auto" would be the checkpoint's bf16: an off-policy sampler)."""
+    from trb.vllm.engine import VLLMSettings
+    from trb.vllm.rollouts import VLLMRollouts
+
+    student = load_causal_lm(PAIR + "student", torch.device("cpu"))
+    tokenizer = load_tokenizer(PAIR + "student")
+    assert json.loads(open(os.path.join(student.name_or_path, "config.json")).read())["dtype"] == "bfloat16"
+    vocab = vocab_space(tokenizer, tokenizer, student, student)
+    engine = VLLMRollouts(PAIR + "student", None, vocab, VLLMSettings(kv_cache_bytes=16 << 20, enforce_eager=True),
+                          student)
+    try:
+        engine.engine.start(StudentPolicy())
+        assert engine.engine.settings.dtype == "float32"
+        assert {p.dtype for p in engine.engine.model.parameters()} == {torch.float32}
+    finally:
+        engine.close()

@@ -104,7 +104,9 @@ class RolloutConfig:
     kv_cache_bytes: int | None = None  # a fixed KV cache size instead of gpu_memory_utilization's share
     max_num_seqs: int = 256  # sequences decoding at once
     max_model_len: int = 0  # prompt + completion tokens per sequence; 0: the smaller of the models' context lengths
-    dtype: str = "auto"  # vLLM's weights and activations: auto (the checkpoint's) | float32 | bfloat16 | float16
+    # vLLM's weights and activations: auto (the student's decode dtype: bf16 under bf16 autocast on a GPU, the
+    # training dtype otherwise) | float32 | bfloat16 | float16
+    dtype: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs or compilation: engine start in seconds, slower decoding on a GPU
     sleep: bool = False  # release vLLM's GPU memory between rollout phases (CUDA only)
 

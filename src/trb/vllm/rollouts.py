@@ -11,6 +11,8 @@ preemptions and KV reads stay 0, and there are no speculative drafts.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -26,10 +28,13 @@ class VLLMRollouts:
     the student phase only); model: the in-memory student whose weights vLLM samples (pushed now and at every
     `update_student`); longest: prompt + completion tokens of the longest sequence the run will ask for (checked
     against max_model_len now, not at the first call); seed: vLLM's own seed (each sequence's randomness comes
-    from its key)."""
+    from its key). settings.dtype "auto" is `model`'s dtype (a checkpoint stored in bf16 is sampled in fp32 when the
+    student trains and decodes in fp32, as the own engine samples it)."""
 
     def __init__(self, student: str, teacher: str | None, vocab: VocabSpace, settings: VLLMSettings,
                  model: nn.Module, *, longest: int = 0, seed: int = 0):
+        if settings.dtype == "auto":  # vLLM samples in the dtype the student decodes in, not the checkpoint's
+            settings = replace(settings, dtype=str(next(model.parameters()).dtype).removeprefix("torch."))
         self.engine = VLLMEngine(student, teacher, vocab, settings, seed)
         limit = self.engine.max_model_len()
         if longest > limit:
