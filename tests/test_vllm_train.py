@@ -184,3 +184,25 @@ def test_auto_dtype_samples_in_the_students_dtype_not_the_checkpoints_bf16():
         assert {p.dtype for p in engine.engine.model.parameters()} == {torch.float32}
     finally:
         engine.close()
+
+
+def test_prompts_beyond_one_steps_token_budget_do_not_crash_the_cpu_builds_seeded_sampler():
+    """An evaluation's 800 prompts (~15k tokens) exceed one vLLM step's token budget; with chunked prefill, vLLM's
+    CPU build discards a partly prefilled request's token and rewinds its seeded generator, which a CPU generator
+    cannot do ("CPU Generator does not use offset"). The engine prefills whole prompts there; every request ends."""
+    from trb.vllm.engine import VLLMSettings
+    from trb.vllm.rollouts import VLLMRollouts
+
+    tokenizer = load_tokenizer(PAIR + "student")
+    student = load_causal_lm(PAIR + "student", torch.device("cpu"))
+    vocab = vocab_space(tokenizer, tokenizer, student, student)
+    prompts = [tokenizer.encode(f"Question: a = {i}, b = a + {i * 7 % 50}, c = b - 3, d = c * 2. Find d.\nAnswer:\n")
+               for i in range(800)]
+    assert sum(map(len, prompts)) > 8192  # vLLM's default token budget of a step
+    engine = VLLMRollouts(PAIR + "student", None, vocab, VLLMSettings(kv_cache_bytes=64 << 20, enforce_eager=True),
+                          student)
+    try:
+        rollout = engine.rollout(StudentPolicy(), prompts, 4, torch.arange(len(prompts)))
+        assert rollout.completion_mask.sum(1).min() >= 1 and rollout.completion_ids.shape == (800, 4)
+    finally:
+        engine.close()

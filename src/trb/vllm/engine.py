@@ -171,13 +171,18 @@ class VLLMEngine:
                           "eos_id": self.vocab.eos_id},
         }
         s = self.settings
+        # vLLM's CPU build cannot rewind a seeded request's generator (`set_offset`: "CPU Generator does not use
+        # offset") when it discards the token of a prompt prefilled in chunks, which happens as soon as a call's
+        # prompts exceed one step's token budget: there every prompt is prefilled whole
+        whole_prompts = {} if self._on_cuda() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(self._max_model_len(kind), 8192)}
         try:
             self.llm = self.vllm.LLM(
                 model=str(self.student_folder), hf_overrides=overrides, dtype=s.dtype, seed=self.seed,
                 gpu_memory_utilization=s.gpu_memory_utilization, kv_cache_memory_bytes=s.kv_cache_bytes,
                 max_num_seqs=s.max_num_seqs, max_model_len=self._max_model_len(kind), enforce_eager=s.enforce_eager,
                 enable_sleep_mode=s.sleep, logprobs_mode="raw_logits", generation_config="vllm",
-                trust_remote_code=False,
+                trust_remote_code=False, **whole_prompts,
             )
         except (ValueError, RuntimeError, MemoryError) as error:
             self.kind = None
