@@ -33,8 +33,17 @@ SMALL = ["rollout.engine=vllm", "rollout.kv_cache_bytes=67108864", "rollout.enfo
          "warmup_steps=0"]
 
 
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "src")
+
+
+def environment() -> dict:
+    """The subprocess's environment: this checkout's trb first (whatever the environment's install points at)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+
+
 def trb_train(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = environment()
     return subprocess.run([sys.executable, "-m", "trb", "train", "trb:configs/miniature_arith.yaml", *args],
                           capture_output=True, text=True, env=env, timeout=900)
 
@@ -134,7 +143,7 @@ def test_the_trl_vllm_example_runs_quick(tmp_path):
     """examples/trl_vllm.py --quick: TRL's DistillationTrainer with use_vllm=True, every completion from trb's vLLM
     engine: the blend at step 1 (eps 0.02 spent in full: KL(mu || pi_S) = eps), the student alone at step 2 (eps
     0), the trained student saved."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = environment()
     script = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "trl_vllm.py")
     done = subprocess.run([sys.executable, script, "--quick", "--out", str(tmp_path / "out")], capture_output=True,
                           text=True, env=env, timeout=900, cwd=tmp_path)
