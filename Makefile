@@ -39,12 +39,13 @@ torch-index:
 
 setup: $(BIN)/.installed
 
-# vLLM's own environment (its pins conflict with the main one's transformers). The CPU build also pulls torchvision,
-# torchaudio and torchcodec builds that do not load beside its torch (and break transformers' imports); trb uses none.
+# vLLM's own environment (its pins conflict with the main one's transformers), with TRL for the TRL + vLLM example.
+# The CPU build also pulls torchvision, torchaudio and torchcodec builds that do not load beside its torch (and break
+# transformers' imports); trb uses none.
 $(VLLM_BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_BIN)/python -m pip install --quiet --upgrade pip
-	$(VLLM_BIN)/python -m pip install --quiet -e ".[test,$(VLLM_EXTRA)]" $$(make --no-print-directory -s torch-index)
+	$(VLLM_BIN)/python -m pip install --quiet -e ".[test,trl,$(VLLM_EXTRA)]" $$(make --no-print-directory -s torch-index)
 	$(if $(HAS_GPU),,$(VLLM_BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $@
 

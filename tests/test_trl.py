@@ -222,6 +222,16 @@ def test_sampling_options_the_engine_cannot_honor_are_refused(pair, tmp_path):
         make_trainer(pair, tmp_path, method="trb", top_p=0.9)
 
 
+def test_use_vllm_options_trbs_vllm_engine_cannot_honor_are_refused(pair, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"use_vllm=True .* does not support vllm_mode='server' \(only 'colocate'\)"):
+        make_trainer(pair, tmp_path, method="trb", use_vllm=True, vllm_mode="server")
+    with pytest.raises(ValueError, match=r"use_vllm=True .* does not support temperature != 1"):
+        make_trainer(pair, tmp_path, method="trb", use_vllm=True, temperature=0.7)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, as where it is not installed
+    with pytest.raises(ValueError, match=r"needs vLLM, which does not import here .*pip install 'trb\[vllm\]'"):
+        make_trainer(pair, tmp_path, method="trb", use_vllm=True)
+
+
 def test_import_without_trl_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)
     monkeypatch.delitem(sys.modules, "trb.integrations.trl")

@@ -93,16 +93,49 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """The engine that generates every rollout of training and evaluation: trb's own (`trb`, the default and the
+    reference: exact, keyed per-sequence randomness) or vLLM (`vllm`, `trb.vllm`: vLLM's own sampler on the policy's
+    distribution, colocated with each rank). The other keys are vLLM's knobs (`trb.vllm.engine.VLLMSettings`), read
+    only with engine=vllm."""
+
+    engine: str = "trb"  # trb | vllm
+    gpu_memory_utilization: float = 0.9  # share of the GPU vLLM may take (on its CPU build: host memory for KV)
+    kv_cache_bytes: int | None = None  # a fixed KV cache size instead of gpu_memory_utilization's share
+    max_num_seqs: int = 256  # sequences decoding at once
+    max_model_len: int = 0  # prompt + completion tokens per sequence; 0: the smaller of the models' context lengths
+    # vLLM's weights and activations: auto (the student's decode dtype: bf16 under bf16 autocast on a GPU, the
+    # training dtype otherwise) | float32 | bfloat16 | float16
+    dtype: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs or compilation: engine start in seconds, slower decoding on a GPU
+    sleep: bool = False  # release vLLM's GPU memory between rollout phases (CUDA only)
+
+    def __post_init__(self):
+        require(self.engine in ("trb", "vllm"), f"rollout.engine must be trb or vllm, got {self.engine!r}")
+        require(0 < self.gpu_memory_utilization <= 1,
+                f"rollout.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        require(self.kv_cache_bytes is None or self.kv_cache_bytes > 0,
+                f"rollout.kv_cache_bytes must be > 0 (or null: gpu_memory_utilization decides), got "
+                f"{self.kv_cache_bytes}")
+        require(self.max_num_seqs >= 1, f"rollout.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        require(self.max_model_len >= 0,
+                f"rollout.max_model_len must be >= 0 (0: the models' own), got {self.max_model_len}")
+        dtypes = ("auto", "float32", "bfloat16", "float16")
+        require(self.dtype in dtypes, f"rollout.dtype must be one of {dtypes}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One run's whole configuration, validated at construction: the sections `models`, `data`, `method` (a
-    registered `Method`) and `loss` (a `LossSpec`), and the top-level keys of the loop (steps, batch sizes, learning
-    rate, evaluation, checkpoints, out_dir, ...). A YAML config mirrors it key for key; build one with `load_config`,
-    and override any key on the command line as `section.key=value`."""
+    registered `Method`), `loss` (a `LossSpec`) and `rollout` (the rollout engine), and the top-level keys of the loop
+    (steps, batch sizes, learning rate, evaluation, checkpoints, out_dir, ...). A YAML config mirrors it key for key;
+    build one with `load_config`, and override any key on the command line as `section.key=value`."""
 
     models: ModelsConfig = field(default_factory=ModelsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: Method = field(default_factory=VanillaOPD)
     loss: LossSpec = field(default_factory=LossSpec)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     steps: int = 200  # optimizer steps
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 4
@@ -151,6 +184,14 @@ class TrainConfig:
         require(self.autocast in ("auto", "bf16", "fp32"), f"autocast must be auto, bf16 or fp32, got {self.autocast!r}")
         require(self.resume in (True, False, "auto"), f"resume must be true, false or auto, got {self.resume!r}")
         require(self.compile in ("auto", True, False), f"compile must be auto, true or false, got {self.compile!r}")
+        require(self.rollout.engine == "trb" or not self.speculative_gamma,
+                "speculative_gamma > 0 needs rollout.engine=trb (vLLM samples the blend token by token); set "
+                "speculative_gamma=0")
+        require(not self.rollout.sleep or self.device != "cpu",
+                "rollout.sleep releases GPU memory, and device=cpu has none; set rollout.sleep=false")
+        require(not self.rollout.max_model_len or self.rollout.max_model_len > self.max_new_tokens,
+                f"rollout.max_model_len={self.rollout.max_model_len} leaves no room for a prompt before "
+                f"max_new_tokens={self.max_new_tokens}; raise it (or 0: the models' context)")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
+    # whether token_weights reads the rollout's student_logp (an engine that does not record it, vLLM, leaves it to
+    # the loop to fill from the student's forward before the loss)
+    reads_student_logp: ClassVar[bool] = False
 
     def behavior(self, step: int, state: dict) -> BehaviorPolicy:
         from trb.rollout.policies import StudentPolicy
@@ -304,6 +307,7 @@ class MiniLLM(Method):
     (MiniLLM's token-level approximation of the prefix weight; bounded by 1 / (1 - alpha))."""
 
     name: ClassVar[str] = "minillm"
+    reads_student_logp: ClassVar[bool] = True
     alpha: float = 0.2
 
     def __post_init__(self):

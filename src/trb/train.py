@@ -144,8 +144,11 @@ class Run:
         s.student.eval()
         rollouts = self.rollouts(step)
         rollout_time = time.perf_counter() - started
+        if method.reads_student_logp:  # the engine may not have recorded them (vLLM)
+            rollouts = [self.t.fill_token_logp(r) for r in rollouts]
         if self.world.main and cfg.log_rollouts_every and step % cfg.log_rollouts_every == 0:
-            save_rollouts(s.run.path / "rollouts" / f"step_{step:08d}.json", step, rollouts[0], cfg.log_rollouts,
+            logged = self.t.fill_token_logp(rollouts[0].select(slice(0, cfg.log_rollouts)), teacher=True)
+            save_rollouts(s.run.path / "rollouts" / f"step_{step:08d}.json", step, logged, cfg.log_rollouts,
                           s.tokenizer, method.schedule_metrics(step, self.state.method_state))
         s.student.train()
         values = self.update(step, rollouts)
@@ -402,12 +405,15 @@ def train(cfg: TrainConfig, log=print, s: Setup | None = None, signals: StopSign
 
 def _train(cfg: TrainConfig, log, s: Setup, signals: StopSignals, loaded: str | None) -> dict:
     run = Run(cfg, s, log, signals)
-    if run.state.next_step >= cfg.steps and (s.run.path / "summary.json").exists():
-        run.log(f"{s.run.path} already completed {cfg.steps} steps")
-        return json.loads((s.run.path / "summary.json").read_text())
-    if run.state.next_step > cfg.steps:
-        raise ConfigError(f"the run in {str(s.run.path)!r} has done {run.state.next_step} steps, more than "
-                          f"steps={cfg.steps}")
-    for line in ([loaded] if loaded else []) + [f"trb: warning: {warning}" for warning in s.warnings]:
-        run.log(line)  # once nothing but the run itself can fail: a refused run says one line
-    return run.finish(run.loop())
+    try:
+        if run.state.next_step >= cfg.steps and (s.run.path / "summary.json").exists():
+            run.log(f"{s.run.path} already completed {cfg.steps} steps")
+            return json.loads((s.run.path / "summary.json").read_text())
+        if run.state.next_step > cfg.steps:
+            raise ConfigError(f"the run in {str(s.run.path)!r} has done {run.state.next_step} steps, more than "
+                              f"steps={cfg.steps}")
+        for line in ([loaded] if loaded else []) + [f"trb: warning: {warning}" for warning in s.warnings]:
+            run.log(line)  # once nothing but the run itself can fail: a refused run says one line
+        return run.finish(run.loop())
+    finally:
+        run.t.engine.close()  # vLLM's engine and memory (one vLLM engine per process)

@@ -5,20 +5,34 @@ accumulate gradients over micro-batches and step the optimizer."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from trb import distributed
 from trb.core import linear_ramp, stream_seed
-from trb.forward import FinalHidden
+from trb.forward import FinalHidden, token_logp
 from trb.inference import InferenceCopy
-from trb.rollout import BehaviorPolicy, RolloutStats, build_engine
+from trb.rollout import BehaviorPolicy, Engine, RolloutStats, build_engine
 from trb.sequences import Rollout
 
 if TYPE_CHECKING:
     from trb.config import TrainConfig
     from trb.loading import Setup
+
+
+def rollout_engine(cfg: TrainConfig, s: Setup, model: torch.nn.Module) -> Engine:
+    """The run's rollout engine (`rollout.engine`) decoding `model`, the student's inference copy: trb's own
+    (`trb.rollout.build_engine`; a loss that reuses the teacher log-probs recorded while decoding takes its
+    diagnostics from the records too), or vLLM's (`trb.vllm.rollouts`: the run's pair from disk, `model`'s weights
+    pushed, its student engine started, so settings it cannot run fail before the first step)."""
+    if cfg.rollout.engine == "vllm":
+        from trb.vllm.rollouts import vllm_rollouts
+
+        return vllm_rollouts(cfg, model, s.vocab, max(map(len, s.prompts)) + cfg.max_new_tokens)
+    return build_engine(cfg, model, s.teacher, s.vocab, record_topk=cfg.loss.record_topk,
+                        record_kl=cfg.loss.recorded is not None)
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -35,9 +49,7 @@ class Trainer:
         # autocast on a GPU), built before the student is sharded and refreshed after every update.
         decode_dtype = torch.bfloat16 if s.bf16 and s.device.type == "cuda" else next(s.student.parameters()).dtype
         self.inference = InferenceCopy(s.student, decode_dtype, sharded=s.world.active and cfg.distributed == "fsdp")
-        # a loss that reuses the teacher log-probs recorded while decoding takes its diagnostics from the records too
-        self.engine = build_engine(cfg, self.inference.model, s.teacher, s.vocab, record_topk=cfg.loss.record_topk,
-                                   record_kl=cfg.loss.recorded is not None)
+        self.engine = rollout_engine(cfg, s, self.inference.model)
         hidden = FinalHidden(s.student, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.teacher_hidden = FinalHidden(s.teacher, cfg.loss.length_groups, cfg.loss.compile, cfg.models.forward)
         self.hidden = distributed.wrap(hidden, s.student, cfg.distributed, s.world)
@@ -48,8 +60,11 @@ class Trainer:
 
     @property
     def decoder(self) -> str:
-        """What decodes the student's rollouts, as `trb.rollout.make_decoder` chooses: "lean" where the config's
-        models.forward allows it and the inference copy supports it, "hugging face" otherwise."""
+        """What decodes the student's rollouts: "vllm" with rollout.engine=vllm; otherwise as
+        `trb.rollout.make_decoder` chooses, "lean" where the config's models.forward allows it and the inference copy
+        supports it, "hugging face" otherwise."""
+        if self.cfg.rollout.engine == "vllm":
+            return "vllm"
         return "lean" if self.cfg.models.forward != "hf" and self.inference.lean else "hugging face"
 
     def my_sequences(self, count: int) -> list[int]:
@@ -66,6 +81,19 @@ class Trainer:
         self.engine.stats = RolloutStats()
         with s.autocast:
             return [self.engine.rollout(policy, [sequences[i] for i in mine], cfg.max_new_tokens, keys)]
+
+    @torch.no_grad()
+    def fill_token_logp(self, rollout: Rollout, teacher: bool = False) -> Rollout:
+        """rollout with the sampled tokens' log-probs under the student (and with `teacher`, the teacher) where the
+        engine did not record them (vLLM records neither): one no-grad pass of the inference copy (the teacher)
+        through the training forward's path (`trb.forward.token_logp`)."""
+        s, groups = self.s, self.cfg.loss.length_groups
+        with s.autocast:
+            if rollout.student_logp is None:
+                rollout = replace(rollout, student_logp=token_logp(self.inference.model, rollout, s.vocab, groups))
+            if teacher and rollout.teacher_logp is None:
+                rollout = replace(rollout, teacher_logp=token_logp(s.teacher, rollout, s.vocab, groups))
+        return rollout
 
     def refresh(self) -> None:
         """After the student's weights changed (an update, a resume, the SFT warmup): the inference copy, then the

@@ -11,6 +11,15 @@ changes. After the warmup (eps_k = 0) the rollouts are the student's, as in the 
 Temperature: the policy acts on the student's and teacher's distributions at TRL's `temperature`, the ones the
 trainer samples from and compares in its loss; eps = 0 therefore samples exactly the plain trainer's distribution.
 
+With `use_vllm=True` (TRL's own argument, with its `vllm_gpu_memory_utilization`, `vllm_max_model_length` and
+`vllm_enable_sleep_mode`; `vllm_mode="colocate"` only) the completions come from trb's vLLM engine
+(`trb.vllm.rollouts`), one per rank, in every phase: the blend model while the policy reads the teacher, the student
+alone after the warmup and in evaluation. TRL's own vLLM generation is not used for the student phase: vLLM runs
+one engine per process (its parallel state is global), so TRL's engine and the blend engine cannot live side by side,
+and TRL's weight sync (`load_weights` into the running model) fails on vLLM's CPU build, which repacks its weights
+after loading. The engine is built from the models' folders (`name_or_path`) and takes the student's weights at the
+first generation of every new optimizer step.
+
 Logged per generation through TRL's metrics (averaged over each logging window): `trb/beta` and `trb/realized_kl`
 (means over completion tokens of the blend weight and of KL(mu || pi_S), the budget spent), `trb/teacher_tokens`
 (share of tokens drawn from the teacher: SKD injections, mixture draws) and the method's scheduled values
@@ -119,9 +128,19 @@ def resolve_method(method: Method | BehaviorPolicy | str, params: dict | None) -
     return method
 
 
-def _check_args(args: DistillationConfig, tools: list) -> None:
+def _check_args(args: DistillationConfig, tools: list, use_vllm: bool) -> None:
+    if use_vllm:
+        vllm_unsupported = {
+            f"vllm_mode={args.vllm_mode!r} (only 'colocate')": args.vllm_mode != "colocate",
+            "vllm_tensor_parallel_size > 1": args.vllm_tensor_parallel_size != 1,
+            "temperature != 1": args.temperature != 1.0,
+        }
+        named = [name for name, set_ in vllm_unsupported.items() if set_]
+        if named:
+            raise ValueError(f"TRBDistillationTrainer with use_vllm=True samples with trb's vLLM engine (one per "
+                             f"rank, the policy's distribution at temperature 1), which does not support "
+                             f"{', '.join(named)}")
     unsupported = {
-        "use_vllm": args.use_vllm,
         "tools": bool(tools),
         "top_p != 1": args.top_p != 1.0,
         "top_k > 0": bool(args.top_k),
@@ -143,7 +162,9 @@ class TRBDistillationTrainer(DistillationTrainer):
 
     method: a `trb.methods` object (`TRB(eps0=0.02, horizon=50)`), a name with `method_params`
     (`method="trb", method_params={"eps0": 0.02}`), or a behavior policy used at every step (`MixturePolicy(0.2)`).
-    Everything else is `DistillationTrainer`'s. `last_rollout` holds the `trb.rollout.Rollout` record of the latest
+    Everything else is `DistillationTrainer`'s; `args.use_vllm` selects trb's vLLM engine (module docstring), and
+    vllm_settings (a `trb.vllm.engine.VLLMSettings`), if given, replaces the settings built from TRL's vLLM arguments
+    (e.g. to fix `kv_cache_bytes` on vLLM's CPU build). `last_rollout` holds the `trb.rollout.Rollout` record of the latest
     generation (tokens, behavior / student / teacher log-probs, beta and realized KL per token).
     """
 
@@ -157,13 +178,21 @@ class TRBDistillationTrainer(DistillationTrainer):
         *,
         method: Method | BehaviorPolicy | str = "trb",
         method_params: dict | None = None,
+        vllm_settings=None,
         **kwargs,
     ):
         if teacher_model is None:
             raise ValueError("TRBDistillationTrainer needs a teacher_model: the teacher decodes beside the student")
         self.method = resolve_method(method, method_params)
-        super().__init__(model, teacher_model, args, **kwargs)
-        _check_args(self.args, self.tools)
+        use_vllm = args is not None and args.use_vllm
+        if use_vllm:  # TRL does not build its own vLLM generation: trb's engine samples every phase
+            args.use_vllm = False
+        try:
+            super().__init__(model, teacher_model, args, **kwargs)
+        finally:
+            if use_vllm:
+                args.use_vllm = True
+        _check_args(self.args, self.tools, use_vllm)
         if self._is_vlm:
             raise ValueError("TRBDistillationTrainer supports text models only (the processing class is a processor)")
         student = self.accelerator.unwrap_model(self.model)
@@ -172,6 +201,19 @@ class TRBDistillationTrainer(DistillationTrainer):
         self.method_state: dict = {}
         self.last_rollout: Rollout | None = None
         self._calls = (None, 0)  # ((mode, step), generations so far at it): distinct keys for each eval batch
+        self.engine = self._engine(student, teacher, vllm_settings) if use_vllm else None
+        self._synced_step = self.state.global_step  # the step whose student weights the vLLM engine holds
+
+    def _engine(self, student, teacher, settings):
+        """trb's vLLM engine over the pair's folders (the models' name_or_path), with TRL's vLLM arguments."""
+        from trb.vllm.engine import VLLMSettings
+        from trb.vllm.rollouts import VLLMRollouts
+
+        a = self.args
+        settings = settings or VLLMSettings(gpu_memory_utilization=a.vllm_gpu_memory_utilization,
+                                            max_model_len=a.vllm_max_model_length or 0,
+                                            sleep=a.vllm_enable_sleep_mode)
+        return VLLMRollouts(student.name_or_path, teacher.name_or_path, self.vocab, settings, student, seed=a.seed)
 
     def _policy(self, mode: str) -> BehaviorPolicy:
         step = self.state.global_step
@@ -205,7 +247,10 @@ class TRBDistillationTrainer(DistillationTrainer):
             was_training = student.training
             student.eval()
             teacher = self.accelerator.unwrap_model(self.teacher_model).eval()
-            engine = own_engine(student, teacher, self.vocab, record_kl=False)  # TRL's loss computes them
+            engine = self.engine or own_engine(student, teacher, self.vocab, record_kl=False)  # TRL's loss has them
+            if self.engine is not None and self._synced_step != self.state.global_step:
+                self.engine.update_student(student)  # vLLM's copy takes the weights of the steps since
+                self._synced_step = self.state.global_step
             rollout = engine.rollout(policy, [list(p) for p in prompt_ids], self.max_completion_length, keys)
             student.train(was_training)
         self.last_rollout = rollout

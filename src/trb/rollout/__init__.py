@@ -10,7 +10,8 @@ one call, `engine.rollout(policy, prompts, max_new_tokens, keys) -> Rollout`, on
   teacher flag, optionally the teacher's log-probs on the student's top-k and KL(pi_S || pi_T), H(pi_T);
 - `engine.update_student(model)`: the loop calls it after every optimizer step (an engine that keeps its own copy
   of the student takes the new weights here; the own engine decodes the refreshed inference copy and does nothing);
-- `build_engine(cfg, student, teacher, vocab)` (`factory`): the engine a run's config names.
+- `build_engine(cfg, student, teacher, vocab)` (`factory`): trb's own engine as a run's config sets it up (with
+  `rollout.engine=vllm` the trainer builds vLLM's instead, `trb.vllm.rollouts`; this package never imports vLLM).
 
 Every policy exposes its behavior distribution through one method, `policy.distribution(student_logp, teacher_logp)
 -> (log mu (B, V), beta (B,), KL(mu || pi_S) (B,))`; an engine that samples inside its model calls it on the two

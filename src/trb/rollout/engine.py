@@ -2,7 +2,7 @@
 own engine behind it.
 
 `Engine` is the seam (see the package docstring): `rollout(policy, prompts, max_new_tokens, keys) -> Rollout` and
-`update_student(model)` after every optimizer step. `OwnEngine` implements it on the decoder interface
+`update_student(model)` after every optimizer step (and `close()` when the run ends). `OwnEngine` implements it on the decoder interface
 (`trb.rollout.decoder`): it receives a factory that makes one decoder per model and call (the backends of
 `trb.rollout.backends`, or a mock decoder in the tests), runs the shared queue (`trb.rollout.queue`: admission by KV
 memory, preemption, records) through the lock-step loop (`trb.rollout.lockstep`) or exact speculative TRB
@@ -47,6 +47,9 @@ class Engine(Protocol):
 
     def update_student(self, model: torch.nn.Module) -> None:
         """Called after every optimizer step with the model that holds the student's new weights."""
+
+    def close(self) -> None:
+        """Release what the engine holds (vLLM: its engine and memory); called once, when the run ends."""
 
 
 def sequence_keys(count: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,3 +101,6 @@ class OwnEngine:
 
     def update_student(self, model: torch.nn.Module) -> None:
         """Nothing to do: the engine decodes the inference copy itself, which the loop refreshes in place."""
+
+    def close(self) -> None:
+        """Nothing to release: the decoders live for one call."""

@@ -37,9 +37,10 @@ def own_engine(student: PreTrainedModel | None, teacher: PreTrainedModel | None,
 
 def build_engine(cfg, student: PreTrainedModel, teacher: PreTrainedModel, vocab: VocabSpace, *,
                  record_topk: int = 0, record_kl: bool = True) -> Engine:
-    """The rollout engine of a training run (cfg: its `trb.config.TrainConfig`): trb's own, with a KV budget of
-    `rollout_batch` sequences per model, speculative TRB at `speculative_gamma`, the `compile` setting for the
-    student's device and the `models.forward` backend."""
+    """trb's own rollout engine for a training run (cfg: its `trb.config.TrainConfig`; `trb.trainer.rollout_engine`
+    picks vLLM's instead under rollout.engine=vllm), with a KV budget of `rollout_batch` sequences per model,
+    speculative TRB at `speculative_gamma`, the `compile` setting for the student's device and the `models.forward`
+    backend."""
     return own_engine(student, teacher, vocab, forward=cfg.models.forward, batch=cfg.rollout_batch,
                       gamma=cfg.speculative_gamma, compile=decode_compile(cfg.compile, student.device),
                       record_topk=record_topk, record_kl=record_kl)

@@ -139,6 +139,18 @@ class VLLMEngine:
 
         return current_platform.is_cuda_alike()
 
+    def max_model_len(self) -> int:
+        """Prompt + completion tokens per sequence in every engine this one may start (with a teacher: the blend's,
+        the smaller)."""
+        return self._max_model_len(BLEND if self.teacher_folder is not None else STUDENT_ONLY)
+
+    def start(self, policy: BehaviorPolicy) -> None:
+        """Start now the engine `policy` samples with (the blend if it reads the teacher, the student alone
+        otherwise), so that settings vLLM cannot run fail here rather than at the first generation."""
+        kind = BLEND if policy.needs_teacher else STUDENT_ONLY
+        if self.kind != kind:
+            self._start(kind)
+
     def _max_model_len(self, kind: str) -> int:
         if self.settings.max_model_len:
             return self.settings.max_model_len
@@ -159,13 +171,18 @@ class VLLMEngine:
                           "eos_id": self.vocab.eos_id},
         }
         s = self.settings
+        # vLLM's CPU build cannot rewind a seeded request's generator (`set_offset`: "CPU Generator does not use
+        # offset") when it discards the token of a prompt prefilled in chunks, which happens as soon as a call's
+        # prompts exceed one step's token budget: there every prompt is prefilled whole
+        whole_prompts = {} if self._on_cuda() else {
+            "enable_chunked_prefill": False, "max_num_batched_tokens": max(self._max_model_len(kind), 8192)}
         try:
             self.llm = self.vllm.LLM(
                 model=str(self.student_folder), hf_overrides=overrides, dtype=s.dtype, seed=self.seed,
                 gpu_memory_utilization=s.gpu_memory_utilization, kv_cache_memory_bytes=s.kv_cache_bytes,
                 max_num_seqs=s.max_num_seqs, max_model_len=self._max_model_len(kind), enforce_eager=s.enforce_eager,
                 enable_sleep_mode=s.sleep, logprobs_mode="raw_logits", generation_config="vllm",
-                trust_remote_code=False,
+                trust_remote_code=False, **whole_prompts,
             )
         except (ValueError, RuntimeError, MemoryError) as error:
             self.kind = None
