@@ -3,9 +3,12 @@ on the same prompts. Information only (the vLLM build and the machine decide it)
 
     .venv-vllm/bin/python benchmarks/bench_vllm.py                          # the shipped miniature pair
     .venv-vllm/bin/python benchmarks/bench_vllm.py --models qwen3-scaled    # Qwen3-0.6B / 4B shapes at 1/8 width
+    python benchmarks/bench_vllm.py --device cuda --models qwen3-0.6b-4b --dtype bfloat16 --batch 64 \
+        --new-tokens 1024                                                     # full size, vLLM's CUDA build
 
 Tokens/s counts generated completion tokens per second of wall time (median of repeats, after a warm-up call; the
-vLLM engine's start is not timed). The last stdout line is JSON with the device name and the vLLM version.
+vLLM engine's start is not timed); ms per step is a call's wall time over its longest completion (the decode steps
+a call takes; the prompt pass included). The last stdout line is JSON with the device name and the vLLM version.
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ def pair_folders(kind: str, scratch: Path) -> tuple[str, str]:
         return "trb:miniature/arith/student", "trb:miniature/arith/teacher"
     from trb.testing import random_qwen3_pair
 
-    paths = random_qwen3_pair(scratch, "0.6b", "4b", scale=0.125)
+    paths = random_qwen3_pair(scratch, "0.6b", "4b", scale=0.125 if kind == "qwen3-scaled" else 1.0)
     return str(paths["student"]), str(paths["teacher"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", choices=["miniature", "qwen3-scaled"], default="miniature")
+    parser.add_argument("--models", choices=["miniature", "qwen3-scaled", "qwen3-0.6b-4b"], default="miniature")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -44,39 +49,41 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-cache-mib", type=int, default=512)
     args = parser.parse_args()
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as scratch:
         student_path, teacher_path = pair_folders(args.models, Path(scratch))
         tokenizer = load_tokenizer(student_path)
-        student = load_causal_lm(student_path, device)
-        teacher = load_causal_lm(teacher_path, device)
+        student = load_causal_lm(student_path, device, args.dtype)
+        teacher = load_causal_lm(teacher_path, device, args.dtype)
         vocab = vocab_space(tokenizer, load_tokenizer(teacher_path), student, teacher)
         prompts = torch.randint(2, min(vocab.size, 30_000), (args.batch, args.prompt_tokens),
                                 generator=torch.Generator().manual_seed(0)).tolist()
         keys = torch.arange(args.batch)
         engine = VLLMEngine(student_path, teacher_path, vocab, VLLMSettings(
-            kv_cache_bytes=args.kv_cache_mib << 20, dtype="float32", max_num_seqs=args.batch))
+            kv_cache_bytes=args.kv_cache_mib << 20, dtype=args.dtype, max_num_seqs=args.batch))
         counted, row = {}, {}
         for policy in (StudentPolicy(), TRBPolicy(args.eps)):
             def on_vllm(policy=policy):
-                counted["vllm"] = int(engine.generate(policy, prompts, args.new_tokens, keys).completion_mask.sum())
+                counted["vllm"] = engine.generate(policy, prompts, args.new_tokens, keys).completion_mask
 
             def on_trb(policy=policy):
                 rollout = generate(policy, prompts, vocab, args.new_tokens, student=student, teacher=teacher,
                                    keys=keys)
-                counted["trb"] = int(rollout.completion_mask.sum())
+                counted["trb"] = rollout.completion_mask
 
             for engine_name, fn in (("vllm", on_vllm), ("trb", on_trb)):
                 with torch.no_grad():
                     ms = time_ms(fn, device, warmup=1, repeats=args.repeats)
-                row[f"{engine_name}_{policy.name}_tokens_per_s"] = round(counted[engine_name] / (ms / 1e3), 1)
+                mask = counted[engine_name]  # (B, T) the last call's completion tokens
+                row[f"{engine_name}_{policy.name}_tokens_per_s"] = round(int(mask.sum()) / (ms / 1e3), 1)
+                row[f"{engine_name}_{policy.name}_ms_per_step"] = round(ms / int(mask.sum(-1).max()), 2)
                 print(engine_name, policy.name, row[f"{engine_name}_{policy.name}_tokens_per_s"], file=sys.stderr)
         engine.close()
     import vllm
 
     emit({"benchmark": "vllm_rollout", "device": device_name(device), "vllm": vllm.__version__,
           "torch": torch.__version__, "models": args.models, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
-          "new_tokens": args.new_tokens, "eps": args.eps, "dtype": "float32", **row})
+          "new_tokens": args.new_tokens, "eps": args.eps, "dtype": args.dtype, **row})
 
 
 if __name__ == "__main__":
