@@ -131,15 +131,18 @@ def main() -> None:
 class ScriptedLengths:
     """A behavior policy that ends sequence k (its key) after lengths[k] tokens: the workload's lengths without
     depending on when random-init models happen to emit EOS (it is removed from both distributions before the
-    wrapped policy draws). Everything else is the wrapped policy's."""
+    wrapped policy draws, unless forbid_stop=False: then the lengths are caps, as a server's per-request max_tokens).
+    Everything else is the wrapped policy's."""
 
     speculative = False
 
-    def __init__(self, policy, lengths: torch.Tensor, eos_id: int):
-        self.policy, self.lengths, self.eos_id = policy, lengths, eos_id
+    def __init__(self, policy, lengths: torch.Tensor, eos_id: int, forbid_stop: bool = True):
+        self.policy, self.lengths, self.eos_id, self.forbid_stop = policy, lengths, eos_id, forbid_stop
         self.name, self.needs_student, self.needs_teacher = policy.name, policy.needs_student, policy.needs_teacher
 
     def _no_stop(self, logp):
+        if not self.forbid_stop:
+            return logp
         return None if logp is None else logp.index_fill(-1, torch.tensor([self.eos_id], device=logp.device),
                                                          float("-inf")).log_softmax(-1)
 

@@ -18,14 +18,14 @@ if [ "${SMALL:-0}" = 1 ]; then
     models=tiny decode_shape="--batch 4 --cache-len 128 --steps 4 --engine-tokens 4 12 --eager-engine-tokens 4 8"
     rollout_shape="--batch-sizes 4 --new-tokens 16" scale=0.05 train_shape="--prompts 4 --new-tokens 8 --steps 1"
     realistic_shape="--models tiny --sequences 16 --concurrency 4 --cap 32"
-    vllm_shape="--models qwen3-scaled --batch 4 --new-tokens 8 --repeats 1" vllm_scale=0.125 vllm_tokens=8 vllm_steps=2
+    vllm_shape="--models qwen3-scaled --batch 8 --new-tokens 32 --lengths traces --rollout-batch 4 --repeats 1" vllm_scale=0.125 vllm_tokens=8 vllm_steps=2
     vllm_args="rollout.kv_cache_bytes=268435456 rollout.enforce_eager=true rollout.dtype=float32"
 else
     core_shape="--tokens 8192 --d-student 2048 --d-teacher 4096 --chunks 1024 2048 --repeats 5"
     models=qwen3 decode_shape="--batch 64 --cache-len 1024"
     rollout_shape="--batch-sizes 16 --new-tokens 128" scale=0.25 train_shape="--prompts 64 --new-tokens 128 --steps 3"
     realistic_shape="--models qwen3-0.6b-4b --sequences 256 --concurrency 64 --cap 1024"
-    vllm_shape="--models qwen3-0.6b-4b --dtype bfloat16 --batch 64 --new-tokens 1024 --kv-cache-mib 16384"
+    vllm_shape="--models qwen3-0.6b-4b --dtype bfloat16 --batch 64 --new-tokens 7168 --lengths traces --rollout-batch 16 --kv-cache-mib 16384 --repeats 1"
     vllm_scale=1 vllm_tokens=1024 vllm_steps=4 vllm_args="rollout.gpu_memory_utilization=0.3"
 fi
 
@@ -76,12 +76,13 @@ run train_step "${TRAIN_S:-120}" $py benchmarks/bench_train_step.py --device "$d
 
 # Rollouts on vLLM beside trb's own engine: needs vLLM importable (`pip install 'trb[vllm]'`, its CUDA build); not in
 # the default stages and never run by this project, whose GPU machine has no vLLM. vllm_decode: student-only and TRB
-# rollouts of 64 sequences at full Qwen3-0.6B / 4B size, decode ms per step and tokens/s of each engine. vllm_step:
-# whole training steps of configs/qwen3_0.6b_from_4b.yaml with rollout.engine=trb and =vllm on random-init models
-# (which never stop before the cap: every sequence decodes vllm_tokens, the cap's worst case rather than the paper's
-# length distribution) and GSM8K prompts. The limits are guesses.
+# rollouts of 64 sequences at full Qwen3-0.6B / 4B size with lengths drawn like reasoning traces up to the recipe's
+# cap of 7,168 tokens (`--lengths traces`), decode ms per step and tokens/s of each engine. vllm_step: whole training
+# steps of configs/qwen3_0.6b_from_4b.yaml with rollout.engine=trb and =vllm on random-init models (which never stop
+# before the cap: every sequence decodes vllm_tokens, the cap's worst case, as the training loop has no length script)
+# and GSM8K prompts. The limits are guesses.
 # shellcheck disable=SC2086
-run vllm_decode "${VLLM_DECODE_S:-600}" $py benchmarks/bench_vllm.py --device "$device" $vllm_shape
+run vllm_decode "${VLLM_DECODE_S:-1800}" $py benchmarks/bench_vllm.py --device "$device" $vllm_shape
 case " $stages " in *" vllm_step "*)
     $py -c "from pathlib import Path; from trb.testing import random_qwen3_pair as p; \
 p(Path('/tmp/trb-random-vllm'), '0.6b', '4b', scale=$vllm_scale)" >>"$out/vllm_step.txt" 2>&1 ;;

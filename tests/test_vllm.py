@@ -227,6 +227,21 @@ def check_sync(engine, trained, initial, teacher_hf, vocab, prompts) -> None:
         assert gap < 1e-5
 
 
+def test_per_sequence_caps_end_each_row_at_its_own_length(engine, arith):
+    """max_new_tokens as a list caps row i at its own length (vLLM's per-request max_tokens): each row is the same
+    key's uncapped row cut there."""
+    prompts = arith[4]
+    keys = torch.arange(len(prompts)) + 50
+    full = engine.generate(StudentPolicy(), prompts, 12, keys)
+    caps = [1, 2, 4]
+    capped = engine.generate(StudentPolicy(), prompts, caps, keys)
+    assert capped.completion_ids.shape[1] == max(caps)
+    for row, cap in enumerate(caps):
+        n = min(int(full.lengths[row]), cap)
+        assert int(capped.lengths[row]) == n
+        assert torch.equal(capped.completion_ids[row, :n], full.completion_ids[row, :n])
+
+
 def test_student_weights_follow_an_optimizer_step(engine, arith):
     """After an optimizer step and `load_student`, the engine's student log-probs are the trained student's to 1e-5
     and its teacher's are unchanged."""

@@ -242,10 +242,13 @@ class VLLMEngine:
             self.llm.sleep(level=1)
             self.asleep = True
 
-    def generate(self, policy: BehaviorPolicy, prompts: list[list[int]], max_new_tokens: int,
+    def generate(self, policy: BehaviorPolicy, prompts: list[list[int]], max_new_tokens: int | list[int],
                  keys: torch.Tensor) -> Rollout:
-        """Up to max_new_tokens tokens for every prompt, sampled from the policy's distribution; rows follow
-        `prompts`. keys (B,): each sequence's 32-bit random key (its request's seed)."""
+        """Up to max_new_tokens tokens for every prompt (or max_new_tokens[i] for prompt i), sampled from the
+        policy's distribution; rows follow `prompts`. keys (B,): each sequence's 32-bit random key (its request's
+        seed)."""
+        caps = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        max_new_tokens = max(caps)
         if not isinstance(policy, SERVED):
             raise VLLMError(f"the vLLM engine has no per-prefix distribution for the {policy.name!r} policy; "
                             "use rollout.engine=trb")
@@ -264,10 +267,10 @@ class VLLMEngine:
         self.model.policy = policy
         extras = list(range(self.vocab.size, self.vocab.size + len(_EXTRAS)))
         params = [self.vllm.SamplingParams(
-            max_tokens=max_new_tokens, seed=int(key), temperature=1.0, top_p=1.0, top_k=0,
+            max_tokens=cap, seed=int(key), temperature=1.0, top_p=1.0, top_k=0,
             stop_token_ids=[self.vocab.eos_id], ignore_eos=False, detokenize=False, flat_logprobs=True,
             allowed_token_ids=list(range(self.vocab.size)), logprob_token_ids=extras,
-        ) for key in keys.tolist()]
+        ) for key, cap in zip(keys.tolist(), caps)]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return self._rollout(policy, prompts, [o.outputs[0] for o in outputs], max_new_tokens)
 
