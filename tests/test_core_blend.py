@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from trb.core import blend
 from trb.core.blend import blend_logp, kl_divergence, realized_kl, solve_beta
 
 
@@ -227,12 +228,34 @@ def test_huge_logits_and_identical_models():
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_fixed_iteration_count_no_data_dependent_control_flow():
-    # The solver must trace to a static graph: the same op sequence for any input values.
+    # Traced (like compiled or accelerator) code takes the static path: the same op sequence for any input values.
     g = torch.Generator().manual_seed(9)
     s1, t1 = random_pair(4, 30, 1.0, g)
     s2, t2 = random_pair(4, 30, 20.0, g)
     traced = torch.jit.trace(lambda a, b: solve_beta(a, b, 0.02), (s1, t1), check_trace=False)
     torch.testing.assert_close(traced(s2, t2), solve_beta(s2, t2, 0.02))
+
+
+def test_eager_early_exit_gives_the_static_paths_betas(monkeypatch):
+    """A row's beta is final once it lies within _TIGHT of eps, so eager CPU code, which stops when every row is
+    done (on smooth rows after a few of the SOLVER_ITERS evaluations), returns exactly the static path's betas; and a
+    row's beta does not depend on the rows beside it."""
+    g = torch.Generator().manual_seed(12)
+    s, t = random_pair(64, 512, 2.0, g)
+    calls = []
+    kl_and_var = blend._Path.kl_and_var
+    monkeypatch.setattr(blend._Path, "kl_and_var", lambda path, beta: calls.append(1) or kl_and_var(path, beta))
+    for eps in [0.5, 0.02, 1e-4]:
+        calls.clear()
+        early = solve_beta(s, t, eps)
+        assert len(calls) <= 4, f"eps {eps}: {len(calls)} evaluations"
+        assert_solution(s, t, eps, early)
+        assert torch.equal(solve_beta(s[:5], t[:5], eps), early[:5])
+        with monkeypatch.context() as static:
+            static.setattr(blend, "eager_cpu", lambda x: False)
+            calls.clear()
+            assert torch.equal(solve_beta(s, t, eps), early)
+            assert len(calls) == blend.SOLVER_ITERS
 
 
 def test_trust_region_held_in_float64_at_small_budgets():

@@ -13,22 +13,26 @@ With d = log pi_T - log pi_S and A(beta) = log sum_a pi_S(a) exp(beta d(a)):
 KL(mu_beta || pi_S) = beta A'(beta) - A(beta), increasing in beta with derivative beta Var_mu[d].
 
 All functions here are pure torch, vectorized over leading dimensions, computed in fp32 whatever the input dtype
-(the solver's final feasibility guard in float64), and free of data-dependent Python control flow (so they compile).
+(the solver's final feasibility guard in float64), and free of data-dependent Python control flow (so they compile)
+except shortcuts that eager CPU code alone takes (`trb.core.numerics.eager_cpu`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trb.core.numerics import upcast
+from trb.core.numerics import eager_cpu, upcast
 
 # Safeguarded Newton converges in a handful of steps on smooth rows; the count is fixed so the solver compiles to a
-# static graph and covers the hard rows (near one-hot distributions whose blend flips between modes). The tests
-# check tightness against a float64 reference at this count.
+# static graph and covers the hard rows (near one-hot distributions whose blend flips between modes). A row's beta is
+# final once it is tight (`_search`), so eager CPU code stops when all rows are, with the same betas. The tests check
+# tightness against a float64 reference.
 SOLVER_ITERS = 16
 _LOG_BETA_MIN = -30.0  # beta below e^-30 is indistinguishable from 0 in an fp32 blend
 _BETA_BELOW_ONE = 1.0 - 2.0**-24  # the largest fp32 below 1: the teacher endpoint beta = 1 is decided separately
 _KL_NOISE = 1e-10  # KL values below this carry no usable slope information in fp32
+_SLACK = 2e-4  # the search aims at eps (1 - _SLACK) and accepts up to eps (1 - _SLACK / 2)
+_TIGHT = 5e-4  # a feasible beta whose KL is within this fraction of eps ends the search (eager CPU code)
 
 
 def kl_divergence(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -143,10 +147,11 @@ def _guard(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: torch.T
     exact = _Exact(student_logp, teacher_logp)
     kl, slope = exact.kl_and_slope(beta)  # (...) each
     over = (kl > check) & (beta > 0)  # (...)
-    log_step = (torch.log(kl.clamp_min(1e-300)) - torch.log(target)) / slope.clamp_min(1e-300)  # (...)
-    stepped = (beta.double() * torch.exp(-log_step.clamp_min(0.0))).to(beta.dtype)  # (...) never larger
-    beta = torch.where(over, stepped, beta)  # (...)
-    kl, _ = exact.kl_and_slope(beta)
+    if not eager_cpu(over) or bool(over.any()):  # eager CPU code skips the step (and its second pass) when no row needs it
+        log_step = (torch.log(kl.clamp_min(1e-300)) - torch.log(target)) / slope.clamp_min(1e-300)  # (...)
+        stepped = (beta.double() * torch.exp(-log_step.clamp_min(0.0))).to(beta.dtype)  # (...) never larger
+        beta = torch.where(over, stepped, beta)  # (...)
+        kl, _ = exact.kl_and_slope(beta)
     feasible = (kl <= check) | (eps <= 0)  # (...)
     return torch.where(feasible, beta, torch.zeros_like(beta)), torch.where(feasible, kl, torch.zeros_like(kl))
 
@@ -177,8 +182,7 @@ def trust_region(
     """`solve_beta` and the realized KL(mu_beta* || pi_S) of its result (both (...) fp32; the KL is the guard's
     float64 value, rounded), so a caller that records the budget spent needs no second pass.
 
-    The search runs in fp32 (safeguarded Newton on log KL in log beta); its result then passes a float64
-    feasibility guard (`_guard`).
+    The search runs in fp32 (`_search`); its result then passes a float64 feasibility guard (`_guard`).
     """
     path = _Path(student_logp, teacher_logp)
     if isinstance(eps, torch.Tensor):
@@ -186,17 +190,35 @@ def trust_region(
     else:  # a fill, not a host-to-device copy: the solver can run inside a captured CUDA graph
         eps_t = torch.full_like(path.var_q, float(eps))  # (...)
     teacher_feasible = kl_divergence(teacher_logp, student_logp) <= eps_t  # (...)
+    beta_star = _search(path, eps_t, teacher_feasible | (eps_t <= 0), iters)  # (...)
+    beta_star = torch.where(teacher_feasible, torch.ones_like(beta_star), beta_star)  # (...)
+    beta_star = torch.where(eps_t > 0, beta_star, torch.zeros_like(beta_star))  # (...)
+    eps64 = eps_t.double()  # (...)
+    slack = _SLACK * eps64  # (...)
+    beta_star, kl = _guard(student_logp, teacher_logp, beta_star, eps64, eps64 - slack, eps64 - 0.5 * slack)
+    return beta_star, kl.float()
 
-    # Aim a little below eps so iterates converging from either side end up feasible, and accept a beta as
-    # feasible with half that margin to spare over the fp32 rounding of the KL itself.
-    slack = 2e-4 * eps_t  # (...)
+
+def _search(path: _Path, eps_t: torch.Tensor, settled: torch.Tensor, iters: int) -> torch.Tensor:
+    """The largest beta in the interior of the path whose fp32 KL(mu_beta || pi_S) is within eps, (...): safeguarded
+    Newton (rtsafe) on f(x) = log KL(e^x) - log target, x = log beta. For small eps KL ~ beta^2 Var / 2, so f is
+    nearly linear in x. A Newton step is taken when it stays inside the bracket and shrinks faster than bisection;
+    otherwise the bracket is bisected in x.
+
+    It aims a little below eps so iterates converging from either side end up feasible, and accepts a beta as feasible
+    with half that margin to spare over the fp32 rounding of the KL itself. A row is done, its beta final, once it is
+    `settled` (decided elsewhere: the teacher is feasible, or eps = 0) or holds a feasible beta within _TIGHT of eps,
+    usually after two or three iterations on smooth rows; so a row's beta depends on its own distributions alone.
+    Eager CPU code stops when every row is done; compiled and accelerator code runs all `iters` to the same betas.
+    """
+    slack = _SLACK * eps_t  # (...)
     log_target = torch.log((eps_t - slack).clamp_min(1e-30))  # (...)
     eps_check = eps_t - 0.5 * slack  # (...)
-
-    # Safeguarded Newton (rtsafe) on f(x) = log KL(e^x) - log target, x = log beta: for small eps
-    # KL ~ beta^2 Var / 2, so f is nearly linear in x. A Newton step is taken when it stays inside the bracket
-    # and shrinks faster than bisection; otherwise the bracket is bisected in x.
+    tight = eps_t * (1.0 - _TIGHT)  # (...)
+    early_exit = eager_cpu(eps_t)
     beta_lo = torch.zeros_like(eps_t)  # (...) the feasible end returned; KL(mu_0 || pi_S) = 0
+    kl_lo = torch.zeros_like(eps_t)  # (...) its KL
+    done = settled.clone()  # (...) rows whose beta_lo is final
     x_lo = torch.full_like(eps_t, _LOG_BETA_MIN)  # (...)
     x_hi = torch.zeros_like(eps_t)  # (...)
     start = 0.5 * torch.log(2.0 * eps_t / path.var_q.clamp_min(1e-30))  # (...) beta ~ sqrt(2 eps / Var_q[d])
@@ -207,7 +229,11 @@ def trust_region(
         beta = torch.exp(x).clamp_max(_BETA_BELOW_ONE)  # (...) the interior of the path, never the teacher endpoint
         kl, var_d = path.kl_and_var(beta)
         feasible = kl <= eps_check  # (...)
-        beta_lo = torch.where(feasible, beta, beta_lo)
+        beta_lo = torch.where(feasible & ~done, beta, beta_lo)
+        kl_lo = torch.where(feasible & ~done, kl, kl_lo)
+        done = done | (kl_lo >= tight)
+        if early_exit and bool(done.all()):
+            break
         x_lo = torch.where(feasible, x, x_lo)
         x_hi = torch.where(feasible, x_hi, x)
         slope = beta.square() * var_d / kl.clamp_min(1e-30)  # (...) d log KL / d log beta
@@ -224,10 +250,4 @@ def trust_region(
         step_prev2 = step_prev
         step_prev = x - x_next
         x = x_next
-
-    beta_star = torch.where(teacher_feasible, torch.ones_like(beta_lo), beta_lo)  # (...)
-    beta_star = torch.where(eps_t > 0, beta_star, torch.zeros_like(beta_lo))  # (...)
-    eps64 = eps_t.double()  # (...)
-    beta_star, kl = _guard(student_logp, teacher_logp, beta_star, eps64, eps64 - slack.double(),
-                           eps64 - 0.5 * slack.double())
-    return beta_star, kl.float()
+    return beta_lo

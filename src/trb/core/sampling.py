@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from trb.core.numerics import eager_cpu
+
 
 def sample(logp: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row from exp(logp), (..., V) -> (...) int64.
@@ -119,7 +121,7 @@ def keyed_sample(logp: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor
     row = _row_hash(keys, positions, stream)  # (B,)
     # blocks pay in eager CPU code (cache); on an accelerator each block is a few more kernel launches per drawn token,
     # and compiled code fuses the hash itself (a batch-dependent block count would also recompile per batch size)
-    blocked = logp.device.type == "cpu" and not torch.compiler.is_compiling()
+    blocked = eager_cpu(logp)
     step = max(1024, _BLOCK // max(batch, 1)) if blocked else width
     best, where = [], []
     for start in range(0, width, step):
