@@ -14,6 +14,11 @@ the cores. 32 prompt tokens, NEW_TOKENS new tokens (default 64), eps 0.02, draft
 engines decode every sequence of a call at once (no KV budget), so they decode the same batch shapes, and neither
 records KL(pi_S || pi_T) and H(pi_T) per token (the earlier engine had no such records; the training loop asks for
 them only for losses that reuse recorded teacher log-probs).
+
+Every row decodes NEW_TOKENS tokens: the token space leaves out the models' last id (V = 511) and takes it as the stop
+id, which is then never drawn. With the models' own stop id the two engines, which draw different tokens (a generator
+against keyed hashes), end different rows at different steps and so do different amounts of work (at batch 16 and
+64 new tokens 930 tokens against 1,007 for student rollouts); STOPS=1 keeps it.
 """
 
 import json
@@ -25,6 +30,8 @@ import time
 sys.path.insert(0, sys.argv[1] + "/benchmarks")
 import torch  # noqa: E402
 from bench_rollout import build_models  # noqa: E402
+
+from trb.models import VocabSpace  # noqa: E402
 
 from trb.rollout import StudentPolicy, TRBPolicy, generate  # noqa: E402
 
@@ -39,6 +46,8 @@ new_tokens = int(os.environ.get("NEW_TOKENS", 64))
 compile_ = os.environ.get("COMPILE") == "1"
 policies = os.environ.get("POLICIES", "student trb spec").split()
 student, teacher, space = build_models("tiny", torch.device("cpu"))
+if os.environ.get("STOPS") != "1":  # no row stops early: both engines decode batch x NEW_TOKENS tokens
+    space = VocabSpace(size=space.size - 1, stop_ids=(space.size - 1,), eos_id=space.size - 1, pad_id=space.pad_id)
 
 
 def run(name: str, prompts: list[list[int]]) -> None:
@@ -55,7 +64,7 @@ def run(name: str, prompts: list[list[int]]) -> None:
 
 out = {}
 for batch in [int(b) for b in sys.argv[2:]] or [16, 64]:
-    prompts = torch.randint(2, 512, (batch, 32), generator=torch.Generator().manual_seed(batch)).tolist()
+    prompts = torch.randint(2, space.size, (batch, 32), generator=torch.Generator().manual_seed(batch)).tolist()
     for name in policies:
         run(name, prompts)  # warm-up
         wall, cpu = [], []
