@@ -258,6 +258,19 @@ def test_eager_early_exit_gives_the_static_paths_betas(monkeypatch):
             assert len(calls) == blend.SOLVER_ITERS
 
 
+def test_eager_early_exit_at_the_real_vocabulary(monkeypatch):
+    """The early exit at Qwen3's vocabulary (V = 151,669), logit scale 6: the static path's betas exactly,
+    KL(mu || pi_S) <= eps in float64 and tight."""
+    g = torch.Generator().manual_seed(13)
+    s, t = random_pair(4, 151_669, 6.0, g)
+    for eps in [0.02, 1e-4]:
+        early = solve_beta(s, t, eps)
+        assert_solution(s, t, eps, early)
+        with monkeypatch.context() as static:
+            static.setattr(blend, "eager_cpu", lambda x: False)
+            assert torch.equal(solve_beta(s, t, eps), early)
+
+
 def test_trust_region_held_in_float64_at_small_budgets():
     """Regression (fp32 trust region): at eps = 1e-4 the fp32 search's own KL is good to ~1e-7 absolute, and blends
     it accepted were 0.45% over budget in float64. The float64 guard keeps every row at or below eps, down to

@@ -218,7 +218,7 @@ def _search(path: _Path, eps_t: torch.Tensor, settled: torch.Tensor, iters: int)
     early_exit = eager_cpu(eps_t)
     beta_lo = torch.zeros_like(eps_t)  # (...) the feasible end returned; KL(mu_0 || pi_S) = 0
     kl_lo = torch.zeros_like(eps_t)  # (...) its KL
-    done = settled.clone()  # (...) rows whose beta_lo is final
+    done = settled  # (...) rows whose beta_lo is final
     x_lo = torch.full_like(eps_t, _LOG_BETA_MIN)  # (...)
     x_hi = torch.zeros_like(eps_t)  # (...)
     start = 0.5 * torch.log(2.0 * eps_t / path.var_q.clamp_min(1e-30))  # (...) beta ~ sqrt(2 eps / Var_q[d])
