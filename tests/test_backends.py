@@ -25,12 +25,16 @@ def check(got: torch.Tensor, model, tokens: list[int], atol: float) -> None:
     torch.testing.assert_close(got, reference(model, tokens)[-1], rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("backend", ["paged", "hf"])
+@pytest.mark.parametrize("backend", ["paged", "paged-gather", "hf"])  # paged: the CPU kernel; paged-gather: without
 @pytest.mark.parametrize("architecture", FAMILIES)
 def test_decoder_equals_a_full_forward_through_every_operation(backend, architecture):
     model = family_model(architecture)  # float64
     atol = 1e-9
-    dec = PagedDecoder(model, SPACE, pages=1) if backend == "paged" else HFDecoder(model, SPACE)  # the pool must grow
+    if backend == "hf":
+        dec = HFDecoder(model, SPACE)
+    else:  # one page to start with: the pool must grow
+        dec = PagedDecoder(model, SPACE, pages=1, cpu_kernel=backend == "paged")
+        assert (dec.kernel is not None) == (backend == "paged")
     generator = torch.Generator().manual_seed(0)
     seqs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27]]
     first = dec.add(seqs[:2])  # (2, V): rows join in two stages
@@ -60,8 +64,9 @@ def test_decoder_equals_a_full_forward_through_every_operation(backend, architec
 
 
 def test_paged_reads_stay_near_the_filled_slots():
+    """Without the CPU kernel (as on an accelerator), where rows gather their slots by length group."""
     model = family_model("qwen3", torch.float32)
-    dec = PagedDecoder(model, SPACE)
+    dec = PagedDecoder(model, SPACE, cpu_kernel=False)
     lengths = [3, 40, 41, 90, 7, 100, 64, 12]
     dec.add([[2 + (i % 50)] * n for i, n in enumerate(lengths)])
     dec.step(torch.full((len(lengths), 1), 5))

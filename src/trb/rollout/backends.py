@@ -5,7 +5,10 @@ Hugging Face forward with its DynamicCache for every other model.
 the pages its tokens fill, so KV memory grows with the tokens actually decoded, and a finished row's pages return to
 the pool for the sequence that replaces it. At every step attention reads each row's filled slots only: rows are
 grouped by length (`length_groups`) and each group gathers its slots up to its own longest row, so the slots read stay
-within READ_SLACK of the slots filled. Rows leave and join the batch by reindexing the page table: no KV is copied.
+within READ_SLACK of the slots filled. On a CPU, attention instead reads every row's pages in place through the page
+table (`trb.rollout.cpu_attention`, a small C++ kernel built on first use), exactly its filled slots, without the
+gather; where that kernel cannot be built, the CPU gathers too. Rows leave and join the batch by reindexing the page
+table: no KV is copied.
 With compile=True a single-token step runs through torch.compile (`_one_token`, dynamic shapes: one compilation per
 model): every row reads up to the longest row's slots (one masked group) and the step writes the new keys and values
 after the compiled forward, which fuses the many small operations of a decode step.
@@ -21,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from trb import lean
 from trb.core import merged_logp
 from trb.models import VocabSpace
+from trb.rollout.cpu_attention import paged_decode_attention
 from trb.rollout.decoder import Decoder, Reads
 
 PAGE_SLOTS = 16  # slots per KV page
@@ -56,7 +60,8 @@ def _logp(logits: torch.Tensor, vocab: VocabSpace, stop_ids: torch.Tensor) -> to
 class PagedDecoder:
     """The lean forward of a Llama-family model (`trb.lean`) over a paged KV cache. See the module docstring."""
 
-    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, pages: int = 64, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, vocab: VocabSpace, pages: int = 64, compile: bool = False,
+                 cpu_kernel: bool = True):
         self.model, self.vocab, self.compile = model, vocab, compile
         config = model.config
         attn = model.base_model.layers[0].self_attn
@@ -66,6 +71,8 @@ class PagedDecoder:
         self.group = config.num_attention_heads // self.kv_heads
         self.scaling, self.qk_norm = attn.scaling, hasattr(attn, "q_norm")
         self.device = model.device
+        # eager steps on a CPU: attention through the page table in place (None: gather the slots, `_attend`)
+        self.kernel = paged_decode_attention() if cpu_kernel and self.device.type == "cpu" else None
         self.stop_ids = vocab.stop_tensor(self.device)
         self.reads = Reads()
         self.lengths: list[int] = []  # filled slots per row
@@ -206,14 +213,27 @@ class PagedDecoder:
         new_slots = slot_map.gather(1, positions).flatten()  # (b * w,)
         if self.compile and width == 1:
             return self._compiled_step(tokens, positions, start, slot_map, new_slots, max(before))
-        groups = self._groups(after, start, slot_map, width)
+        if self.kernel is not None:  # reads every row's filled slots in place
+            reads = start + width  # (b,)
+            self.reads.read += sum(after)
+            self.reads.filled += sum(after)
+        else:
+            reads = self._groups(after, start, slot_map, width)
         hidden, cos, sin = lean.embed(self.model, tokens, positions)  # (b, w, d), each (b, 1, w, D)
         for i, layer in enumerate(self.layers):
             q, k, v = lean.qkv_together(layer, hidden, cos, sin, self.head_dim)  # (b, H, w, D), (b, H_kv, w, D)
             new = torch.cat([k, v], 1).transpose(0, 1).reshape(2 * self.kv_heads, batch * width, self.head_dim)
             self.kv[i].index_copy_(1, new_slots, new if new.dtype == self.kv[i].dtype else new.to(self.kv[i].dtype))
-            hidden = lean.finish_layer(layer, hidden, self._attend(q, self.kv[i], groups))
+            hidden = lean.finish_layer(layer, hidden, self._attention(q, self.kv[i], reads))
         return _logp(lean.output_logits(self.model, hidden), self.vocab, self.stop_ids)  # (b, w, V)
+
+    def _attention(self, q: torch.Tensor, kv: torch.Tensor, reads: torch.Tensor | list[Group]) -> torch.Tensor:
+        """Queries (b, H, w, D) over one layer's pool kv: through the CPU kernel when reads is each row's filled slots
+        (b,), else over the length groups' gathered slots (`_attend`). Returns (b, w, H * D)."""
+        if isinstance(reads, list):
+            return self._attend(q, kv, reads)
+        # queries in the pool's dtype, as autocast gives the gathering path's matmuls
+        return self.kernel(q.to(kv.dtype), kv, self.table, reads, PAGE_SLOTS, self.scaling)
 
     def _compiled_step(self, tokens: torch.Tensor, positions: torch.Tensor, start: torch.Tensor,
                        slot_map: torch.Tensor, new_slots: torch.Tensor, longest: int) -> torch.Tensor:
@@ -383,7 +403,8 @@ def _join(cache: DynamicCache, mask: torch.Tensor, new: DynamicCache,
 
 def make_decoder(model: PreTrainedModel, vocab: VocabSpace, forward: str = "auto", compile: bool = False) -> Decoder:
     """The backend for this model: forward = "lean" (paged, Llama family only), "hf", or "auto" (lean where
-    `trb.lean.supports` the model, else hf). compile: the paged decoder's single-token steps through torch.compile."""
+    `trb.lean.supports` the model, else hf). compile: the paged decoder's single-token steps through torch.compile.
+    On a CPU the paged decoder's eager steps attend through `trb.rollout.cpu_attention` (TRB_CPU_KERNEL=0: not)."""
     if forward not in ("auto", "lean", "hf"):
         raise ValueError(f"forward must be 'auto', 'lean' or 'hf', got {forward!r}")
     if forward == "lean" and not lean.supports(model):
